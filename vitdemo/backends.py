@@ -1,0 +1,255 @@
+"""The models the app offers, behind one `Model` type with `predict(image) -> Prediction`.
+
+Three kinds of name:
+- `scratch/NAME`: our ViT with our weights, `weights/NAME.safetensors` (trained by `vitdemo.train`);
+- `timm/ARCH`: timm's ViT with its ImageNet-1k weights, attention read with `timm.utils.AttentionExtract`;
+- `ours/ARCH`: our ViT code running the same ImageNet weights (proof the two implementations agree).
+
+Pretrained weights come from the Hugging Face Hub through timm (cached after the first download), or,
+offline, from `weights/ARCH.safetensors` when that file exists.
+"""
+import math
+import os
+import socket
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlparse
+
+import huggingface_hub
+import timm
+import torch
+from PIL import Image
+from timm.data import ImageNetInfo, create_transform, resolve_data_config
+from timm.utils import AttentionExtract
+
+from .images import load_image
+from .model import VisionTransformer
+from .weights import CheckpointError, from_timm, load_checkpoint, read_metadata
+
+WEIGHTS_DIR = Path(os.environ.get('VITDEMO_WEIGHTS', Path(__file__).resolve().parent.parent / 'weights'))
+# timm architectures offered with pretrained ImageNet-1k weights (timm's default tag for each); DeiT's
+# distilled model adds a second prefix token, which only timm's code runs
+TIMM_ARCHS = ['vit_tiny_patch16_224', 'vit_small_patch16_224', 'vit_base_patch16_224', 'deit_small_patch16_224',
+              'deit_small_distilled_patch16_224']
+OURS_ARCHS = TIMM_ARCHS[:4]
+DEFAULT_SCRATCH = 'scratch/vit_cifar10'
+
+
+class ModelUnavailable(RuntimeError):
+    """A model that cannot be loaded here, with a message that says how to make it available."""
+
+
+@dataclass
+class Prediction:
+    top_k: list[tuple[str, float]]  # (label, probability), most probable first
+    attentions: torch.Tensor  # (layers, heads, tokens, tokens), softmax probabilities
+    grid: tuple[int, int]  # (rows, cols) of patches
+    num_prefix_tokens: int  # tokens before the patches: CLS, and DeiT's distillation token
+    image: Image.Image  # the RGB image as loaded (downscaled if it was huge)
+    box: tuple[float, float, float, float]  # (left, top, right, bottom) of `image` that the model saw
+
+
+class Model:
+    """A classifier with a preprocessing recipe and a way to read its attention.
+
+    Args:
+        name: the name it was loaded by.
+        module: the torch module.
+        classes: class names, in logit order.
+        data_config: timm data config (input_size, interpolation, mean, std, crop_pct, crop_mode).
+        attend: image batch -> (logits, per-layer attention list), the module's attention read-out.
+        num_prefix_tokens: tokens before the patch tokens.
+        description: one line for people.
+    """
+
+    def __init__(self, name: str, module: torch.nn.Module, classes: list[str], data_config: dict,
+                 attend: Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]],
+                 num_prefix_tokens: int, description: str):
+        self.name = name
+        self.module = module
+        self.classes = classes
+        self.data_config = data_config
+        self.transform = create_transform(**data_config)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.description = description
+        self._attend = attend
+        self._lock = threading.Lock()  # attention read-outs keep per-call state; one image at a time
+        self.device = next(module.parameters()).device
+        size = data_config['input_size'][1]
+        patch = module.patch_embed.proj.stride[0]  # the same conv in timm's ViT and ours
+        self.grid = (size // patch, size // patch)
+
+    def predict(self, image, top_k: int = 5) -> Prediction:
+        """Top-k classes and every layer's attention for one image (PIL image, numpy array or file path)."""
+        if not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f'top_k must be a positive integer, got {top_k!r}')
+        image = load_image(image)
+        x = self.transform(image).unsqueeze(0).to(self.device)
+        with self._lock, torch.inference_mode():
+            logits, attentions = self._attend(x)
+        probs = logits[0].float().softmax(-1).cpu()
+        values, indices = probs.topk(min(top_k, len(self.classes)))
+        return Prediction(top_k=[(self.classes[i], v) for v, i in zip(values.tolist(), indices.tolist())],
+                          attentions=torch.stack([a[0] for a in attentions]).float().cpu(),
+                          grid=self.grid, num_prefix_tokens=self.num_prefix_tokens, image=image,
+                          box=crop_box(image.size, self.data_config))
+
+
+def crop_box(size: tuple[int, int], data_config: dict) -> tuple[float, float, float, float]:
+    """The part of an image of `size` that timm's eval transform keeps: the shorter side is resized to
+    input / crop_pct, then the centre input x input is cut out."""
+    w, h = size
+    side = data_config['input_size'][1]
+    scale_size = math.floor(side / data_config['crop_pct'])
+    seen = min(w, h) * side / scale_size
+    return ((w - seen) / 2, (h - seen) / 2, (w + seen) / 2, (h + seen) / 2)
+
+
+class TimmAttention:
+    """Read attention from a timm ViT with timm's AttentionExtract: forward hooks on each block's
+    `attn_drop`, which only runs on the manual (non-fused) path, so fused attention is off for this pass."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.extract = AttentionExtract(module, method='hook')
+        self.attn_modules = [m for m in module.modules() if hasattr(m, 'fused_attn')]
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        for m in self.attn_modules:
+            m.fused_attn = False
+        try:
+            logits = self.module(x)
+            maps = self.extract.hooks.get_output(x.device)
+        finally:
+            for m in self.attn_modules:
+                m.fused_attn = True
+        if isinstance(logits, tuple):  # distilled models in train mode; eval returns the averaged logits
+            logits = logits[0]
+        return logits, list(maps.values())
+
+
+def imagenet_classes() -> list[str]:
+    info = ImageNetInfo()
+    return [info.index_to_description(i).split(',')[0] for i in range(info.num_classes())]
+
+
+def list_models(weights_dir: Path | None = None) -> list[str]:
+    """Names for the model dropdown: trained scratch checkpoints first, then the pretrained models."""
+    weights_dir = Path(weights_dir or WEIGHTS_DIR)
+    scratch = []
+    for path in sorted(weights_dir.glob('*.safetensors')) if weights_dir.is_dir() else []:
+        try:
+            read_metadata(path)
+        except CheckpointError:
+            continue  # pretrained timm weights kept for offline use, or a stray file
+        scratch.append(f'scratch/{path.stem}')
+    scratch.sort(key=lambda n: n != DEFAULT_SCRATCH)
+    return scratch + [f'timm/{a}' for a in TIMM_ARCHS] + [f'ours/{a}' for a in OURS_ARCHS]
+
+
+def load_model(name_or_path: str | Path, weights_dir: Path | None = None, device: str | None = None) -> Model:
+    """Load a model by dropdown name (see `list_models`) or from a path to a vitdemo `.safetensors` file."""
+    weights_dir = Path(weights_dir or WEIGHTS_DIR)
+    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    name = str(name_or_path)
+    kind, _, arch = name.partition('/')
+    if kind == 'timm' and arch in TIMM_ARCHS:
+        module = _timm_pretrained(arch, weights_dir).to(device).eval()
+        return Model(name, module, imagenet_classes(), resolve_data_config({}, model=module),
+                     TimmAttention(module), module.num_prefix_tokens,
+                     f"timm's {arch} with ImageNet-1k weights")
+    if kind == 'ours' and arch in OURS_ARCHS:
+        timm_module = _timm_pretrained(arch, weights_dir)
+        module = from_timm(timm_module).to(device).eval()
+        return Model(name, module, imagenet_classes(), resolve_data_config({}, model=timm_module),
+                     module.forward_with_attention, module.num_prefix_tokens,
+                     f"our from-scratch ViT code running timm's {arch} ImageNet-1k weights")
+    if kind == 'scratch' and '/' not in arch:
+        path = weights_dir / f'{arch}.safetensors'
+        if not path.is_file():
+            raise ModelUnavailable(f'no trained weights for {name}: expected {path}. Train one in the Train tab '
+                                   'or with `python -m vitdemo.train`, or pick a pretrained model.')
+    elif name.endswith('.safetensors'):
+        path = Path(name)
+    else:
+        raise ModelUnavailable(f'unknown model {name!r}; choose one of {", ".join(list_models(weights_dir))}')
+    module, meta = load_checkpoint(path)
+    module = module.to(device)
+    c = module.config
+    data_config = dict(input_size=(c.in_chans, c.img_size, c.img_size), interpolation='bicubic',
+                       mean=tuple(meta['mean']), std=tuple(meta['std']), crop_pct=1.0, crop_mode='center')
+    val = (meta.get('metrics') or {}).get('val_accuracy')
+    accuracy = f', {val:.1%} validation accuracy' if val is not None else ''
+    return Model(name, module, meta['classes'], data_config, module.forward_with_attention,
+                 module.num_prefix_tokens, f'our ViT trained from scratch ({len(meta["classes"])} classes'
+                 f'{accuracy})')
+
+
+def _timm_pretrained(arch: str, weights_dir: Path) -> torch.nn.Module:
+    hub_id = timm.models.get_pretrained_cfg(arch).hf_hub_id
+    local = weights_dir / f'{arch}.safetensors'
+    if not local.is_file():
+        cached = huggingface_hub.try_to_load_from_cache(hub_id, 'model.safetensors')
+        if isinstance(cached, str):
+            local = Path(cached)
+        elif not hub_reachable():
+            raise ModelUnavailable(
+                f'{arch} needs a one-time download of its pretrained weights from the Hugging Face Hub '
+                f'({hub_id}), which cannot be reached from here. Download model.safetensors from there and '
+                f'save it as {weights_dir / f"{arch}.safetensors"}, or run with internet access.')
+    if local.is_file():
+        try:
+            return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(local)))
+        except Exception as e:  # safetensors, shape and key errors: the file is not this model's weights
+            raise ModelUnavailable(f'{local.name} is not usable as weights for {arch}: {e}') from None
+    try:
+        return timm.create_model(arch, pretrained=True)  # downloads once, then timm loads from the hub cache
+    except Exception as e:  # the hub client raises many types: DNS, HTTP, disk, ...
+        raise ModelUnavailable(f'downloading the pretrained weights of {arch} from {hub_id} failed '
+                               f'({type(e).__name__}: {e}). Try again, or save model.safetensors from there '
+                               f'as {weights_dir / f"{arch}.safetensors"}.') from None
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers at all: offline, fail in a moment rather than after retries."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(huggingface_hub.constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+class ModelCache:
+    """The few most recently used models, loaded once each; safe to share between request threads."""
+
+    def __init__(self, max_models: int = 3, weights_dir: Path | None = None):
+        self.max_models = max_models
+        self.weights_dir = weights_dir
+        self._models: OrderedDict[str, Model] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> Model:
+        with self._lock:
+            if name in self._models:
+                self._models.move_to_end(name)
+                return self._models[name]
+        model = load_model(name, self.weights_dir)  # outside the lock: a slow download blocks no one else
+        with self._lock:
+            self._models[name] = model
+            while len(self._models) > self.max_models:
+                self._models.popitem(last=False)
+        return model
+
+    def forget(self, name: str) -> None:
+        """Drop a cached model, e.g. after its checkpoint file was rewritten."""
+        with self._lock:
+            self._models.pop(name, None)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._models

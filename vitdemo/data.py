@@ -1,0 +1,128 @@
+"""CIFAR-10 (or any small image-folder dataset) as uint8 tensors in memory, augmented a batch at a time.
+
+Sources, by what `path` is:
+- a `.tar.gz` / `.tgz` archive of an image folder (such as the shipped `cifar10-train.tar.gz`): extracted
+  beside the cache, then read as a folder;
+- an image folder `train/<class>/*.jpg|png` (and `test/<class>/...` if present);
+- an official CIFAR-10 root (`cifar-10-batches-py`, downloaded by torchvision when missing).
+
+Each source is decoded once into a safetensors cache; later runs load it in a second.
+"""
+import hashlib
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
+CACHE_DIR = Path(os.environ.get('VITDEMO_CACHE', Path.home() / '.cache' / 'vitdemo'))
+
+
+@dataclass
+class ImageData:
+    images: torch.Tensor  # (N, 3, H, W) uint8
+    labels: torch.Tensor  # (N,) int64
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> 'ImageData':
+        return ImageData(self.images[index], self.labels[index], self.classes)
+
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        x = self.images.float().div_(255)
+        return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
+
+
+def train_val_split(data: ImageData, val_size: int, seed: int = 0) -> tuple[ImageData, ImageData]:
+    """A seeded random held-out split; the same seed gives the same split on every machine."""
+    assert 0 <= val_size < len(data), f'val_size must be in [0, {len(data)}), got {val_size}'
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    return data.subset(order[val_size:]), data.subset(order[:val_size])
+
+
+def load_dataset(path: str | Path, split: str = 'train', cache_dir: Path = CACHE_DIR,
+                 download: bool = True) -> ImageData:
+    """Load `split` ('train' or 'test') from an archive, an image folder or an official CIFAR-10 root."""
+    path = Path(path).expanduser().resolve()
+    if not path.exists() and not download:
+        raise FileNotFoundError(f'no dataset at {path}')
+    key = hashlib.sha1(f'{path}:{path.stat().st_mtime if path.exists() else 0}:{split}'.encode()).hexdigest()[:16]
+    cache = cache_dir / f'{path.name}-{split}-{key}.safetensors'
+    if cache.exists():
+        with safe_open(str(cache), framework='pt') as f:
+            return ImageData(f.get_tensor('images'), f.get_tensor('labels'), json.loads(f.metadata()['classes']))
+
+    if path.name.endswith(('.tar.gz', '.tgz', '.tar')):
+        data = _read_folder(_extract(path, cache_dir / f'{path.name}-{key[:8]}'), split)
+    elif (path / split).is_dir():
+        data = _read_folder(path, split)
+    else:
+        data = _read_official(path, split, download)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix('.tmp')
+    save_file({'images': data.images.contiguous(), 'labels': data.labels},
+              str(tmp), metadata={'classes': json.dumps(data.classes)})
+    tmp.replace(cache)
+    return data
+
+
+def _extract(archive: Path, dest: Path) -> Path:
+    if not (dest / '.complete').exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(dest, filter='data')  # 'data' refuses absolute paths, links out and devices
+        (dest / '.complete').touch()
+    return dest
+
+
+def _read_folder(root: Path, split: str) -> ImageData:
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f'no {split}/ folder in {root}: expected {split}/<class>/<image>.jpg')
+    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        for f in sorted((split_dir / name).iterdir()):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(f)
+                labels.append(label)
+    if not files:
+        raise FileNotFoundError(f'no images under {split_dir}')
+    images = np.stack([np.asarray(Image.open(f).convert('RGB')) for f in files])  # (N, H, W, 3)
+    return ImageData(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels), classes)
+
+
+def _read_official(root: Path, split: str, download: bool) -> ImageData:
+    from torchvision.datasets import CIFAR10
+    ds = CIFAR10(str(root), train=split == 'train', download=download)
+    return ImageData(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets),
+                     list(ds.classes))
+
+
+def augment(images: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random crop with reflect padding and horizontal flip, for a whole uint8 batch (B, C, H, W) at once."""
+    B, C, H, W = images.shape
+    padded = torch.nn.functional.pad(images, (padding,) * 4, mode='reflect') if padding else images
+    dy = torch.randint(0, 2 * padding + 1, (B,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (B,), generator=generator)
+    rows = (dy[:, None] + torch.arange(H))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(W))  # (B, W)
+    flip = torch.rand(B, generator=generator) < 0.5
+    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]  # (B, 1, 1, W)
+    return padded[torch.arange(B)[:, None, None, None], torch.arange(C)[None, :, None, None], rows, cols]
+
+
+def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """uint8 (B, C, H, W) to float, scaled to [0, 1] and standardised per channel."""
+    mean_t = torch.tensor(mean).view(1, -1, 1, 1) * 255
+    std_t = torch.tensor(std).view(1, -1, 1, 1) * 255
+    return (images.float() - mean_t) / std_t

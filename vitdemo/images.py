@@ -1,0 +1,111 @@
+"""Turn whatever a person uploads into an RGB PIL image, or refuse it with a message they can act on.
+
+Every PIL mode is handled (L, LA, P, RGBA, CMYK, I;16, ...), EXIF rotation is applied, transparency is
+put on white, animated images give their first frame, and large images are shrunk before anything else.
+"""
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MAX_PIXELS = 50_000_000  # refuse above this (a 6000x4000 photo is 24 MP): decompression bombs
+MAX_SIDE = 1024  # shrink to this before anything else; models see at most 224-448 pixels
+
+
+class ImageError(ValueError):
+    """An input that is not a usable image, with a message for the person who gave it."""
+
+
+def load_image(source) -> Image.Image:
+    """An RGB image at most MAX_SIDE on its longer side, from a PIL image, a numpy array or a file path."""
+    if isinstance(source, Image.Image):
+        image = source
+    elif isinstance(source, np.ndarray):
+        image = _from_array(source)
+    elif isinstance(source, (str, Path)):
+        image = _open(Path(source))
+    elif source is None:
+        raise ImageError('no image given: upload an image first')
+    else:
+        raise ImageError(f'cannot read an image from a {type(source).__name__}')
+    _check_size(image.size)
+    try:
+        image = to_rgb(ImageOps.exif_transpose(image))
+    except (OSError, ValueError) as e:  # truncated data surfaces when the pixels are decoded
+        raise ImageError(f'the image data is corrupt or truncated ({e})') from None
+    image.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
+    return image
+
+
+def _check_size(size: tuple[int, int]) -> None:
+    w, h = size
+    if w < 1 or h < 1:
+        raise ImageError(f'the image is empty ({w}x{h} pixels)')
+    if w * h > MAX_PIXELS:
+        raise ImageError(f'the image is too large ({w}x{h} = {w * h / 1e6:.0f} megapixels); '
+                         f'the limit is {MAX_PIXELS / 1e6:.0f} megapixels')
+
+
+def _open(path: Path) -> Image.Image:
+    if not path.is_file():
+        raise ImageError(f'no file at {path}')
+    if path.stat().st_size == 0:
+        raise ImageError(f'{path.name} is an empty file')
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('error', Image.DecompressionBombWarning)
+            image = Image.open(path)
+            _check_size(image.size)  # from the header, before any pixel is decoded
+            image.draft('RGB', (MAX_SIDE, MAX_SIDE))  # JPEG: decode at a reduced scale, far faster
+            image.load()
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        if isinstance(e, UnidentifiedImageError):
+            raise ImageError(f'{path.name} is not an image format this app can read '
+                             '(use PNG, JPEG, WebP, GIF, BMP or TIFF)') from None
+        raise ImageError(f'{path.name} declares too many pixels to be decoded safely') from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageError(f'{path.name} is corrupt or truncated ({e})') from None
+    return image
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise ImageError(f'an image array must be HxW, HxWx3 or HxWx4, got shape {array.shape}')
+    _check_size((array.shape[1], array.shape[0]))
+    if array.dtype != np.uint8:
+        array = _to_uint8(array.astype(np.float32))
+    return Image.fromarray(array)
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """Stretch any numeric range (16-bit, float, negative) to 0..255."""
+    lo, hi = float(np.nanmin(array)), float(np.nanmax(array))
+    if lo >= 0 and hi <= 1:
+        lo, hi = 0.0, 1.0  # a float image in [0, 1]
+    elif lo >= 0 and hi <= 255:
+        lo, hi = 0.0, 255.0
+    elif lo >= 0 and hi <= 65535:
+        lo, hi = 0.0, 65535.0
+    scaled = (np.nan_to_num(array, nan=lo) - lo) / max(hi - lo, 1e-12) * 255
+    return np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == 'RGB':
+        return image
+    if image.mode in ('I', 'I;16', 'I;16L', 'I;16B', 'I;16N', 'F'):
+        # PIL's own conversion clips 16-bit and float values to 255: scale them instead
+        return Image.fromarray(_to_uint8(np.asarray(image, dtype=np.float32))).convert('RGB')
+    if image.mode in ('RGBA', 'LA', 'PA', 'La', 'RGBa') or 'transparency' in image.info:
+        rgba = image.convert('RGBA')
+        background = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert('RGB')
+    try:
+        return image.convert('RGB')
+    except ValueError as e:
+        raise ImageError(f'images in PIL mode {image.mode} are not supported ({e})') from None

@@ -1,0 +1,103 @@
+"""Checkpoints: safetensors files whose metadata carries everything needed to rebuild the model.
+
+Nothing here unpickles: safetensors holds only tensors and a JSON header, so a hostile file can at
+worst fail to load. Writes go to a temporary file that is renamed into place, so a crash mid-save leaves
+the previous checkpoint intact.
+"""
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .model import ViTConfig, VisionTransformer
+
+FORMAT = 'vitdemo.vit'
+VERSION = '1'
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, with a message a person can act on."""
+
+
+def save_checkpoint(path: str | Path, model: VisionTransformer, classes: list[str], mean: list[float],
+                    std: list[float], **extra) -> Path:
+    """Write model weights and metadata (config, class names, normalisation, and any JSON-able extras)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {'format': FORMAT, 'version': VERSION, 'config': json.dumps(model.config.to_dict()),
+                'classes': json.dumps(classes), 'mean': json.dumps(mean), 'std': json.dumps(std)}
+    metadata.update({k: json.dumps(v) for k, v in extra.items()})
+    tensors = {k: v.detach().to('cpu', torch.float32).contiguous() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_metadata(path: str | Path) -> dict:
+    """Decoded metadata of a vitdemo checkpoint, from its header alone; CheckpointError for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'no checkpoint file at {path}')
+    try:
+        with safe_open(str(path), framework='pt') as f:
+            raw = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f'{path.name} is not a readable safetensors file ({e})') from None
+    if raw.get('format') != FORMAT or 'config' not in raw:
+        raise CheckpointError(f'{path.name} is a safetensors file but not a vitdemo checkpoint: '
+                              'its metadata has no model config')
+    try:
+        return {k: json.loads(v) for k, v in raw.items() if k not in ('format', 'version')}
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f'{path.name} has corrupt metadata ({e})') from None
+
+
+def load_checkpoint(path: str | Path) -> tuple[VisionTransformer, dict]:
+    """Rebuild the model a checkpoint describes and load its weights; refuse one that does not fit."""
+    meta = read_metadata(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f'{Path(path).name} has unreadable tensors ({e})') from None
+    try:
+        config = ViTConfig(**meta['config'])
+    except (TypeError, AssertionError) as e:
+        raise CheckpointError(f'{Path(path).name} has an invalid model config: {e}') from None
+    model = VisionTransformer(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [f'{k}: file {tuple(tensors[k].shape)}, config {tuple(v.shape)}'
+             for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        problems = ([f'missing {", ".join(missing[:5])}'] if missing else []) + \
+                   ([f'unexpected {", ".join(unexpected[:5])}'] if unexpected else []) + wrong[:5]
+        raise CheckpointError(f'{Path(path).name} does not fit its own config: ' + '; '.join(problems))
+    model.load_state_dict(tensors)
+    return model.eval(), meta
+
+
+def from_timm(timm_vit: torch.nn.Module) -> VisionTransformer:
+    """Our ViT with the weights of a timm `VisionTransformer` (same names and shapes: nothing to rename)."""
+    blocks = timm_vit.blocks
+    config = ViTConfig(img_size=timm_vit.patch_embed.img_size[0], patch_size=timm_vit.patch_embed.patch_size[0],
+                       in_chans=timm_vit.patch_embed.proj.in_channels, num_classes=timm_vit.num_classes,
+                       embed_dim=timm_vit.embed_dim, depth=len(blocks), num_heads=blocks[0].attn.num_heads,
+                       mlp_ratio=blocks[0].mlp.fc1.out_features / timm_vit.embed_dim,
+                       qkv_bias=blocks[0].attn.qkv.bias is not None, global_pool=timm_vit.global_pool)
+    model = VisionTransformer(config)
+    try:
+        model.load_state_dict(timm_vit.state_dict())
+    except RuntimeError as e:
+        raise CheckpointError(f'this timm model is not a plain ViT our code can run: {e}') from None
+    return model.eval()
