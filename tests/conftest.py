@@ -1,0 +1,44 @@
+import os
+import sys
+from pathlib import Path
+
+# Tests never reach a model hub: pretrained weights come from files the tests write themselves.
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import pytest  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from vitdemo.model import ViTConfig, VisionTransformer  # noqa: E402
+from vitdemo.weights import save_checkpoint  # noqa: E402
+
+SHARED = ROOT.parent / 'shared'
+CIFAR_ARCHIVE = SHARED / 'data' / 'cifar10-train.tar.gz'
+TINY_CIFAR = ViTConfig(img_size=32, patch_size=8, num_classes=10, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0)
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter random values, so that no test passes on zero-initialised heads or biases."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return module
+
+
+@pytest.fixture(scope='session')
+def weights_dir(tmp_path_factory) -> Path:
+    """A weights folder as a user would have it offline: timm models saved as local safetensors files
+    (random weights, since no hub is reachable here) and one small scratch checkpoint of ours."""
+    d = tmp_path_factory.mktemp('weights')
+    for i, arch in enumerate(['vit_tiny_patch16_224', 'deit_small_distilled_patch16_224']):
+        save_file(randomize_(timm.create_model(arch, pretrained=False), seed=i).state_dict(),
+                  str(d / f'{arch}.safetensors'))
+    model = randomize_(VisionTransformer(TINY_CIFAR), seed=3)
+    classes = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
+    save_checkpoint(d / 'vit_cifar10.safetensors', model, classes, mean=[0.49, 0.48, 0.45], std=[0.25, 0.24, 0.26],
+                    metrics={'val_accuracy': 0.5})
+    return d

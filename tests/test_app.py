@@ -1,0 +1,60 @@
+import socket
+
+import pytest
+from gradio_client import Client, handle_file
+
+from app import create_demo
+from conftest import ROOT
+from vitdemo.backends import ModelCache
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def client(weights_dir):
+    demo = create_demo(ModelCache(weights_dir=weights_dir))
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name='127.0.0.1', server_port=port, quiet=True)
+    try:
+        yield Client(f'http://127.0.0.1:{port}/', verbose=False)
+    finally:
+        demo.close()
+
+
+def test_api_contract_without_a_server(weights_dir):
+    info = create_demo(ModelCache(weights_dir=weights_dir)).get_api_info()
+    params = info['named_endpoints']['/predict']['parameters']
+    assert [p['parameter_name'] for p in params[:2]] == ['image', 'model']
+    assert not params[0]['parameter_has_default']
+    assert all(p['parameter_has_default'] for p in params[1:])
+    assert list(info['named_endpoints']) == ['/predict']  # the live re-draw events stay private
+
+
+def test_predict_through_the_api_for_scratch_and_timm(client):
+    labels, gallery, text = client.predict(handle_file(str(ROOT / 'examples' / 'cat.jpg')), 'scratch/vit_cifar10',
+                                           api_name='/predict')
+    assert len(labels['confidences']) == 5 and labels['label'] == labels['confidences'][0]['label']
+    assert len(gallery) == 2 + 2 and 'scratch/vit_cifar10' in text
+    labels, gallery, _ = client.predict(handle_file(str(ROOT / 'examples' / 'coffee.jpg')),
+                                        'timm/vit_tiny_patch16_224', 3, 'max', api_name='/predict')
+    assert len(labels['confidences']) == 3 and len(gallery) == 12 + 2
+
+
+def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(client, tmp_path):
+    fake = tmp_path / 'photo.jpg'
+    fake.write_text('this is not a jpeg')
+    with pytest.raises(Exception, match='not an image format this app can read'):
+        client.predict(handle_file(str(fake)), 'scratch/vit_cifar10', api_name='/predict')
+    with pytest.raises(Exception, match='choose a head from 0 to 3'):
+        client.predict(handle_file(str(ROOT / 'examples' / 'cat.jpg')), 'scratch/vit_cifar10', 5, 'one head', 9,
+                       api_name='/predict')
+    with pytest.raises(Exception, match='Hugging Face Hub'):
+        client.predict(handle_file(str(ROOT / 'examples' / 'cat.jpg')), 'timm/vit_base_patch16_224',
+                       api_name='/predict')
+    labels, _, _ = client.predict(handle_file(str(ROOT / 'examples' / 'cifar_ship.jpg')), 'scratch/vit_cifar10',
+                                  api_name='/predict')
+    assert labels['confidences']

@@ -1,0 +1,116 @@
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vitdemo.backends import (DEFAULT_SCRATCH, Model, ModelCache, ModelUnavailable, Prediction, crop_box,
+                              list_models, load_model)
+from vitdemo.images import ImageError
+
+EXAMPLES = __import__('conftest').ROOT / 'examples'
+
+
+def test_list_models_puts_the_scratch_default_first_and_offers_every_backend(weights_dir, tmp_path):
+    names = list_models(weights_dir)
+    assert names[0] == DEFAULT_SCRATCH
+    assert {'timm/vit_tiny_patch16_224', 'timm/vit_small_patch16_224', 'timm/vit_base_patch16_224',
+            'timm/deit_small_patch16_224', 'ours/vit_tiny_patch16_224'} <= set(names)
+    # timm weight files kept for offline use are not scratch models
+    assert not any(n.startswith('scratch/vit_tiny') for n in names)
+    assert not any(n.startswith('scratch/') for n in list_models(tmp_path))
+
+
+def test_timm_backend_loads_a_local_safetensors_file_and_reads_attention(weights_dir):
+    model = load_model('timm/vit_tiny_patch16_224', weights_dir)
+    pred = model.predict(str(EXAMPLES / 'cat.jpg'), top_k=3)
+    assert isinstance(pred, Prediction)
+    assert len(pred.top_k) == 3 and all(label in model.classes for label, _ in pred.top_k)
+    probs = [p for _, p in pred.top_k]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
+    assert pred.attentions.shape == (12, 3, 197, 197) and pred.attentions.dtype == torch.float32
+    torch.testing.assert_close(pred.attentions.sum(-1), torch.ones(12, 3, 197))
+    assert pred.grid == (14, 14) and pred.num_prefix_tokens == 1
+    assert len(model.classes) == 1000 and model.classes[281] == 'tabby'
+    assert model.data_config['input_size'] == (3, 224, 224)
+    # fused attention is back on after the read-out, so a plain forward stays fast
+    assert all(m.fused_attn for m in model.module.modules() if hasattr(m, 'fused_attn'))
+
+
+def test_our_code_on_timm_weights_predicts_what_timm_predicts(weights_dir):
+    image = Image.open(EXAMPLES / 'coffee.jpg')
+    theirs = load_model('timm/vit_tiny_patch16_224', weights_dir).predict(image, top_k=5)
+    ours = load_model('ours/vit_tiny_patch16_224', weights_dir).predict(image, top_k=5)
+    assert [label for label, _ in ours.top_k] == [label for label, _ in theirs.top_k]
+    np.testing.assert_allclose([p for _, p in ours.top_k], [p for _, p in theirs.top_k], atol=1e-5)
+    torch.testing.assert_close(ours.attentions, theirs.attentions, atol=1e-5, rtol=0)
+
+
+def test_distilled_deit_has_two_prefix_tokens(weights_dir):
+    pred = load_model('timm/deit_small_distilled_patch16_224', weights_dir).predict(np.zeros((50, 80, 3), np.uint8))
+    assert pred.num_prefix_tokens == 2 and pred.attentions.shape == (12, 6, 198, 198)
+
+
+def test_scratch_checkpoint_by_name_and_by_path(weights_dir):
+    by_name = load_model(DEFAULT_SCRATCH, weights_dir)
+    by_path = load_model(weights_dir / 'vit_cifar10.safetensors')
+    assert by_name.classes[3] == 'cat' and 'validation accuracy' in by_name.description
+    image = Image.new('RGB', (64, 48), (10, 200, 30))
+    a, b = by_name.predict(image, top_k=10), by_path.predict(image, top_k=10)
+    assert a.top_k == b.top_k and len(a.top_k) == 10
+    assert a.attentions.shape == (2, 4, 17, 17) and a.grid == (4, 4)
+    assert by_name.data_config['mean'] == (0.49, 0.48, 0.45)
+
+
+def test_missing_weights_say_how_to_get_them(tmp_path):
+    with pytest.raises(ModelUnavailable, match='no trained weights for scratch/vit_cifar10.*python -m vitdemo.train'):
+        load_model(DEFAULT_SCRATCH, tmp_path)
+    start = time.perf_counter()
+    with pytest.raises(ModelUnavailable, match=r'Hugging Face Hub.*save it as .*vit_small_patch16_224.safetensors'):
+        load_model('timm/vit_small_patch16_224', tmp_path)
+    assert time.perf_counter() - start < 5  # offline, the answer comes at once, not after retries
+    with pytest.raises(ModelUnavailable, match='unknown model'):
+        load_model('timm/resnet50', tmp_path)
+
+
+def test_a_corrupt_local_weight_file_is_refused(tmp_path):
+    (tmp_path / 'vit_tiny_patch16_224.safetensors').write_bytes(b'\x80\x04not safetensors')
+    with pytest.raises(ModelUnavailable, match='not usable as weights for vit_tiny_patch16_224'):
+        load_model('timm/vit_tiny_patch16_224', tmp_path)
+
+
+def test_crop_box_is_the_region_the_transform_keeps(weights_dir):
+    model = load_model('timm/vit_tiny_patch16_224', weights_dir)  # crop_pct 0.9 at 224: resize to 248, crop 224
+    y, x = np.mgrid[0:300, 0:500]
+    image = Image.fromarray(np.stack([x / 2, y / 1.2, (x + y) / 3.2], -1).astype(np.uint8))  # smooth ramps
+    left, top, right, bottom = crop_box(image.size, model.data_config)
+    assert right - left == pytest.approx(bottom - top) == pytest.approx(300 * 224 / 248)
+    assert (left + right) / 2 == 250 and (top + bottom) / 2 == 150
+    by_hand = image.crop((round(left), round(top), round(right), round(bottom))).resize((224, 224))
+    seen = (model.transform(image) * 0.5 + 0.5).permute(1, 2, 0).numpy() * 255  # undo the (0.5, 0.5) normalisation
+    assert np.abs(seen - np.asarray(by_hand, np.float32)).mean() < 2.0
+
+
+def test_predict_refuses_bad_input_clearly(weights_dir, tmp_path):
+    model = load_model(DEFAULT_SCRATCH, weights_dir)
+    bad = tmp_path / 'x.png'
+    bad.write_text('not an image')
+    with pytest.raises(ImageError, match='not an image format'):
+        model.predict(str(bad))
+    with pytest.raises(ValueError, match='top_k'):
+        model.predict(Image.new('RGB', (8, 8)), top_k=0)
+
+
+def test_model_cache_loads_once_and_keeps_the_most_recent(weights_dir, monkeypatch):
+    import vitdemo.backends as backends
+    loads = []
+    real = backends.load_model
+    monkeypatch.setattr(backends, 'load_model', lambda name, d=None: loads.append(name) or real(name, d))
+    cache = ModelCache(max_models=1, weights_dir=weights_dir)
+    first = cache.get(DEFAULT_SCRATCH)
+    assert cache.get(DEFAULT_SCRATCH) is first and loads == [DEFAULT_SCRATCH]
+    assert isinstance(cache.get('timm/vit_tiny_patch16_224'), Model)
+    assert DEFAULT_SCRATCH not in cache and 'timm/vit_tiny_patch16_224' in cache
+    cache.get(DEFAULT_SCRATCH)
+    assert loads == [DEFAULT_SCRATCH, 'timm/vit_tiny_patch16_224', DEFAULT_SCRATCH]

@@ -1,0 +1,121 @@
+import pytest
+import timm
+import torch
+
+from conftest import TINY_CIFAR, randomize_
+from vitdemo.backends import TimmAttention
+from vitdemo.model import PRESETS, ViTConfig, VisionTransformer, preset, sincos_pos_embed
+from vitdemo.weights import from_timm
+
+# (timm model name, timm kwargs, our config): a paper size, and a CIFAR-sized one with mean pooling
+EQUIVALENT = [
+    ('vit_tiny_patch16_224', {}, preset('vit_tiny_patch16_224')),
+    ('vit_small_patch16_224', dict(img_size=32, patch_size=4, num_classes=10, depth=3, global_pool='avg',
+                                   qkv_bias=False, mlp_ratio=2.0),
+     ViTConfig(img_size=32, patch_size=4, num_classes=10, embed_dim=384, depth=3, num_heads=6, mlp_ratio=2.0,
+               qkv_bias=False, global_pool='avg')),
+]
+
+
+@pytest.mark.parametrize('timm_name,timm_kwargs,config', EQUIVALENT, ids=['tiny16-224', 'small4-32-avg'])
+def test_same_weights_same_logits_and_attention_as_timm(timm_name, timm_kwargs, config):
+    theirs = randomize_(timm.create_model(timm_name, pretrained=False, **timm_kwargs)).eval()
+    ours = VisionTransformer(config).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)  # same names and shapes, nothing renamed
+    x = torch.randn(2, 3, config.img_size, config.img_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected_logits, expected_attn = TimmAttention(theirs)(x)
+        logits, attn = ours.forward_with_attention(x)
+        fused = ours(x)
+    assert expected_logits.abs().max() > 0.1  # the comparison below means something
+    torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(fused, expected_logits, atol=1e-4, rtol=0)
+    assert len(attn) == len(expected_attn) == config.depth
+    for ours_layer, theirs_layer in zip(attn, expected_attn):
+        torch.testing.assert_close(ours_layer, theirs_layer, atol=1e-5, rtol=0)
+
+
+def test_from_timm_converts_a_timm_vit():
+    theirs = randomize_(timm.create_model('deit_small_patch16_224', pretrained=False, depth=2)).eval()
+    ours = from_timm(theirs)
+    assert ours.config.embed_dim == 384 and ours.config.num_heads == 6 and ours.config.depth == 2
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize('name,millions', [('vit_tiny_patch16_224', 5.7), ('vit_small_patch16_224', 22.0),
+                                           ('vit_base_patch16_224', 86.0), ('vit_large_patch16_224', 307.0),
+                                           ('vit_huge_patch14_224', 632.0)])
+def test_paper_sizes_have_the_paper_parameter_counts(name, millions):
+    with torch.device('meta'):  # no memory for the weights of ViT-H
+        model = VisionTransformer(preset(name))
+    count = sum(p.numel() for p in model.parameters()) / 1e6
+    assert count == pytest.approx(millions, rel=0.015)
+    with torch.device('meta'):
+        assert count == sum(p.numel() for p in timm.create_model(name, num_classes=1000).parameters()) / 1e6
+
+
+def test_cifar_preset_is_small_and_sees_32px():
+    config = preset('vit_cifar10')
+    assert (config.img_size, config.num_classes, config.grid_size) == (32, 10, 8)
+    assert set(PRESETS) >= {'vit_tiny_patch16_224', 'vit_huge_patch14_224', 'vit_cifar10'}
+
+
+@pytest.mark.parametrize('overrides', [{}, dict(global_pool='avg'), dict(pos_embed='sincos'),
+                                       dict(drop_path_rate=0.2, proj_drop_rate=0.1, attn_drop_rate=0.1)])
+def test_forward_shapes_finite_and_every_parameter_learns(overrides):
+    model = VisionTransformer(ViTConfig(**{**TINY_CIFAR.to_dict(), **overrides})).train()
+    torch.nn.init.normal_(model.head.weight, std=0.02)  # it starts at zero, which passes no gradient back
+    x = torch.randn(4, 3, 32, 32)
+    logits = model(x)
+    assert logits.shape == (4, 10) and torch.isfinite(logits).all()
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 3])).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not no_grad
+
+
+def test_forward_with_attention_returns_probabilities_per_layer():
+    model = randomize_(VisionTransformer(TINY_CIFAR)).eval()
+    with torch.no_grad():
+        logits, attentions = model.forward_with_attention(torch.randn(3, 3, 32, 32))
+        plain = model(torch.zeros(1, 3, 32, 32))
+    tokens = 1 + TINY_CIFAR.grid_size ** 2
+    assert logits.shape == (3, 10) and plain.shape == (1, 10)
+    assert [a.shape for a in attentions] == [(3, TINY_CIFAR.num_heads, tokens, tokens)] * TINY_CIFAR.depth
+    for a in attentions:
+        assert (a >= 0).all()
+        torch.testing.assert_close(a.sum(-1), torch.ones(a.shape[:-1]))
+
+
+def test_fused_and_manual_attention_agree():
+    model = randomize_(VisionTransformer(TINY_CIFAR)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model.set_fused_attn(True)
+        fused = model(x)
+        model.set_fused_attn(False)
+        manual = model(x)
+    torch.testing.assert_close(fused, manual, atol=1e-5, rtol=0)
+
+
+def test_sincos_position_embedding_is_fixed_and_distinct():
+    model = VisionTransformer(ViTConfig(**{**TINY_CIFAR.to_dict(), 'pos_embed': 'sincos'}))
+    assert not model.pos_embed.requires_grad
+    table = sincos_pos_embed(4, 64)
+    assert table.shape == (16, 64)
+    assert torch.cdist(table, table).add(torch.eye(16) * 1e3).min() > 0.1  # every position its own code
+    torch.testing.assert_close(model.pos_embed[0, 1:], sincos_pos_embed(4, 64))
+
+
+@pytest.mark.parametrize('kwargs,message', [(dict(embed_dim=100, num_heads=3), 'divisible by num_heads'),
+                                            (dict(img_size=30, patch_size=4), 'divisible by patch_size'),
+                                            (dict(global_pool='max'), 'global_pool')])
+def test_config_refuses_impossible_shapes(kwargs, message):
+    with pytest.raises(AssertionError, match=message):
+        ViTConfig(**kwargs)
+
+
+def test_wrong_input_size_is_refused():
+    with pytest.raises(AssertionError, match='expected 32x32'):
+        VisionTransformer(TINY_CIFAR)(torch.randn(1, 3, 64, 64))

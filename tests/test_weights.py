@@ -1,0 +1,78 @@
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import TINY_CIFAR, randomize_
+from vitdemo.model import VisionTransformer
+from vitdemo.weights import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
+
+CLASSES = [f'class{i}' for i in range(10)]
+
+
+def test_round_trip_keeps_weights_and_metadata(tmp_path):
+    model = randomize_(VisionTransformer(TINY_CIFAR))
+    path = save_checkpoint(tmp_path / 'm.safetensors', model, CLASSES, [0.5] * 3, [0.25] * 3,
+                           metrics={'val_accuracy': 0.7}, seed=3)
+    loaded, meta = load_checkpoint(path)
+    assert loaded.config == model.config and not loaded.training
+    assert meta['classes'] == CLASSES and meta['metrics'] == {'val_accuracy': 0.7} and meta['seed'] == 3
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert read_metadata(path)['config'] == TINY_CIFAR.to_dict()
+
+
+def test_a_pickle_renamed_safetensors_is_refused_and_never_run(tmp_path):
+    marker = tmp_path / 'pwned'
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), 'w'))
+
+    path = tmp_path / 'evil.safetensors'
+    path.write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(CheckpointError, match='not a readable safetensors file'):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_foreign_or_ill_fitting_checkpoints_are_refused(tmp_path):
+    model = VisionTransformer(TINY_CIFAR)
+    plain = tmp_path / 'plain.safetensors'
+    save_file(model.state_dict(), str(plain))
+    with pytest.raises(CheckpointError, match='no model config'):
+        load_checkpoint(plain)
+
+    wrong = tmp_path / 'wrong.safetensors'
+    save_checkpoint(wrong, model, CLASSES, [0.5] * 3, [0.25] * 3)
+    tensors = model.state_dict()
+    tensors['head.weight'] = torch.zeros(7, 64)
+    del tensors['norm.bias']
+    from safetensors import safe_open
+    with safe_open(str(wrong), 'pt') as f:
+        metadata = f.metadata()
+    save_file(tensors, str(wrong), metadata=metadata)
+    with pytest.raises(CheckpointError, match=r'missing norm.bias.*head.weight: file \(7, 64\), config \(10, 64\)'):
+        load_checkpoint(wrong)
+
+    with pytest.raises(CheckpointError, match='no checkpoint file'):
+        load_checkpoint(tmp_path / 'absent.safetensors')
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    path = tmp_path / 'm.safetensors'
+    first = randomize_(VisionTransformer(TINY_CIFAR), seed=1)
+    save_checkpoint(path, first, CLASSES, [0.5] * 3, [0.25] * 3)
+    import vitdemo.weights as weights
+
+    def crash(tensors, filename, metadata=None):
+        open(filename, 'wb').write(b'half a file')
+        raise KeyboardInterrupt  # the process killed mid-write
+
+    monkeypatch.setattr(weights, 'save_file', crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, VisionTransformer(TINY_CIFAR), CLASSES, [0.5] * 3, [0.25] * 3)
+    loaded, _ = load_checkpoint(path)
+    assert torch.equal(loaded.head.weight, first.head.weight)
+    assert [p.name for p in tmp_path.iterdir()] == ['m.safetensors']  # no temporary file left behind

@@ -1,0 +1,59 @@
+"""What the Predict tab shows, as plain functions of a prediction: no UI code, tested without a browser."""
+import time
+
+from PIL import Image
+
+from .attention import Fusion, cls_attention, overlay, rollout
+from .backends import Model, Prediction
+
+FUSIONS = ['mean', 'max', 'min', 'one head']
+DISPLAY_SIDE = 448  # overlays are drawn at this size: sharp in the gallery, quick to render
+
+
+def parse_fusion(fusion: str, head: int | float | None, num_heads: int) -> Fusion:
+    """The UI's fusion choice as `attention.Fusion`: a mode name, or a head index checked against the model."""
+    if fusion == 'one head':
+        head = int(head or 0)
+        if not 0 <= head < num_heads:
+            raise ValueError(f'this model has {num_heads} heads: choose a head from 0 to {num_heads - 1}')
+        return head
+    if fusion not in FUSIONS:
+        raise ValueError(f'head fusion must be one of {", ".join(FUSIONS)}, not {fusion!r}')
+    return fusion
+
+
+def attention_gallery(pred: Prediction, fusion: Fusion = 'mean', opacity: float = 0.6,
+                      discard_ratio: float = 0.9) -> list[tuple[Image.Image, str]]:
+    """The input with the region the model saw, one CLS-attention overlay per layer, then the rollout."""
+    image = pred.image.copy()
+    image.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
+    s = image.width / pred.image.width
+    box = tuple(v * s for v in pred.box)
+    layers = cls_attention(pred.attentions, pred.grid, pred.num_prefix_tokens, fusion)
+    rows, cols = pred.grid
+    # opacity 0 draws no heat, only dims what lies outside the model's view
+    items = [(overlay(image, layers[0], box, opacity=0.0), f'input: the model sees the bright square, '
+                                                           f'as {rows}x{cols} patches')]
+    items += [(overlay(image, layer, box, opacity), f'layer {i + 1}: CLS attention') for i, layer in enumerate(layers)]
+    flow = rollout(pred.attentions, pred.grid, pred.num_prefix_tokens, fusion, discard_ratio)
+    items.append((overlay(image, flow, box, opacity), f'rollout over all {len(layers)} layers '
+                                                      f'(discard {discard_ratio:.0%})'))
+    return items
+
+
+def describe(model: Model, pred: Prediction, seconds: float) -> str:
+    layers, heads, tokens, _ = pred.attentions.shape
+    size = model.data_config['input_size'][1]
+    return (f'**{model.name}**: {model.description}. Input {size}x{size}, {pred.grid[0]}x{pred.grid[1]} patches, '
+            f'{tokens} tokens ({pred.num_prefix_tokens} before the patches), {layers} layers x {heads} heads. '
+            f'Answered in {seconds:.2f} s.')
+
+
+def predict_view(model: Model, image, top_k: int = 5, fusion: str = 'mean', head: int = 0,
+                 opacity: float = 0.6, discard_ratio: float = 0.9):
+    """Everything the Predict tab shows: {label: probability}, the attention gallery, and a description."""
+    start = time.perf_counter()
+    pred = model.predict(image, top_k=int(top_k))
+    chosen = parse_fusion(fusion, head, pred.attentions.shape[1])
+    gallery = attention_gallery(pred, chosen, float(opacity), float(discard_ratio))
+    return dict(pred.top_k), gallery, describe(model, pred, time.perf_counter() - start)
