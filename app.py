@@ -6,13 +6,16 @@ from pathlib import Path
 
 import gradio as gr
 
-from vitdemo.backends import DEFAULT_SCRATCH, ModelCache, ModelUnavailable, list_models
+from vitdemo.backends import DEFAULT_SCRATCH, WEIGHTS_DIR, ModelCache, ModelUnavailable, list_models
+from vitdemo.data import default_data_path
 from vitdemo.images import ImageError
-from vitdemo.views import FUSIONS, predict_view
+from vitdemo.training_job import TRAIN_PRESETS, TrainingBusy, TrainingJob, configs_from_form
+from vitdemo.views import FUSIONS, predict_view, progress_text, training_curves
 from vitdemo.weights import CheckpointError
 
 EXAMPLES = sorted(str(p) for p in (Path(__file__).parent / 'examples').glob('*.*') if p.suffix != '.md')
-USER_ERRORS = (ImageError, ModelUnavailable, CheckpointError, ValueError)
+USER_ERRORS = (ImageError, ModelUnavailable, CheckpointError, TrainingBusy, FileNotFoundError, ValueError)
+TRAIN_FIELDS = ['embed_dim', 'depth', 'num_heads', 'patch_size', 'minutes', 'batch_size', 'lr']
 
 INTRO = """# vitdemo: how a Vision Transformer sees
 Upload an image and pick a model: you get its top predictions and, for every layer, where the **CLS token**
@@ -21,8 +24,9 @@ layers at once. `scratch/` models are our ViT trained from scratch on CIFAR-10; 
 ImageNet-1k ViTs; `ours/` run the same ImageNet weights on our own from-scratch code."""
 
 
-def create_demo(cache: ModelCache | None = None) -> gr.Blocks:
+def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None) -> gr.Blocks:
     cache = cache or ModelCache()
+    job = job or TrainingJob(default_data_path(), cache.weights_dir or WEIGHTS_DIR)
     names = list_models(cache.weights_dir)
     has_scratch = any(n.startswith('scratch/') for n in names)
 
@@ -38,6 +42,24 @@ def create_demo(cache: ModelCache | None = None) -> gr.Blocks:
     def refresh(image, *rest):
         # re-draw when a control changes, once there is an image to draw on
         return gr.skip() if image is None else predict(image, *rest)
+
+    def start_training(embed_dim: int, depth: int, num_heads: int, patch_size: int, minutes: float,
+                       batch_size: int, lr: float, name: str):
+        try:
+            model_config, train_config = configs_from_form(embed_dim, depth, num_heads, patch_size, minutes,
+                                                           batch_size, lr)
+            for snap in job.run(model_config, train_config, name):
+                loss, accuracy = training_curves(snap.history)
+                models = gr.skip()
+                if snap.checkpoint:  # the new model shows up in the Predict tab at once
+                    cache.forget(f'scratch/{snap.checkpoint.stem}')
+                    models = gr.Dropdown(choices=list_models(cache.weights_dir))
+                yield progress_text(snap.progress, snap.status), loss, accuracy, snap.attention, models
+        except USER_ERRORS as e:
+            raise gr.Error(str(e), print_exception=False) from None
+
+    def apply_preset(preset: str):
+        return [TRAIN_PRESETS[preset][k] for k in TRAIN_FIELDS]
 
     with gr.Blocks(title='vitdemo') as demo:
         gr.Markdown(INTRO)
@@ -63,6 +85,42 @@ def create_demo(cache: ModelCache | None = None) -> gr.Blocks:
                     info = gr.Markdown()
                     gallery = gr.Gallery(label='Where the CLS token looks, layer by layer', columns=4,
                                          height='auto', object_fit='contain')
+        with gr.Tab('Train'):
+            gr.Markdown('Train a small ViT from scratch on CIFAR-10 and watch it learn. The defaults finish in '
+                        'about ten minutes on a 2-core CPU; the result joins the Predict tab\'s model list.')
+            with gr.Row():
+                with gr.Column(scale=1):
+                    first = next(iter(TRAIN_PRESETS))
+                    preset = gr.Dropdown(list(TRAIN_PRESETS), value=first, label='Preset')
+                    p = TRAIN_PRESETS[first]
+                    with gr.Row():
+                        embed_dim = gr.Number(p['embed_dim'], label='Embed dim', precision=0)
+                        depth = gr.Number(p['depth'], label='Depth (layers)', precision=0)
+                        num_heads = gr.Number(p['num_heads'], label='Heads', precision=0)
+                    with gr.Row():
+                        patch_size = gr.Dropdown([2, 4, 8, 16], value=p['patch_size'], label='Patch size')
+                        minutes = gr.Number(p['minutes'], label='Minutes')
+                    with gr.Row():
+                        batch_size = gr.Number(p['batch_size'], label='Batch size', precision=0)
+                        lr = gr.Number(p['lr'], label='Learning rate')
+                    run_name = gr.Textbox('my_vit', label='Save as (weights/NAME.safetensors)')
+                    with gr.Row():
+                        start = gr.Button('Start', variant='primary')
+                        stop = gr.Button('Stop')
+                with gr.Column(scale=2):
+                    status = gr.Markdown('Press Start.')
+                    with gr.Row():
+                        loss_plot = gr.LinePlot(x='epoch', y='value', color='split', title='Loss', height=260)
+                        accuracy_plot = gr.LinePlot(x='epoch', y='value', color='split', title='Accuracy',
+                                                    height=260)
+                    snapshot = gr.Image(label='CLS attention (last layer) on a fixed validation image, '
+                                              'after each epoch', height=220, interactive=False)
+        train_fields = [embed_dim, depth, num_heads, patch_size, minutes, batch_size, lr]
+        preset.change(apply_preset, preset, train_fields, api_visibility='private')
+        start.click(start_training, train_fields + [run_name], [status, loss_plot, accuracy_plot, snapshot, model],
+                    api_name='train', concurrency_limit=2, concurrency_id='train')
+        stop.click(job.stop, api_name='stop_training')
+
         inputs = [image, model, top_k, fusion, head, opacity, discard_ratio]
         outputs = [label, gallery, info]
         run.click(predict, inputs, outputs, api_name='predict')

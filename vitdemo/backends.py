@@ -75,7 +75,7 @@ class Model:
         self.transform = create_transform(**data_config)
         self.num_prefix_tokens = num_prefix_tokens
         self.description = description
-        self._attend = attend
+        self.attend = attend
         self._lock = threading.Lock()  # attention read-outs keep per-call state; one image at a time
         self.device = next(module.parameters()).device
         size = data_config['input_size'][1]
@@ -89,7 +89,7 @@ class Model:
         image = load_image(image)
         x = self.transform(image).unsqueeze(0).to(self.device)
         with self._lock, torch.inference_mode():
-            logits, attentions = self._attend(x)
+            logits, attentions = self.attend(x)
         probs = logits[0].float().softmax(-1).cpu()
         values, indices = probs.topk(min(top_k, len(self.classes)))
         return Prediction(top_k=[(self.classes[i], v) for v, i in zip(values.tolist(), indices.tolist())],

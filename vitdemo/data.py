@@ -25,6 +25,15 @@ IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 CACHE_DIR = Path(os.environ.get('VITDEMO_CACHE', Path.home() / '.cache' / 'vitdemo'))
 
 
+def default_data_path() -> Path:
+    """Where the app finds CIFAR-10: $VITDEMO_DATA, else the archive shipped beside the repository, else
+    an official CIFAR-10 folder in the cache (torchvision downloads it the first time)."""
+    if 'VITDEMO_DATA' in os.environ:
+        return Path(os.environ['VITDEMO_DATA'])
+    shipped = Path(__file__).resolve().parent.parent.parent / 'shared' / 'data' / 'cifar10-train.tar.gz'
+    return shipped if shipped.exists() else CACHE_DIR / 'cifar10'
+
+
 @dataclass
 class ImageData:
     images: torch.Tensor  # (N, 3, H, W) uint8
@@ -63,7 +72,7 @@ def load_dataset(path: str | Path, split: str = 'train', cache_dir: Path = CACHE
 
     if path.name.endswith(('.tar.gz', '.tgz', '.tar')):
         data = _read_folder(_extract(path, cache_dir / f'{path.name}-{key[:8]}'), split)
-    elif (path / split).is_dir():
+    elif (path / 'train').is_dir() or (path / split).is_dir():
         data = _read_folder(path, split)
     else:
         data = _read_official(path, split, download)

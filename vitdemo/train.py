@@ -80,6 +80,7 @@ class TrainEvent:
     val_loss: float | None = None
     val_accuracy: float | None = None
     model: VisionTransformer | None = field(default=None, repr=False)  # on 'epoch' and 'done'
+    normalization: tuple[list[float], list[float]] | None = None  # (mean, std) the model's inputs get
 
 
 @dataclass
@@ -146,7 +147,8 @@ def train(model_config: ViTConfig, cfg: TrainConfig, data: ImageData, out: str |
     assert model_config.num_classes == len(data.classes), \
         f'model has {model_config.num_classes} classes, data has {len(data.classes)}'
     seed_everything(cfg.seed)
-    train_data, val_data = train_val_split(data, cfg.val_size, cfg.seed) if cfg.val_size else (data, None)
+    val_size = min(cfg.val_size, len(data) // 5)  # a small dataset keeps most of its images for training
+    train_data, val_data = train_val_split(data, val_size, cfg.seed) if val_size else (data, None)
     if cfg.train_limit:
         train_data = train_data.subset(torch.arange(min(cfg.train_limit, len(train_data))))
     if val_data is not None and cfg.val_limit is not None:
@@ -219,7 +221,7 @@ def train(model_config: ViTConfig, cfg: TrainConfig, data: ImageData, out: str |
         p = progress_now()
         emit('epoch', lr=lr, loss=record['train_loss'], accuracy=record['train_accuracy'],
              images_per_sec=record['images_per_sec'], eta_seconds=elapsed * (1 - p) / max(p, 1e-9),
-             val_loss=val_loss, val_accuracy=val_acc, model=model)
+             val_loss=val_loss, val_accuracy=val_acc, model=model, normalization=(mean, std))
 
     model.eval()
     metrics = {k: history[-1][k] for k in ('train_loss', 'train_accuracy', 'val_loss', 'val_accuracy')} \
@@ -228,7 +230,8 @@ def train(model_config: ViTConfig, cfg: TrainConfig, data: ImageData, out: str |
     last = history[-1] if history else {}
     emit('done', lr=last.get('lr', 0.0), loss=last.get('train_loss', float('nan')),
          accuracy=last.get('train_accuracy', 0.0), images_per_sec=last.get('images_per_sec', 0.0),
-         eta_seconds=0.0, val_loss=last.get('val_loss'), val_accuracy=last.get('val_accuracy'), model=model)
+         eta_seconds=0.0, val_loss=last.get('val_loss'), val_accuracy=last.get('val_accuracy'), model=model,
+         normalization=(mean, std))
     return TrainResult(model=model, history=history, metrics=metrics, path=path, stopped=stopped)
 
 

@@ -1,6 +1,7 @@
 """What the Predict tab shows, as plain functions of a prediction: no UI code, tested without a browser."""
 import time
 
+import pandas as pd
 from PIL import Image
 
 from .attention import Fusion, cls_attention, overlay, rollout
@@ -57,3 +58,18 @@ def predict_view(model: Model, image, top_k: int = 5, fusion: str = 'mean', head
     chosen = parse_fusion(fusion, head, pred.attentions.shape[1])
     gallery = attention_gallery(pred, chosen, float(opacity), float(discard_ratio))
     return dict(pred.top_k), gallery, describe(model, pred, time.perf_counter() - start)
+
+
+def training_curves(history: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Long-form frames for the loss and accuracy plots: columns epoch, value, split (train / validation)."""
+    def frame(metric: str) -> pd.DataFrame:
+        rows = [dict(epoch=h['epoch'], value=h[f'{split}_{metric}'], split=name)
+                for h in history for split, name in (('train', 'train'), ('val', 'validation'))
+                if h.get(f'{split}_{metric}') is not None]
+        return pd.DataFrame(rows, columns=['epoch', 'value', 'split'])
+    return frame('loss'), frame('accuracy')
+
+
+def progress_text(progress: float, status: str, width: int = 30) -> str:
+    filled = round(progress * width)
+    return f'`{"█" * filled}{"░" * (width - filled)}` **{progress:.0%}**  \n{status}'

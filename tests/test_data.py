@@ -1,0 +1,81 @@
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import CIFAR_ARCHIVE
+from vitdemo.data import ImageData, augment, load_dataset, normalize, train_val_split
+
+
+def make_folder(root, classes=('cat', 'dog'), per_class=3, size=8, split='train'):
+    for label, name in enumerate(classes):
+        (root / split / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new('RGB', (size, size), (label * 100, i * 40, 7)).save(root / split / name / f'{i:04d}.png')
+
+
+def test_image_folder_is_read_once_then_served_from_the_cache(tmp_path):
+    make_folder(tmp_path / 'ds')
+    cache = tmp_path / 'cache'
+    data = load_dataset(tmp_path / 'ds', cache_dir=cache)
+    assert data.images.shape == (6, 3, 8, 8) and data.images.dtype == torch.uint8
+    assert data.classes == ['cat', 'dog'] and data.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert data.images[4, :, 0, 0].tolist() == [100, 40, 7]
+    assert len(list(cache.glob('*.safetensors'))) == 1
+    for f in (tmp_path / 'ds' / 'train' / 'cat').iterdir():
+        f.unlink()  # the cache alone answers now
+    again = load_dataset(tmp_path / 'ds', cache_dir=cache)
+    assert torch.equal(again.images, data.images) and again.classes == data.classes
+
+
+def test_archive_is_extracted_and_test_split_found(tmp_path):
+    make_folder(tmp_path / 'src')
+    make_folder(tmp_path / 'src', per_class=2, split='test')
+    archive = tmp_path / 'ds.tar.gz'
+    with tarfile.open(archive, 'w:gz') as tar:
+        tar.add(tmp_path / 'src' / 'train', arcname='train')
+        tar.add(tmp_path / 'src' / 'test', arcname='test')
+    assert len(load_dataset(archive, cache_dir=tmp_path / 'c')) == 6
+    assert len(load_dataset(archive, split='test', cache_dir=tmp_path / 'c')) == 4
+    with pytest.raises(FileNotFoundError, match='no test/ folder'):
+        make_folder(tmp_path / 'only_train')
+        load_dataset(tmp_path / 'only_train', split='test', cache_dir=tmp_path / 'c', download=False)
+
+
+def test_split_is_seeded_and_disjoint():
+    data = ImageData(torch.zeros(100, 3, 4, 4, dtype=torch.uint8), torch.arange(100), ['x'])
+    train, val = train_val_split(data, 20, seed=1)
+    train2, val2 = train_val_split(data, 20, seed=1)
+    assert len(train) == 80 and len(val) == 20
+    assert torch.equal(val.labels, val2.labels)
+    assert not set(train.labels.tolist()) & set(val.labels.tolist())
+    assert not torch.equal(val.labels, train_val_split(data, 20, seed=2)[1].labels)
+
+
+def test_augment_crops_and_flips_whole_batches():
+    images = torch.arange(2 * 3 * 6 * 6, dtype=torch.int32).view(2, 3, 6, 6).to(torch.uint8)
+    out = augment(images, padding=0, generator=torch.Generator().manual_seed(0))
+    for a, b in zip(out, images):
+        assert torch.equal(a, b) or torch.equal(a, b.flip(-1))  # no padding: only flips remain
+    padded = augment(images.repeat(64, 1, 1, 1), padding=2, generator=torch.Generator().manual_seed(0))
+    assert padded.shape == (128, 3, 6, 6) and padded.dtype == torch.uint8
+    moved = sum(not torch.equal(p, images[i % 2]) and not torch.equal(p, images[i % 2].flip(-1))
+                for i, p in enumerate(padded))
+    assert moved > 64  # most crops are shifted
+
+
+def test_normalize_standardises_per_channel():
+    images = torch.full((1, 3, 2, 2), 128, dtype=torch.uint8)
+    out = normalize(images, [0.5, 0.0, 1.0], [0.5, 1.0, 0.25])
+    np.testing.assert_allclose(out[0, :, 0, 0].tolist(), [(128 / 255 - 0.5) / 0.5, 128 / 255, (128 / 255 - 1) / 0.25],
+                               rtol=1e-5)
+
+
+@pytest.mark.skipif(not CIFAR_ARCHIVE.exists(), reason='needs ../shared/data/cifar10-train.tar.gz')
+def test_the_shipped_cifar_archive(tmp_path_factory):
+    data = load_dataset(CIFAR_ARCHIVE)
+    assert data.images.shape == (50000, 3, 32, 32)
+    assert data.classes == ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
+    assert torch.bincount(data.labels).tolist() == [5000] * 10

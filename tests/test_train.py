@@ -1,0 +1,113 @@
+import threading
+import time
+
+import pytest
+import torch
+
+from conftest import CIFAR_ARCHIVE, TINY_CIFAR
+from vitdemo import evaluate as evaluate_cli
+from vitdemo import train as train_cli
+from vitdemo.data import ImageData, load_dataset
+from vitdemo.model import ViTConfig
+from vitdemo.train import TrainConfig, get_lr, train
+from vitdemo.weights import load_checkpoint
+
+COLOURS = torch.tensor([[220, 30, 30], [30, 220, 30], [30, 30, 220], [220, 220, 30]], dtype=torch.float32)
+CONFIG = ViTConfig(**{**TINY_CIFAR.to_dict(), 'num_classes': 4})
+
+
+def colour_data(n=640, seed=0) -> ImageData:
+    """Four classes told apart by colour under heavy noise: learnable in a few seconds."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 4
+    images = COLOURS[labels][:, :, None, None] + torch.randn(n, 3, 32, 32, generator=g) * 60
+    return ImageData(images.clamp(0, 255).to(torch.uint8), labels, ['red', 'green', 'blue', 'yellow'])
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    cfg = TrainConfig(epochs=1, minutes=None, lr=1e-3, warmup_frac=0.1)
+    assert get_lr(0.0, cfg) == 0 and get_lr(0.05, cfg) == pytest.approx(5e-4)
+    assert get_lr(0.1, cfg) == pytest.approx(1e-3)
+    assert get_lr(0.55, cfg) == pytest.approx(5e-4)
+    assert get_lr(1.0, cfg) == pytest.approx(0.0, abs=1e-12)
+    lrs = [get_lr(p / 100, cfg) for p in range(10, 101)]
+    assert lrs == sorted(lrs, reverse=True)
+
+
+@pytest.mark.parametrize('kwargs,message', [
+    (dict(epochs=0, minutes=None), 'epochs must be at least 1'), (dict(minutes=-1), 'minutes must be positive'),
+    (dict(lr=-0.1), 'learning rate'), (dict(batch_size=100000), 'batch size'),
+    (dict(epochs=2, minutes=3), 'not both'), (dict(weight_decay=-1), 'weight decay')])
+def test_bad_hyper_parameters_are_refused_before_any_work(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_training_learns_reports_events_and_writes_a_loadable_checkpoint(tmp_path):
+    events = []
+    out = tmp_path / 'run.safetensors'
+    cfg = TrainConfig(epochs=4, minutes=None, batch_size=64, lr=3e-3, val_size=128, seed=1)
+    result = train(CONFIG, cfg, colour_data(), out=out, on_event=events.append)
+    kinds = [e.kind for e in events]
+    assert kinds.count('epoch') == 4 and kinds[-1] == 'done' and kinds.count('step') == 4 * (512 // 64)
+    steps = [e for e in events if e.kind == 'step']
+    assert steps[-1].progress == 1.0 and all(e.images_per_sec > 0 and e.eta_seconds >= 0 for e in steps)
+    assert [h['epoch'] for h in result.history] == [1, 2, 3, 4]
+    assert result.history[-1]['train_loss'] < result.history[0]['train_loss']
+    assert result.metrics['val_accuracy'] > 0.9 and not result.stopped
+    model, meta = load_checkpoint(out)
+    assert meta['history'] == result.history and meta['classes'] == ['red', 'green', 'blue', 'yellow']
+    assert meta['train_config']['seed'] == 1 and meta['metrics']['val_accuracy'] == result.metrics['val_accuracy']
+    for a, b in zip(model.state_dict().values(), result.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_same_seed_same_run():
+    cfg = TrainConfig(epochs=1, minutes=None, batch_size=64, val_size=64, seed=5)
+    a = train(CONFIG, cfg, colour_data()).model.head.weight
+    b = train(CONFIG, cfg, colour_data()).model.head.weight
+    assert torch.equal(a, b)
+
+
+def test_stop_request_ends_at_the_next_step_and_saves(tmp_path):
+    stop = threading.Event()
+    out = tmp_path / 'stopped.safetensors'
+
+    def stop_after_three_steps(event):
+        if event.kind == 'step' and event.step == 3:
+            stop.set()
+
+    result = train(CONFIG, TrainConfig(epochs=50, minutes=None, batch_size=32, val_size=64), colour_data(),
+                   out=out, on_event=stop_after_three_steps, stop=stop)
+    assert result.stopped and result.history[-1]['step'] == 3
+    assert load_checkpoint(out)[1]['history'][-1]['step'] == 3
+
+
+def test_a_minutes_budget_is_kept():
+    start = time.perf_counter()
+    result = train(CONFIG, TrainConfig(minutes=0.05, batch_size=32, val_size=64), colour_data())
+    assert time.perf_counter() - start < 3 + 5  # 3 s of budget plus one last evaluation
+    assert result.history and result.history[-1]['step'] > 0
+
+
+@pytest.mark.skipif(not CIFAR_ARCHIVE.exists(), reason='needs ../shared/data/cifar10-train.tar.gz')
+def test_cli_trains_on_real_cifar_images_and_evaluate_scores_them(tmp_path, capsys):
+    out = tmp_path / 'cifar.safetensors'
+    train_cli.main(['--data', str(CIFAR_ARCHIVE), '--epochs', '3', '--train-limit', '3000', '--val-limit', '1000',
+                    '--embed-dim', '64', '--depth', '2', '--heads', '2', '--batch-size', '100', '--lr', '3e-3',
+                    '--out', str(out)])
+    assert 'done: 3 epochs' in capsys.readouterr().out
+    _, meta = load_checkpoint(out)
+    assert meta['metrics']['val_accuracy'] > 0.2  # chance is 0.1
+    data = load_dataset(CIFAR_ARCHIVE)
+    assert meta['mean'] == pytest.approx([0.49, 0.48, 0.45], abs=0.02)  # measured on the images, not assumed
+    evaluate_cli.main(['--weights', str(out), '--data', str(CIFAR_ARCHIVE), '--split', 'train', '--limit', '500'])
+    printed = capsys.readouterr().out
+    assert printed.startswith('accuracy ') and 'on 500 images' in printed and 'airplane' in printed
+    assert len(data.classes) == 10
+
+
+def test_cli_refuses_impossible_models(capsys):
+    with pytest.raises(SystemExit):
+        train_cli.main(['--data', 'x', '--embed-dim', '100', '--heads', '3'])
+    assert 'divisible by num_heads' in capsys.readouterr().err

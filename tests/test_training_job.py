@@ -1,0 +1,87 @@
+import pytest
+import torch
+
+from test_train import CONFIG, colour_data
+from vitdemo.train import TrainConfig
+from vitdemo.training_job import (TRAIN_PRESETS, TrainingBusy, TrainingJob, checkpoint_name, configs_from_form)
+from vitdemo.views import progress_text, training_curves
+from vitdemo.weights import load_checkpoint
+
+
+def test_every_preset_is_a_valid_configuration():
+    for name, p in TRAIN_PRESETS.items():
+        model_config, train_config = configs_from_form(p['embed_dim'], p['depth'], p['num_heads'], p['patch_size'],
+                                                       p['minutes'], p['batch_size'], p['lr'])
+        assert model_config.img_size == 32 and train_config.minutes == p['minutes'], name
+
+
+@pytest.mark.parametrize('form,message', [
+    ((100, 4, 3, 4, 10, 256, 1e-3), 'divisible by num_heads'),
+    ((96, 4, 3, 5, 10, 256, 1e-3), 'divisible by patch_size'),
+    ((96, 0, 3, 4, 10, 256, 1e-3), 'depth must be a positive whole number'),
+    ((96, 4, 3, 4, 0, 256, 1e-3), 'minutes must be positive'),
+    ((96, 4, 3, 4, 10, 256, -1.0), 'learning rate'),
+    ((96, 4, 3, 4, 10, 10 ** 6, 1e-3), 'batch size'),
+    ((96, 4, 3, 4, 10, 2.5, 1e-3), 'batch size must be a positive whole number'),
+    ((4096, 4, 4, 4, 10, 256, 1e-3), 'at most'),
+])
+def test_bad_training_forms_are_refused_before_any_work(form, message):
+    with pytest.raises(ValueError, match=message):
+        configs_from_form(*form)
+
+
+def test_checkpoint_names_are_safe():
+    assert checkpoint_name(' my-run_2 ') == 'my-run_2'
+    for bad in ['../../etc/passwd', '', 'a b', '/abs', 'x' * 60]:
+        with pytest.raises(ValueError, match='letters, digits'):
+            checkpoint_name(bad)
+    with pytest.raises(ValueError, match='shipped model'):
+        checkpoint_name('vit_cifar10')
+
+
+def test_a_run_reports_progress_curves_and_attention_then_saves(tmp_path):
+    job = TrainingJob(data_path='unused', weights_dir=tmp_path, update_seconds=0.0)
+    snaps = list(job.run(CONFIG, TrainConfig(epochs=2, minutes=None, batch_size=64, val_size=128), 'colours',
+                         data=colour_data()))
+    assert snaps[0].progress == 0 and 'loading' in snaps[0].status
+    assert any('ETA' in s.status for s in snaps)
+    last = snaps[-1]
+    assert last.done and last.checkpoint == tmp_path / 'colours.safetensors' and 'finished after 2 epochs' in last.status
+    assert [h['epoch'] for h in last.history] == [1, 2] and last.attention.size == (192, 192)
+    assert load_checkpoint(last.checkpoint)[1]['classes'] == ['red', 'green', 'blue', 'yellow']
+    loss, accuracy = training_curves(last.history)
+    assert len(loss) == 4 and set(loss['split']) == {'train', 'validation'}
+    assert accuracy['value'].between(0, 1).all()
+    assert not job.busy
+
+
+def test_one_run_at_a_time_and_stop_still_saves(tmp_path):
+    job = TrainingJob(data_path='unused', weights_dir=tmp_path, update_seconds=0.0)
+    run = job.run(CONFIG, TrainConfig(epochs=500, minutes=None, batch_size=32, val_size=64), 'long',
+                  data=colour_data())
+    next(run), next(run)  # loading, then the first step
+    assert job.busy
+    with pytest.raises(TrainingBusy, match='already in progress'):
+        next(job.run(CONFIG, TrainConfig(epochs=1, minutes=None), 'other', data=colour_data()))
+    job.stop()
+    last = list(run)[-1]
+    assert last.done and last.status.startswith('stopped') and last.checkpoint.exists()
+    assert not job.busy
+
+
+def test_a_watcher_that_leaves_stops_the_run_cleanly(tmp_path):
+    job = TrainingJob(data_path='unused', weights_dir=tmp_path, update_seconds=0.0)
+    run = job.run(CONFIG, TrainConfig(epochs=500, minutes=None, batch_size=32, val_size=64), 'left',
+                  data=colour_data())
+    next(run), next(run)
+    run.close()  # what Gradio does when the browser tab closes
+    assert not job.busy
+    files = list(tmp_path.iterdir())
+    assert all(f.suffix == '.safetensors' for f in files)  # no temporary file left behind
+    for f in files:
+        load_checkpoint(f)
+
+
+def test_progress_text_draws_a_bar():
+    text = progress_text(0.5, 'epoch 3', width=10)
+    assert '█████░░░░░' in text and '50%' in text and 'epoch 3' in text

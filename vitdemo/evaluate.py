@@ -1,0 +1,61 @@
+"""Accuracy of a checkpoint on a dataset, overall and per class.
+
+    python -m vitdemo.evaluate --weights weights/vit_cifar10.safetensors --data /path/to/cifar10 --split test
+    python -m vitdemo.evaluate --weights weights/vit_cifar10.safetensors --data ../shared/data/cifar10-train.tar.gz --limit 2000
+"""
+import argparse
+
+import torch
+
+from .data import ImageData, load_dataset, normalize
+from .train import autocast
+from .weights import CheckpointError, load_checkpoint
+
+
+@torch.no_grad()
+def confusion_matrix(model, data: ImageData, mean: list[float], std: list[float], batch_size: int = 500,
+                     amp: bool = True) -> torch.Tensor:
+    """(classes, classes) counts: row = true class, column = predicted class."""
+    device = next(model.parameters()).device
+    n = len(data.classes)
+    counts = torch.zeros(n, n, dtype=torch.long)
+    model.eval()
+    for i in range(0, len(data), batch_size):
+        x = normalize(data.images[i:i + batch_size], mean, std).to(device)
+        with autocast(device, amp):
+            pred = model(x).argmax(1).cpu()
+        counts += torch.bincount(data.labels[i:i + batch_size] * n + pred, minlength=n * n).view(n, n)
+    return counts
+
+
+def report(counts: torch.Tensor, classes: list[str]) -> str:
+    per_class = counts.diag() / counts.sum(1).clamp(min=1)
+    lines = [f'accuracy {counts.diag().sum().item() / counts.sum().item():.4f} on {counts.sum().item()} images', '',
+             f'{"class":12s} {"accuracy":>8s} {"images":>7s}']
+    lines += [f'{name:12s} {acc:8.4f} {total:7d}' for name, acc, total in
+              zip(classes, per_class.tolist(), counts.sum(1).tolist())]
+    return '\n'.join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--weights', required=True, help='a vitdemo .safetensors checkpoint')
+    parser.add_argument('--data', required=True, help='CIFAR-10 root, image folder or .tar.gz archive')
+    parser.add_argument('--split', default='test', choices=['train', 'test'], help='which split to score')
+    parser.add_argument('--limit', type=int, help='score only the first N images')
+    parser.add_argument('--no-amp', action='store_true', help='evaluate in fp32')
+    args = parser.parse_args(argv)
+    try:
+        model, meta = load_checkpoint(args.weights)
+    except CheckpointError as e:
+        parser.error(str(e))
+    data = load_dataset(args.data, split=args.split)
+    if data.classes != meta['classes']:
+        parser.error(f'the data has classes {data.classes}, the checkpoint {meta["classes"]}')
+    if args.limit:
+        data = data.subset(torch.arange(min(args.limit, len(data))))
+    print(report(confusion_matrix(model, data, meta['mean'], meta['std'], amp=not args.no_amp), data.classes))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,183 @@
+"""Training from the app: one run at a time per server, in a background thread, reported as snapshots.
+
+The UI iterates `TrainingJob.run(...)` and shows each `Snapshot` (progress, ETA, curves, the attention of
+one fixed validation image after every epoch). A second person who presses Start is told at once that
+the server is busy rather than queued behind a run of many minutes.
+"""
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from PIL import Image
+
+from .attention import cls_attention, overlay
+from .data import ImageData, load_dataset, normalize
+from .model import ViTConfig, VisionTransformer
+from .train import TrainConfig, TrainEvent, train
+
+# Presets for the Train tab: (model settings, budget). Sized for a 2-core CPU.
+TRAIN_PRESETS: dict[str, dict] = {
+    '10-minute CPU demo': dict(embed_dim=128, depth=4, num_heads=4, patch_size=4, minutes=10.0, batch_size=256,
+                               lr=2e-3),
+    '2-minute quick look': dict(embed_dim=96, depth=3, num_heads=3, patch_size=4, minutes=2.0, batch_size=256,
+                                lr=2e-3),
+    '30-minute, larger model': dict(embed_dim=192, depth=6, num_heads=3, patch_size=4, minutes=30.0,
+                                    batch_size=256, lr=2e-3),
+}
+NAME_PATTERN = re.compile(r'[A-Za-z0-9][A-Za-z0-9_-]{0,47}')
+PROTECTED = {'vit_cifar10'}  # the shipped checkpoint is never overwritten from the UI
+
+
+class TrainingBusy(RuntimeError):
+    """Another training run holds this server."""
+
+
+@dataclass
+class Snapshot:
+    progress: float  # 0..1 of the budget
+    status: str  # one line for people
+    history: list[dict] = field(default_factory=list)  # one row per finished epoch
+    attention: Image.Image | None = None  # CLS attention of the fixed image, after the last epoch
+    checkpoint: Path | None = None  # set on the final snapshot when a checkpoint was written
+    done: bool = False
+
+
+def configs_from_form(embed_dim: int, depth: int, num_heads: int, patch_size: int, minutes: float,
+                      batch_size: int, lr: float, mlp_ratio: float = 2.0, seed: int = 0,
+                      img_size: int = 32) -> tuple[ViTConfig, TrainConfig]:
+    """The Train tab's fields as configs, every value checked before any work starts."""
+    values = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, patch_size=patch_size, batch_size=batch_size)
+    for key, value in values.items():
+        if value is None or int(value) != value or value < 1:
+            raise ValueError(f'{key.replace("_", " ")} must be a positive whole number, got {value}')
+    if depth > 24 or embed_dim > 1024:
+        raise ValueError('at most 24 layers and embed dim 1024 on this demo')
+    try:
+        model_config = ViTConfig(img_size=img_size, patch_size=int(patch_size), num_classes=10, embed_dim=int(embed_dim),
+                                 depth=int(depth), num_heads=int(num_heads), mlp_ratio=float(mlp_ratio))
+    except AssertionError as e:
+        raise ValueError(str(e)) from None
+    return model_config, TrainConfig(minutes=float(minutes), batch_size=int(batch_size), lr=float(lr), seed=int(seed))
+
+
+def checkpoint_name(name: str) -> str:
+    name = (name or '').strip()
+    if not NAME_PATTERN.fullmatch(name):
+        raise ValueError('name the model with letters, digits, - and _ (at most 48 characters)')
+    if name in PROTECTED:
+        raise ValueError(f'{name} is the shipped model; choose another name')
+    return name
+
+
+def attention_snapshot(model: VisionTransformer, image: torch.Tensor, mean: list[float], std: list[float],
+                       display: int = 192) -> Image.Image:
+    """Where the CLS token looks in the last layer, for one uint8 (3, H, W) image, drawn large."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        _, attentions = model.forward_with_attention(normalize(image[None], mean, std))
+    model.train(was_training)
+    grid = (model.patch_embed.grid_size,) * 2
+    heat = cls_attention(torch.stack([a[0] for a in attentions]).float(), grid)[-1]
+    picture = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((display, display), Image.Resampling.NEAREST)
+    return overlay(picture, heat, opacity=0.55)
+
+
+def format_eta(seconds: float) -> str:
+    seconds = max(int(seconds), 0)
+    return f'{seconds // 60}:{seconds % 60:02d}'
+
+
+class TrainingJob:
+    """Runs `vitdemo.train.train` for the app; at most one run at a time."""
+
+    def __init__(self, data_path: str | Path, weights_dir: str | Path, update_seconds: float = 1.0):
+        self.data_path = data_path
+        self.weights_dir = Path(weights_dir)
+        self.update_seconds = update_seconds  # at most one step snapshot per this many seconds
+        self._running = threading.Lock()
+        self._stop = threading.Event()
+
+    @property
+    def busy(self) -> bool:
+        return self._running.locked()
+
+    def stop(self) -> None:
+        """Ask the current run to end at its next step; it still saves what it learned."""
+        if self.busy:
+            self._stop.set()
+
+    def run(self, model_config: ViTConfig, cfg: TrainConfig, name: str,
+            data: ImageData | None = None) -> Iterator[Snapshot]:
+        name = checkpoint_name(name)
+        if not self._running.acquire(blocking=False):
+            raise TrainingBusy('a training run is already in progress on this server; '
+                               'try again when it ends (predictions keep working meanwhile)')
+        try:
+            self._stop.clear()
+            yield Snapshot(0.0, 'loading the training images (the first time decodes and caches them)')
+            data = data if data is not None else load_dataset(self.data_path)
+            model_config.num_classes = len(data.classes)
+            fixed = data.images[0]  # the same image after every epoch, so the change is the model's
+            out = self.weights_dir / f'{name}.safetensors'
+            yield from self._follow(model_config, cfg, data, fixed, out)
+        finally:
+            self._stop.clear()
+            self._running.release()
+
+    def _follow(self, model_config, cfg, data, fixed, out) -> Iterator[Snapshot]:
+        events: queue.Queue = queue.Queue()
+        outcome: dict = {}
+
+        def on_event(event: TrainEvent) -> None:
+            # runs in the training thread, between steps: safe to look at the model here
+            picture = None
+            if event.kind == 'epoch':
+                picture = attention_snapshot(event.model, fixed, *event.normalization)
+            events.put((event, picture))
+
+        def work() -> None:
+            try:
+                outcome['result'] = train(model_config, cfg, data, out=out, on_event=on_event, stop=self._stop)
+            except Exception as e:  # reported to the person; the server goes on
+                outcome['error'] = e
+            events.put(None)
+
+        worker = threading.Thread(target=work, name='vitdemo-train', daemon=True)
+        worker.start()
+        history: list[dict] = []
+        picture, progress, last_yield = None, 0.0, 0.0
+        try:
+            while (item := events.get()) is not None:
+                event, new_picture = item
+                picture, progress = new_picture or picture, event.progress
+                if event.kind == 'epoch':
+                    history.append(dict(epoch=event.epoch, train_loss=event.loss, train_accuracy=event.accuracy,
+                                        val_loss=event.val_loss, val_accuracy=event.val_accuracy))
+                elif event.kind == 'done' or time.monotonic() - last_yield < self.update_seconds:
+                    continue
+                last_yield = time.monotonic()
+                yield Snapshot(event.progress, self._status(event), list(history), picture)
+        finally:
+            if worker.is_alive():  # the watcher left (browser closed): stop cleanly, keep what was learned
+                self._stop.set()
+                worker.join()
+        if 'error' in outcome:
+            raise outcome['error']
+        result = outcome['result']
+        val = result.metrics.get('val_accuracy')
+        status = ('stopped' if result.stopped else 'finished') + f' after {len(result.history)} epochs'
+        status += f': validation accuracy {val:.1%}' if val is not None else ''
+        status += f'; saved as {out.stem}' if result.path else '; nothing was saved (no epoch completed)'
+        yield Snapshot(progress, status, list(history), picture, checkpoint=result.path, done=True)
+
+    @staticmethod
+    def _status(event: TrainEvent) -> str:
+        val = f', val acc {event.val_accuracy:.1%}' if event.val_accuracy is not None else ''
+        return (f'epoch {event.epoch}, step {event.step}: loss {event.loss:.3f}, acc {event.accuracy:.1%}{val}, '
+                f'lr {event.lr:.1e}, {event.images_per_sec:.0f} images/s, ETA {format_eta(event.eta_seconds)}')
