@@ -48,13 +48,17 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
         try:
             model_config, train_config = configs_from_form(embed_dim, depth, num_heads, patch_size, minutes,
                                                            batch_size, lr)
+            shown = None
             for snap in job.run(model_config, train_config, name):
                 loss, accuracy = training_curves(snap.history)
                 models = gr.skip()
                 if snap.checkpoint:  # the new model shows up in the Predict tab at once
                     cache.forget(f'scratch/{snap.checkpoint.stem}')
                     models = gr.Dropdown(choices=list_models(cache.weights_dir))
-                yield progress_text(snap.progress, snap.status), loss, accuracy, snap.attention, models
+                # send the picture only when an epoch made a new one, not with every step
+                picture = gr.skip() if snap.attention is shown else snap.attention
+                shown = snap.attention
+                yield progress_text(snap.progress, snap.status), loss, accuracy, picture, models
         except USER_ERRORS as e:
             raise gr.Error(str(e), print_exception=False) from None
 

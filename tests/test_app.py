@@ -31,7 +31,7 @@ def test_api_contract_without_a_server(weights_dir):
     assert [p['parameter_name'] for p in params[:2]] == ['image', 'model']
     assert not params[0]['parameter_has_default']
     assert all(p['parameter_has_default'] for p in params[1:])
-    assert list(info['named_endpoints']) == ['/predict']  # the live re-draw events stay private
+    assert sorted(info['named_endpoints']) == ['/predict', '/stop_training', '/train']  # re-draws stay private
 
 
 def test_predict_through_the_api_for_scratch_and_timm(client):
@@ -58,3 +58,27 @@ def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(client, tmp_p
     labels, _, _ = client.predict(handle_file(str(ROOT / 'examples' / 'cifar_ship.jpg')), 'scratch/vit_cifar10',
                                   api_name='/predict')
     assert labels['confidences']
+
+
+def test_train_tab_through_the_api_then_predict_with_the_new_model(tmp_path, weights_dir):
+    from test_data import make_folder
+    from vitdemo.training_job import TrainingJob
+    make_folder(tmp_path / 'data', classes=[f'c{i}' for i in range(10)], per_class=12, size=32)
+    job = TrainingJob(tmp_path / 'data', weights_dir=tmp_path / 'weights', update_seconds=0.0)
+    demo = create_demo(ModelCache(weights_dir=tmp_path / 'weights'), job=job)
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name='127.0.0.1', server_port=port, quiet=True)
+    try:
+        client = Client(f'http://127.0.0.1:{port}/', verbose=False)
+        with pytest.raises(Exception, match='divisible by num_heads'):
+            client.predict(100, 2, 3, 4, 0.05, 32, 1e-3, 'bad', api_name='/train')
+        status, loss, accuracy, picture, models = client.predict(64, 2, 2, 8, 0.05, 32, 1e-3, 'tiny_run',
+                                                                 api_name='/train')
+        assert 'finished after' in status and 'saved as tiny_run' in status
+        assert (tmp_path / 'weights' / 'tiny_run.safetensors').exists()
+        assert loss['columns'] == ['epoch', 'value', 'split'] and loss['data'] and picture
+        labels, _, _ = client.predict(handle_file(str(ROOT / 'examples' / 'cat.jpg')), 'scratch/tiny_run',
+                                      api_name='/predict')
+        assert {c['label'] for c in labels['confidences']} <= {f'c{i}' for i in range(10)}
+    finally:
+        demo.close()

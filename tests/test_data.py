@@ -79,3 +79,9 @@ def test_the_shipped_cifar_archive(tmp_path_factory):
     assert data.images.shape == (50000, 3, 32, 32)
     assert data.classes == ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
     assert torch.bincount(data.labels).tolist() == [5000] * 10
+
+
+def test_a_constant_channel_does_not_divide_by_zero():
+    data = ImageData(torch.full((4, 3, 2, 2), 9, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), ['x'])
+    mean, std = data.mean_std()
+    assert min(std) > 0 and torch.isfinite(normalize(data.images, mean, std)).all()

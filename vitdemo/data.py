@@ -48,7 +48,8 @@ class ImageData:
 
     def mean_std(self) -> tuple[list[float], list[float]]:
         x = self.images.float().div_(255)
-        return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
+        # a channel that never varies would divide by zero: floor the spread at one grey level
+        return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp(min=1 / 255).tolist()
 
 
 def train_val_split(data: ImageData, val_size: int, seed: int = 0) -> tuple[ImageData, ImageData]:
