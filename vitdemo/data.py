@@ -78,7 +78,7 @@ def load_dataset(path: str | Path, split: str = 'train', cache_dir: Path = CACHE
     else:
         data = _read_official(path, split, download)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix('.tmp')
+    tmp = cache.with_suffix(f'.{os.getpid()}.tmp')  # ranks of one torchrun may build it at once
     save_file({'images': data.images.contiguous(), 'labels': data.labels},
               str(tmp), metadata={'classes': json.dumps(data.classes)})
     tmp.replace(cache)

@@ -12,9 +12,15 @@ schedule follows the clock), label smoothing, gradient clipping, bf16 autocast o
 on CUDA), batch augmentation on uint8 tensors. After every epoch it evaluates on a seeded validation
 split and writes a safetensors checkpoint atomically. A stop request ends at the next step and still
 saves what was learned.
+
+Past one machine, the same entry point runs under torchrun with DistributedDataParallel (gloo on CPU,
+nccl on GPU), each rank training on its shard of every epoch:
+
+    torchrun --nproc_per_node 2 -m vitdemo.train --data ../shared/data/cifar10-train.tar.gz --epochs 30
 """
 import argparse
 import math
+import os
 import random
 import threading
 import time
@@ -24,7 +30,9 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
 from .data import ImageData, augment, load_dataset, normalize, train_val_split
@@ -98,6 +106,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def get_lr(progress: float, cfg: TrainConfig) -> float:
     # 1) linear warm-up, 2) cosine decay to zero at the end of the budget
     if progress < cfg.warmup_frac:
@@ -155,15 +169,18 @@ def train(model_config: ViTConfig, cfg: TrainConfig, data: ImageData, out: str |
         val_data = val_data.subset(torch.arange(min(cfg.val_limit, len(val_data)))) if cfg.val_limit else None
     mean, std = train_data.mean_std()
 
+    rank, world = rank_and_world()
     model = VisionTransformer(model_config).to(device).train()
     model.set_fused_attn(False)  # measured faster than SDPA for bf16 training at CIFAR's 65 tokens
-    forward = torch.compile(model) if cfg.compile else model
+    net = DistributedDataParallel(model) if world > 1 else model  # DDP broadcasts rank 0's initial weights
+    forward = torch.compile(net) if cfg.compile else net
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
-    batch_size = min(cfg.batch_size, len(train_data))
-    steps_per_epoch = len(train_data) // batch_size  # whole batches only: one shape for compile
+    batch_size = min(cfg.batch_size, len(train_data) // world)
+    steps_per_epoch = len(train_data) // world // batch_size  # whole batches only: one shape for compile
     total_steps = cfg.epochs * steps_per_epoch if cfg.epochs else None
     budget_seconds = cfg.minutes * 60 if cfg.minutes else None
-    generator = torch.Generator().manual_seed(cfg.seed)
+    order_generator = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: disjoint shards
+    augment_generator = torch.Generator().manual_seed(cfg.seed + 1000 * rank)  # different crops per rank
 
     history: list[dict] = []
     step, epoch, stopped = 0, 0, False
@@ -174,6 +191,13 @@ def train(model_config: ViTConfig, cfg: TrainConfig, data: ImageData, out: str |
             return step / total_steps
         return (time.perf_counter() - start) / budget_seconds
 
+    def agreed_progress() -> tuple[float, bool]:
+        """Progress and stop request; under DDP rank 0's clock decides, so every rank steps alike."""
+        state = torch.tensor([progress_now(), float(stop is not None and stop.is_set())], dtype=torch.float64)
+        if world > 1:
+            dist.broadcast(state, src=0)
+        return state[0].item(), bool(state[1].item())
+
     def emit(kind: str, **kw) -> None:
         if on_event is not None:
             on_event(TrainEvent(kind=kind, epoch=epoch, step=step, progress=min(progress_now(), 1.0), **kw))
@@ -181,16 +205,16 @@ def train(model_config: ViTConfig, cfg: TrainConfig, data: ImageData, out: str |
     while progress_now() < 1.0 and not stopped:
         epoch += 1
         epoch_start, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
-        order = torch.randperm(len(train_data), generator=generator)
+        shard = torch.randperm(len(train_data), generator=order_generator)[rank::world]
         for i in range(steps_per_epoch):
-            if progress_now() >= 1.0 or (stop is not None and stop.is_set()):
-                stopped = stop is not None and stop.is_set()
+            progress, stopped = agreed_progress()
+            if progress >= 1.0 or stopped:
                 break
-            lr = get_lr(progress_now(), cfg)
+            lr = get_lr(progress, cfg)
             for group in optimizer.param_groups:
                 group['lr'] = lr
-            idx = order[i * batch_size:(i + 1) * batch_size]
-            x = normalize(augment(train_data.images[idx], generator=generator), mean, std).to(device)
+            idx = shard[i * batch_size:(i + 1) * batch_size]
+            x = normalize(augment(train_data.images[idx], generator=augment_generator), mean, std).to(device)
             y = train_data.labels[idx].to(device)
             with autocast(device, cfg.amp):
                 logits = forward(x)
@@ -215,7 +239,7 @@ def train(model_config: ViTConfig, cfg: TrainConfig, data: ImageData, out: str |
                       val_loss=val_loss, val_accuracy=val_acc, seconds=round(time.perf_counter() - start, 1),
                       images_per_sec=round(seen / (time.perf_counter() - epoch_start), 1))
         history.append(record)
-        if out:
+        if out and rank == 0:
             _save(out, model, data.classes, mean, std, history, cfg)
         elapsed = time.perf_counter() - start
         p = progress_now()
@@ -226,7 +250,7 @@ def train(model_config: ViTConfig, cfg: TrainConfig, data: ImageData, out: str |
     model.eval()
     metrics = {k: history[-1][k] for k in ('train_loss', 'train_accuracy', 'val_loss', 'val_accuracy')} \
         if history else {}
-    path = Path(out) if out and history else None
+    path = Path(out) if out and history and rank == 0 else None
     last = history[-1] if history else {}
     emit('done', lr=last.get('lr', 0.0), loss=last.get('train_loss', float('nan')),
          accuracy=last.get('train_accuracy', 0.0), images_per_sec=last.get('images_per_sec', 0.0),
@@ -275,6 +299,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from tqdm import tqdm
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1:  # started by torchrun
+        dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
+        local = int(os.environ.get('LOCAL_RANK', 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+        else:  # share the cores instead of every rank spinning on all of them
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ['LOCAL_WORLD_SIZE'])))
+    rank, world = rank_and_world()
     try:
         model_config = ViTConfig(img_size=32, patch_size=args.patch_size, num_classes=10, embed_dim=args.embed_dim,
                                  depth=args.depth, num_heads=args.heads, mlp_ratio=args.mlp_ratio,
@@ -286,9 +318,9 @@ def main(argv: list[str] | None = None) -> None:
                           compile=args.compile)
     except (AssertionError, ValueError) as e:
         parser.error(str(e))
-    data = load_dataset(args.data)
+    data = load_dataset(args.data)  # every rank decodes from the same cache; the first run builds it
     model_config.num_classes = len(data.classes)
-    bar = tqdm(total=1000, unit='‰', bar_format='{l_bar}{bar}| {elapsed}<{remaining} {postfix}')
+    bar = tqdm(total=1000, unit='‰', bar_format='{l_bar}{bar}| {elapsed}<{remaining} {postfix}', disable=rank > 0)
 
     def report(ev: TrainEvent) -> None:
         bar.n = int(ev.progress * 1000)
@@ -299,8 +331,13 @@ def main(argv: list[str] | None = None) -> None:
                        f'lr {ev.lr:.2e} {ev.images_per_sec:.0f} img/s')
         bar.set_postfix_str(post, refresh=True)
 
-    result = train(model_config, cfg, data, out=args.out, on_event=report)
+    device = f'cuda:{torch.cuda.current_device()}' if torch.cuda.is_available() else 'cpu'
+    result = train(model_config, cfg, data, out=args.out, on_event=report if rank == 0 else None, device=device)
     bar.close()
+    if world > 1:
+        dist.destroy_process_group()
+    if rank > 0:
+        return
     m = result.metrics
     print(f'done: {len(result.history)} epochs, train acc {m.get("train_accuracy", 0):.4f}, '
           f'val acc {m.get("val_accuracy") if m.get("val_accuracy") is not None else "n/a"}, '
