@@ -48,14 +48,16 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
         try:
             model_config, train_config = configs_from_form(embed_dim, depth, num_heads, patch_size, minutes,
                                                            batch_size, lr)
-            shown = None
+            shown, epochs = None, 0
             for snap in job.run(model_config, train_config, name):
-                loss, accuracy = training_curves(snap.history)
+                # curves and picture only when an epoch ends: fewer bytes, and the plots first get data
+                # with both splits in it (an empty first frame leaves their colour legend empty)
+                loss, accuracy = training_curves(snap.history) if len(snap.history) > epochs else (gr.skip(),) * 2
+                epochs = len(snap.history)
                 models = gr.skip()
                 if snap.checkpoint:  # the new model shows up in the Predict tab at once
                     cache.forget(f'scratch/{snap.checkpoint.stem}')
                     models = gr.Dropdown(choices=list_models(cache.weights_dir))
-                # send the picture only when an epoch made a new one, not with every step
                 picture = gr.skip() if snap.attention is shown else snap.attention
                 shown = snap.attention
                 yield progress_text(snap.progress, snap.status), loss, accuracy, picture, models
