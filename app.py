@@ -48,18 +48,18 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
         try:
             model_config, train_config = configs_from_form(embed_dim, depth, num_heads, patch_size, minutes,
                                                            batch_size, lr)
-            shown, epochs = None, 0
+            epochs = 0
             for snap in job.run(model_config, train_config, name):
                 # curves and picture only when an epoch ends: fewer bytes, and the plots first get data
                 # with both splits in it (an empty first frame leaves their colour legend empty)
-                loss, accuracy = training_curves(snap.history) if len(snap.history) > epochs else (gr.skip(),) * 2
+                new_epoch = len(snap.history) > epochs or snap.done
+                loss, accuracy = training_curves(snap.history) if new_epoch else (gr.skip(),) * 2
+                picture = snap.attention if new_epoch else gr.skip()
                 epochs = len(snap.history)
                 models = gr.skip()
                 if snap.checkpoint:  # the new model shows up in the Predict tab at once
                     cache.forget(f'scratch/{snap.checkpoint.stem}')
                     models = gr.Dropdown(choices=list_models(cache.weights_dir))
-                picture = gr.skip() if snap.attention is shown else snap.attention
-                shown = snap.attention
                 yield progress_text(snap.progress, snap.status), loss, accuracy, picture, models
         except USER_ERRORS as e:
             raise gr.Error(str(e), print_exception=False) from None
