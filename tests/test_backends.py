@@ -114,3 +114,10 @@ def test_model_cache_loads_once_and_keeps_the_most_recent(weights_dir, monkeypat
     assert DEFAULT_SCRATCH not in cache and 'timm/vit_tiny_patch16_224' in cache
     cache.get(DEFAULT_SCRATCH)
     assert loads == [DEFAULT_SCRATCH, 'timm/vit_tiny_patch16_224', DEFAULT_SCRATCH]
+
+
+def test_the_package_exports_the_public_api(weights_dir):
+    import vitdemo
+    assert vitdemo.list_models(weights_dir)[0] == DEFAULT_SCRATCH
+    model = vitdemo.load_model(weights_dir / 'vit_cifar10.safetensors')
+    assert isinstance(model, vitdemo.Model) and isinstance(model.predict(np.zeros((8, 8, 3))), vitdemo.Prediction)

@@ -61,10 +61,10 @@ def _open(path: Path) -> Image.Image:
             image.load()
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        if isinstance(e, UnidentifiedImageError):
-            raise ImageError(f'{path.name} is not an image format this app can read '
-                             '(use PNG, JPEG, WebP, GIF, BMP or TIFF)') from None
+    except UnidentifiedImageError:  # also SVG, text, HTML ...: PIL knows no decoder for them
+        raise ImageError(f'{path.name} is not an image format this app can read '
+                         '(use PNG, JPEG, WebP, GIF, BMP or TIFF)') from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(f'{path.name} declares too many pixels to be decoded safely') from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageError(f'{path.name} is corrupt or truncated ({e})') from None
