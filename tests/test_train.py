@@ -111,3 +111,11 @@ def test_cli_refuses_impossible_models(capsys):
     with pytest.raises(SystemExit):
         train_cli.main(['--data', 'x', '--embed-dim', '100', '--heads', '3'])
     assert 'divisible by num_heads' in capsys.readouterr().err
+
+
+def test_evaluate_draws_the_training_curves_of_a_checkpoint(tmp_path, capsys):
+    out = tmp_path / 'run.safetensors'
+    train(CONFIG, TrainConfig(epochs=2, minutes=None, batch_size=64, val_size=128), colour_data(), out=out)
+    evaluate_cli.main(['--weights', str(out), '--curves', str(tmp_path / 'curves.png')])
+    assert 'curves written' in capsys.readouterr().out
+    assert (tmp_path / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

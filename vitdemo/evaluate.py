@@ -1,7 +1,7 @@
 """Accuracy of a checkpoint on a dataset, overall and per class.
 
     python -m vitdemo.evaluate --weights weights/vit_cifar10.safetensors --data /path/to/cifar10 --split test
-    python -m vitdemo.evaluate --weights weights/vit_cifar10.safetensors --data ../shared/data/cifar10-train.tar.gz --limit 2000
+    python -m vitdemo.evaluate --weights weights/vit_cifar10.safetensors --curves weights/vit_cifar10_curves.png
 """
 import argparse
 
@@ -37,10 +37,31 @@ def report(counts: torch.Tensor, classes: list[str]) -> str:
     return '\n'.join(lines)
 
 
+def plot_history(history: list[dict], path: str) -> None:
+    """Loss and accuracy per epoch, train and validation, from a checkpoint's training history."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    epochs = [h['epoch'] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, metric in zip(axes, ('loss', 'accuracy')):
+        for split, style in (('train', '-'), ('val', '--')):
+            values = [h[f'{split}_{metric}'] for h in history]
+            if all(v is not None for v in values):
+                ax.plot(epochs, values, style, label='train' if split == 'train' else 'validation')
+        ax.set(title=metric.capitalize(), xlabel='epoch', ylabel=metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--weights', required=True, help='a vitdemo .safetensors checkpoint')
-    parser.add_argument('--data', required=True, help='CIFAR-10 root, image folder or .tar.gz archive')
+    parser.add_argument('--data', help='CIFAR-10 root, image folder or .tar.gz archive to score')
+    parser.add_argument('--curves', help="write the checkpoint's training curves to this PNG")
     parser.add_argument('--split', default='test', choices=['train', 'test'], help='which split to score')
     parser.add_argument('--limit', type=int, help='score only the first N images')
     parser.add_argument('--no-amp', action='store_true', help='evaluate in fp32')
@@ -49,6 +70,11 @@ def main(argv: list[str] | None = None) -> None:
         model, meta = load_checkpoint(args.weights)
     except CheckpointError as e:
         parser.error(str(e))
+    if args.curves:
+        plot_history(meta.get('history') or [], args.curves)
+        print(f'curves written to {args.curves}')
+    if not args.data:
+        return
     data = load_dataset(args.data, split=args.split)
     if data.classes != meta['classes']:
         parser.error(f'the data has classes {data.classes}, the checkpoint {meta["classes"]}')
