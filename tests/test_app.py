@@ -1,5 +1,6 @@
 import socket
 
+import gradio as gr
 import pytest
 from gradio_client import Client, handle_file
 
@@ -82,3 +83,11 @@ def test_train_tab_through_the_api_then_predict_with_the_new_model(tmp_path, wei
         assert {c['label'] for c in labels['confidences']} <= {f'c{i}' for i in range(10)}
     finally:
         demo.close()
+
+
+def test_the_app_starts_without_trained_weights_and_says_so(tmp_path):
+    demo = create_demo(ModelCache(weights_dir=tmp_path))
+    texts = [b.value for b in demo.blocks.values() if isinstance(b, gr.Markdown)]
+    assert any('No trained scratch weights are present' in t for t in texts)
+    dropdown = next(b for b in demo.blocks.values() if isinstance(b, gr.Dropdown) and b.label == 'Model')
+    assert dropdown.value == 'timm/vit_tiny_patch16_224'

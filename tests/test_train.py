@@ -119,3 +119,26 @@ def test_evaluate_draws_the_training_curves_of_a_checkpoint(tmp_path, capsys):
     evaluate_cli.main(['--weights', str(out), '--curves', str(tmp_path / 'curves.png')])
     assert 'curves written' in capsys.readouterr().out
     assert (tmp_path / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_finetune_a_locally_saved_timm_vit_as_linear_probe_and_in_full(weights_dir, tmp_path):
+    from vitdemo.train import prepare_finetune
+    from vitdemo.weights import from_timm
+    import timm
+    pretrained = from_timm(timm.create_model('vit_tiny_patch16_224', pretrained=True, pretrained_cfg_overlay=dict(
+        file=str(weights_dir / 'vit_tiny_patch16_224.safetensors'))))
+    cfg = TrainConfig(epochs=1, minutes=None, batch_size=16, lr=1e-3, train_limit=32, val_size=128, val_limit=16)
+    data = colour_data(n=256)
+
+    probe = prepare_finetune('vit_tiny_patch16_224', 4, backbone_lr_scale=0.0, weights_dir=weights_dir)
+    assert probe.mean == [0.5, 0.5, 0.5] and probe.model.config.img_size == 224  # the pretrained recipe
+    out = tmp_path / 'probe.safetensors'
+    result = train(None, cfg, data, out=out, finetune=probe)
+    assert result.model.head.weight.shape == (4, 192) and result.model.head.weight.abs().sum() > 0
+    assert torch.equal(result.model.blocks[0].attn.qkv.weight, pretrained.blocks[0].attn.qkv.weight)  # frozen
+    model, meta = load_checkpoint(out)
+    assert meta['config']['img_size'] == 224 and meta['mean'] == [0.5, 0.5, 0.5] and len(meta['classes']) == 4
+
+    full = prepare_finetune('vit_tiny_patch16_224', 4, backbone_lr_scale=0.1, weights_dir=weights_dir)
+    tuned = train(None, cfg, data, finetune=full).model
+    assert not torch.equal(tuned.blocks[0].attn.qkv.weight, pretrained.blocks[0].attn.qkv.weight)

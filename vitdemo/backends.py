@@ -157,12 +157,12 @@ def load_model(name_or_path: str | Path, weights_dir: Path | None = None, device
     name = str(name_or_path)
     kind, _, arch = name.partition('/')
     if kind == 'timm' and arch in TIMM_ARCHS:
-        module = _timm_pretrained(arch, weights_dir).to(device).eval()
+        module = timm_pretrained(arch, weights_dir).to(device).eval()
         return Model(name, module, imagenet_classes(), resolve_data_config({}, model=module),
                      TimmAttention(module), module.num_prefix_tokens,
                      f"timm's {arch} with ImageNet-1k weights")
     if kind == 'ours' and arch in OURS_ARCHS:
-        timm_module = _timm_pretrained(arch, weights_dir)
+        timm_module = timm_pretrained(arch, weights_dir)
         module = from_timm(timm_module).to(device).eval()
         return Model(name, module, imagenet_classes(), resolve_data_config({}, model=timm_module),
                      module.forward_with_attention, module.num_prefix_tokens,
@@ -188,7 +188,7 @@ def load_model(name_or_path: str | Path, weights_dir: Path | None = None, device
                  f'{accuracy})')
 
 
-def _timm_pretrained(arch: str, weights_dir: Path) -> torch.nn.Module:
+def timm_pretrained(arch: str, weights_dir: Path) -> torch.nn.Module:
     hub_id = timm.models.get_pretrained_cfg(arch).hf_hub_id
     local = weights_dir / f'{arch}.safetensors'
     if not local.is_file():

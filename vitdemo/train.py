@@ -35,9 +35,12 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
+from timm.data import resolve_data_config
+
+from .backends import WEIGHTS_DIR, ModelUnavailable, timm_pretrained
 from .data import ImageData, augment, load_dataset, normalize, train_val_split
 from .model import ViTConfig, VisionTransformer, preset
-from .weights import save_checkpoint
+from .weights import CheckpointError, from_timm, save_checkpoint
 
 
 @dataclass
@@ -100,6 +103,35 @@ class TrainResult:
     stopped: bool
 
 
+@dataclass
+class FineTune:
+    """Start from a pretrained ViT instead of random weights. Its head is replaced for the new classes,
+    inputs are resized to its input size and normalised as it was pretrained."""
+    model: VisionTransformer
+    mean: list[float]
+    std: list[float]
+    backbone_lr_scale: float = 0.1  # backbone learns at this fraction of the head's rate; 0 = linear probe
+
+
+def prepare_finetune(arch: str, num_classes: int, backbone_lr_scale: float = 0.1,
+                     weights_dir: Path | None = None) -> FineTune:
+    """A timm-pretrained ViT (downloaded once, or weights/ARCH.safetensors offline) as our model."""
+    timm_model = timm_pretrained(arch, Path(weights_dir or WEIGHTS_DIR))
+    data_config = resolve_data_config({}, model=timm_model)
+    model = from_timm(timm_model)
+    model.config.num_classes = model.num_classes = num_classes
+    model.head = torch.nn.Linear(model.config.embed_dim, num_classes)
+    torch.nn.init.zeros_(model.head.weight)
+    torch.nn.init.zeros_(model.head.bias)
+    return FineTune(model, list(data_config['mean']), list(data_config['std']), backbone_lr_scale)
+
+
+def to_model_input(images: torch.Tensor, mean: list[float], std: list[float], size: int) -> torch.Tensor:
+    """uint8 batch -> normalised float batch at the model's input size (upscaled for a pretrained ViT)."""
+    x = normalize(images, mean, std)
+    return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -126,13 +158,20 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast('cpu', dtype=torch.bfloat16, enabled=enabled and torch.cpu._is_avx512_bf16_supported())
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    # no decay on biases, norms, the CLS token and position embeddings (1-D or embedding tables)
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, backbone_lr_scale: float = 1.0) -> list[dict]:
+    # no decay on biases, norms, the CLS token and position embeddings (1-D or embedding tables);
+    # the backbone (all but the head) may learn slower, or not at all (a linear probe)
+    groups = {}
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 and 'token' not in name and 'pos_embed' not in name else no_decay).append(p)
-    return [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+        scale = 1.0 if name.startswith('head.') else backbone_lr_scale
+        if scale == 0:
+            p.requires_grad_(False)
+            continue
+        decay = p.ndim >= 2 and 'token' not in name and 'pos_embed' not in name
+        group = groups.setdefault((scale, decay), {'params': [], 'weight_decay': weight_decay if decay else 0.0,
+                                                   'lr_scale': scale})
+        group['params'].append(p)
+    return list(groups.values())
 
 
 @torch.no_grad()
@@ -144,7 +183,7 @@ def evaluate(model: VisionTransformer, data: ImageData, mean: list[float], std: 
     device = next(model.parameters()).device
     total_loss, correct = 0.0, 0
     for i in range(0, len(data), batch_size):
-        x = normalize(data.images[i:i + batch_size], mean, std).to(device)
+        x = to_model_input(data.images[i:i + batch_size], mean, std, model.config.img_size).to(device)
         y = data.labels[i:i + batch_size].to(device)
         with autocast(device, amp):
             logits = model(x).float()
@@ -154,10 +193,12 @@ def evaluate(model: VisionTransformer, data: ImageData, mean: list[float], std: 
     return total_loss / len(data), correct / len(data)
 
 
-def train(model_config: ViTConfig, cfg: TrainConfig, data: ImageData, out: str | Path | None = None,
+def train(model_config: ViTConfig | None, cfg: TrainConfig, data: ImageData, out: str | Path | None = None,
           on_event: Callable[[TrainEvent], None] | None = None, stop: threading.Event | None = None,
-          device: str | None = None) -> TrainResult:
+          device: str | None = None, finetune: FineTune | None = None) -> TrainResult:
+    """Train a new ViT of `model_config` (or fine-tune `finetune.model`) on `data` within `cfg`'s budget."""
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    model_config = finetune.model.config if finetune else model_config
     assert model_config.num_classes == len(data.classes), \
         f'model has {model_config.num_classes} classes, data has {len(data.classes)}'
     seed_everything(cfg.seed)
@@ -167,14 +208,15 @@ def train(model_config: ViTConfig, cfg: TrainConfig, data: ImageData, out: str |
         train_data = train_data.subset(torch.arange(min(cfg.train_limit, len(train_data))))
     if val_data is not None and cfg.val_limit is not None:
         val_data = val_data.subset(torch.arange(min(cfg.val_limit, len(val_data)))) if cfg.val_limit else None
-    mean, std = train_data.mean_std()
+    mean, std = (finetune.mean, finetune.std) if finetune else train_data.mean_std()
 
     rank, world = rank_and_world()
-    model = VisionTransformer(model_config).to(device).train()
+    model = (finetune.model if finetune else VisionTransformer(model_config)).to(device).train()
     model.set_fused_attn(False)  # measured faster than SDPA for bf16 training at CIFAR's 65 tokens
     net = DistributedDataParallel(model) if world > 1 else model  # DDP broadcasts rank 0's initial weights
     forward = torch.compile(net) if cfg.compile else net
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    groups = param_groups(model, cfg.weight_decay, finetune.backbone_lr_scale if finetune else 1.0)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
     batch_size = min(cfg.batch_size, len(train_data) // world)
     steps_per_epoch = len(train_data) // world // batch_size  # whole batches only: one shape for compile
     total_steps = cfg.epochs * steps_per_epoch if cfg.epochs else None
@@ -212,16 +254,17 @@ def train(model_config: ViTConfig, cfg: TrainConfig, data: ImageData, out: str |
                 break
             lr = get_lr(progress, cfg)
             for group in optimizer.param_groups:
-                group['lr'] = lr
+                group['lr'] = lr * group['lr_scale']
             idx = shard[i * batch_size:(i + 1) * batch_size]
-            x = normalize(augment(train_data.images[idx], generator=augment_generator), mean, std).to(device)
+            x = to_model_input(augment(train_data.images[idx], generator=augment_generator), mean, std,
+                               model_config.img_size).to(device)
             y = train_data.labels[idx].to(device)
             with autocast(device, cfg.amp):
                 logits = forward(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip_grad)
             optimizer.step()
             step += 1
             seen += len(idx)
@@ -285,6 +328,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--global-pool', choices=['token', 'avg'], default=base.global_pool,
                         help='classify from the CLS token or the mean patch token')
     parser.add_argument('--drop-path', type=float, default=0.0, help='stochastic depth rate at the last block')
+    # fine-tuning a pretrained ViT instead (inputs upscaled to its size: wants a GPU)
+    parser.add_argument('--finetune', metavar='ARCH', help='start from timm ARCH, e.g. vit_tiny_patch16_224 '
+                        '(downloaded once, or weights/ARCH.safetensors); the model flags above are ignored')
+    parser.add_argument('--backbone-lr-scale', type=float, default=0.1,
+                        help='with --finetune: backbone learning rate as a fraction of the head\'s')
+    parser.add_argument('--linear-probe', action='store_true', help='with --finetune: train the head only')
     # optimisation
     d = TrainConfig()
     parser.add_argument('--batch-size', type=int, default=d.batch_size, help='images per step')
@@ -320,6 +369,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(e))
     data = load_dataset(args.data)  # every rank decodes from the same cache; the first run builds it
     model_config.num_classes = len(data.classes)
+    finetune = None
+    if args.finetune:
+        try:
+            finetune = prepare_finetune(args.finetune, len(data.classes),
+                                        0.0 if args.linear_probe else args.backbone_lr_scale)
+        except (ModelUnavailable, CheckpointError) as e:
+            parser.error(str(e))
     bar = tqdm(total=1000, unit='‰', bar_format='{l_bar}{bar}| {elapsed}<{remaining} {postfix}', disable=rank > 0)
 
     def report(ev: TrainEvent) -> None:
@@ -332,7 +388,8 @@ def main(argv: list[str] | None = None) -> None:
         bar.set_postfix_str(post, refresh=True)
 
     device = f'cuda:{torch.cuda.current_device()}' if torch.cuda.is_available() else 'cpu'
-    result = train(model_config, cfg, data, out=args.out, on_event=report if rank == 0 else None, device=device)
+    result = train(model_config, cfg, data, out=args.out, on_event=report if rank == 0 else None, device=device,
+                   finetune=finetune)
     bar.close()
     if world > 1:
         dist.destroy_process_group()
