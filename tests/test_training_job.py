@@ -46,7 +46,8 @@ def test_a_run_reports_progress_curves_and_attention_then_saves(tmp_path):
     assert snaps[0].progress == 0 and 'loading' in snaps[0].status
     assert any('ETA' in s.status for s in snaps)
     last = snaps[-1]
-    assert last.done and last.checkpoint == tmp_path / 'colours.safetensors' and 'finished after 2 epochs' in last.status
+    assert last.done and last.checkpoint == tmp_path / 'colours.safetensors'
+    assert 'finished after 2 epochs' in last.status
     assert [h['epoch'] for h in last.history] == [1, 2] and last.attention.size == (192, 192)
     assert load_checkpoint(last.checkpoint)[1]['classes'] == ['red', 'green', 'blue', 'yellow']
     loss, accuracy = training_curves(last.history)

@@ -138,6 +138,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def split(data: ImageData, cfg: TrainConfig) -> tuple[ImageData, ImageData | None]:
+    """The training images and the held-out validation images (None without validation) of a run."""
+    val_size = min(cfg.val_size, len(data) // 5)  # a small dataset keeps most of its images for training
+    train_data, val_data = train_val_split(data, val_size, cfg.seed) if val_size else (data, None)
+    if cfg.train_limit:
+        train_data = train_data.subset(torch.arange(min(cfg.train_limit, len(train_data))))
+    if val_data is not None and cfg.val_limit is not None:
+        val_data = val_data.subset(torch.arange(min(cfg.val_limit, len(val_data)))) if cfg.val_limit else None
+    return train_data, val_data
+
+
 def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -202,12 +213,7 @@ def train(model_config: ViTConfig | None, cfg: TrainConfig, data: ImageData, out
     assert model_config.num_classes == len(data.classes), \
         f'model has {model_config.num_classes} classes, data has {len(data.classes)}'
     seed_everything(cfg.seed)
-    val_size = min(cfg.val_size, len(data) // 5)  # a small dataset keeps most of its images for training
-    train_data, val_data = train_val_split(data, val_size, cfg.seed) if val_size else (data, None)
-    if cfg.train_limit:
-        train_data = train_data.subset(torch.arange(min(cfg.train_limit, len(train_data))))
-    if val_data is not None and cfg.val_limit is not None:
-        val_data = val_data.subset(torch.arange(min(cfg.val_limit, len(val_data)))) if cfg.val_limit else None
+    train_data, val_data = split(data, cfg)
     mean, std = (finetune.mean, finetune.std) if finetune else train_data.mean_std()
 
     rank, world = rank_and_world()

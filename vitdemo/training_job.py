@@ -18,7 +18,7 @@ from PIL import Image
 from .attention import cls_attention, overlay
 from .data import ImageData, load_dataset, normalize
 from .model import ViTConfig, VisionTransformer
-from .train import TrainConfig, TrainEvent, train
+from .train import TrainConfig, TrainEvent, split, train
 
 # Presets for the Train tab: (model settings, budget). Sized for a 2-core CPU.
 TRAIN_PRESETS: dict[str, dict] = {
@@ -58,8 +58,9 @@ def configs_from_form(embed_dim: int, depth: int, num_heads: int, patch_size: in
     if depth > 24 or embed_dim > 1024:
         raise ValueError('at most 24 layers and embed dim 1024 on this demo')
     try:
-        model_config = ViTConfig(img_size=img_size, patch_size=int(patch_size), num_classes=10, embed_dim=int(embed_dim),
-                                 depth=int(depth), num_heads=int(num_heads), mlp_ratio=float(mlp_ratio))
+        model_config = ViTConfig(img_size=img_size, patch_size=int(patch_size), num_classes=10,
+                                 embed_dim=int(embed_dim), depth=int(depth), num_heads=int(num_heads),
+                                 mlp_ratio=float(mlp_ratio))
     except AssertionError as e:
         raise ValueError(str(e)) from None
     return model_config, TrainConfig(minutes=float(minutes), batch_size=int(batch_size), lr=float(lr), seed=int(seed))
@@ -123,7 +124,8 @@ class TrainingJob:
             yield Snapshot(0.0, 'loading the training images (the first time decodes and caches them)')
             data = data if data is not None else load_dataset(self.data_path)
             model_config.num_classes = len(data.classes)
-            fixed = data.images[0]  # the same image after every epoch, so the change is the model's
+            train_data, val_data = split(data, cfg)
+            fixed = (val_data or train_data).images[0]  # one image: what changes is the model
             out = self.weights_dir / f'{name}.safetensors'
             yield from self._follow(model_config, cfg, data, fixed, out)
         finally:
