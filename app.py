@@ -70,8 +70,9 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
     with gr.Blocks(title='vitdemo') as demo:
         gr.Markdown(INTRO)
         if not has_scratch:
-            gr.Markdown(f'*No trained scratch weights are present (expected `weights/{DEFAULT_SCRATCH[8:]}'
-                        '.safetensors`): train one with `python -m vitdemo.train`, or use a pretrained model.*')
+            expected = (cache.weights_dir or WEIGHTS_DIR) / f'{DEFAULT_SCRATCH.split("/")[1]}.safetensors'
+            gr.Markdown(f'*No trained scratch weights are present (expected `{expected}`): train one in the '
+                        'Train tab or with `python -m vitdemo.train`, or use a pretrained model.*')
         with gr.Tab('Predict'):
             with gr.Row():
                 with gr.Column(scale=1):
