@@ -8,6 +8,7 @@ import gradio as gr
 
 from vitdemo.backends import DEFAULT_SCRATCH, WEIGHTS_DIR, ModelCache, ModelUnavailable, list_models
 from vitdemo.data import default_data_path
+from vitdemo.figures import inspect_view
 from vitdemo.images import ImageError
 from vitdemo.training_job import TRAIN_PRESETS, TrainingBusy, TrainingJob, configs_from_form
 from vitdemo.views import FUSIONS, predict_view, progress_text, training_curves
@@ -39,6 +40,15 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
         except USER_ERRORS as e:
             raise gr.Error(str(e), print_exception=False) from None
 
+    def inspect(image: str, model: str, progress=gr.Progress(track_tqdm=True)):
+        try:
+            if model not in cache:
+                progress(0, desc=f'Loading {model} (the first time downloads its weights)')
+            grid, costs, *figures = inspect_view(cache.get(model), image)
+            return grid, [[c['patch_size'], c['grid'], c['tokens'], c['attention_pairs']] for c in costs], *figures
+        except USER_ERRORS as e:
+            raise gr.Error(str(e), print_exception=False) from None
+
     def refresh(image, *rest):
         # re-draw when a control changes, once there is an image to draw on
         return gr.skip() if image is None else predict(image, *rest)
@@ -60,7 +70,7 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
                 if snap.checkpoint:  # the new model shows up in the Predict tab at once
                     cache.forget(f'scratch/{snap.checkpoint.stem}')
                     models = gr.Dropdown(choices=list_models(cache.weights_dir))
-                yield progress_text(snap.progress, snap.status), loss, accuracy, picture, models
+                yield progress_text(snap.progress, snap.status), loss, accuracy, picture, models, models
         except USER_ERRORS as e:
             raise gr.Error(str(e), print_exception=False) from None
 
@@ -122,9 +132,36 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
                                                     height=260)
                     snapshot = gr.Image(label='CLS attention (last layer) on a fixed validation image, '
                                               'after each epoch', height=220, interactive=False)
+        with gr.Tab('Inspect'):
+            gr.Markdown("The figures of the ViT paper (Fig. 7), computed live from the chosen model: how it cuts "
+                        "the image into patches, what its position embeddings learned, what its first layer "
+                        "compares patches with, and how far and how widely each head looks on your image.")
+            with gr.Row():
+                with gr.Column(scale=1):
+                    inspect_image = gr.File(label='Image', file_types=['image'], type='filepath')
+                    inspect_model = gr.Dropdown(names, value=names[0], label='Model')
+                    inspect_run = gr.Button('Inspect', variant='primary')
+                    gr.Examples(EXAMPLES, inputs=[inspect_image], label='Example images')
+                with gr.Column(scale=2):
+                    with gr.Row():
+                        grid_image = gr.Image(label='The patches the model sees', interactive=False, height=320)
+                        costs = gr.Dataframe(headers=['patch size', 'grid', 'tokens', 'attention pairs'],
+                                             label='Tokens and attention cost (tokens squared) at this input size',
+                                             interactive=False)
+                    with gr.Row():
+                        position_plot = gr.Plot(label='Position embeddings')
+                        filters_plot = gr.Plot(label='Patch embedding filters')
+                    with gr.Row():
+                        distance_plot = gr.Plot(label='Mean attention distance')
+                        entropy_plot = gr.Plot(label='Attention entropy')
+        inspect_run.click(inspect, [inspect_image, inspect_model],
+                          [grid_image, costs, position_plot, filters_plot, distance_plot, entropy_plot],
+                          api_name='inspect')
+
         train_fields = [embed_dim, depth, num_heads, patch_size, minutes, batch_size, lr]
         preset.change(apply_preset, preset, train_fields, api_visibility='private')
-        start.click(start_training, train_fields + [run_name], [status, loss_plot, accuracy_plot, snapshot, model],
+        start.click(start_training, train_fields + [run_name],
+                    [status, loss_plot, accuracy_plot, snapshot, model, inspect_model],
                     api_name='train', concurrency_limit=2, concurrency_id='train')
         stop.click(job.stop, api_name='stop_training')
 

@@ -32,7 +32,8 @@ def test_api_contract_without_a_server(weights_dir):
     assert [p['parameter_name'] for p in params[:2]] == ['image', 'model']
     assert not params[0]['parameter_has_default']
     assert all(p['parameter_has_default'] for p in params[1:])
-    assert sorted(info['named_endpoints']) == ['/predict', '/stop_training', '/train']  # re-draws stay private
+    assert sorted(info['named_endpoints']) == ['/inspect', '/predict', '/stop_training', '/train']
+    assert [p['parameter_name'] for p in info['named_endpoints']['/inspect']['parameters']] == ['image', 'model']
 
 
 def test_predict_through_the_api_for_scratch_and_timm(client):
@@ -43,6 +44,13 @@ def test_predict_through_the_api_for_scratch_and_timm(client):
     labels, gallery, _ = client.predict(handle_file(str(ROOT / 'examples' / 'coffee.jpg')),
                                         'timm/vit_tiny_patch16_224', 3, 'max', api_name='/predict')
     assert len(labels['confidences']) == 3 and len(gallery) == 12 + 2
+
+
+def test_inspect_through_the_api(client):
+    rocket = handle_file(str(ROOT / 'examples' / 'rocket.jpg'))
+    grid, costs, *plots = client.predict(rocket, 'timm/vit_tiny_patch16_224', api_name='/inspect')
+    assert grid and len(plots) == 4 and all(plots)
+    assert [row[2] for row in costs['data']] == [3137, 785, 197, 50]  # tokens at 224 for patches 4, 8, 16, 32
 
 
 def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(client, tmp_path):
@@ -73,7 +81,7 @@ def test_train_tab_through_the_api_then_predict_with_the_new_model(tmp_path, wei
         client = Client(f'http://127.0.0.1:{port}/', verbose=False)
         with pytest.raises(Exception, match='divisible by num_heads'):
             client.predict(100, 2, 3, 4, 0.05, 32, 1e-3, 'bad', api_name='/train')
-        status, loss, accuracy, picture, models = client.predict(64, 2, 2, 8, 0.05, 32, 1e-3, 'tiny_run',
+        status, loss, accuracy, picture, *_ = client.predict(64, 2, 2, 8, 0.05, 32, 1e-3, 'tiny_run',
                                                                  api_name='/train')
         assert 'finished after' in status and 'saved as tiny_run' in status
         assert (tmp_path / 'weights' / 'tiny_run.safetensors').exists()

@@ -83,3 +83,14 @@ def test_overlay_colours_the_box_and_dims_the_rest():
     assert out[10, 12].mean() < 40 and out[10, 28].mean() > 215  # the map's cold and hot sides
     plain = np.asarray(overlay(image, heat, opacity=0.0))
     assert (plain == 200).all()  # no box and no opacity: the image unchanged
+
+
+def test_fit_for_display_enlarges_small_images_sharply_and_shrinks_large_ones():
+    from vitdemo.attention import fit_for_display
+    tiny = Image.new('RGB', (32, 16), (10, 20, 30))
+    tiny.putpixel((0, 0), (255, 255, 255))
+    big, box = fit_for_display(tiny, (8, 0, 24, 16), side=448)
+    assert big.size == (448, 224) and box == (112, 0, 336, 224)
+    assert big.getpixel((13, 13)) == (255, 255, 255) and big.getpixel((14, 14)) == (10, 20, 30)  # no blur
+    small, box = fit_for_display(Image.new('RGB', (2000, 1000)), (500, 0, 1500, 1000), side=448)
+    assert small.size == (448, 224) and box == pytest.approx((112, 0, 336, 224))

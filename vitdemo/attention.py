@@ -70,6 +70,16 @@ def rollout(attentions: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: 
     return result[0, num_prefix_tokens:].reshape(*grid)
 
 
+def fit_for_display(image: Image.Image, box: tuple[float, float, float, float], side: int = 448
+                    ) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """The image scaled so its longer side is `side` (small ones enlarged with sharp pixels), and the box
+    scaled with it."""
+    scale = side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.NEAREST
+    return image.resize(size, resample), tuple(v * size[0] / image.width for v in box)
+
+
 def overlay(image: Image.Image, heat: torch.Tensor | np.ndarray, box: tuple[float, float, float, float] | None = None,
             opacity: float = 0.6, cmap: str = 'inferno') -> Image.Image:
     """Colour the region `box` (left, top, right, bottom; default the whole image) by `heat` (rows, cols).

@@ -4,7 +4,7 @@ import time
 import pandas as pd
 from PIL import Image
 
-from .attention import Fusion, cls_attention, overlay, rollout
+from .attention import Fusion, cls_attention, fit_for_display, overlay, rollout
 from .backends import Model, Prediction
 
 FUSIONS = ['mean', 'max', 'min', 'one head']
@@ -26,10 +26,7 @@ def parse_fusion(fusion: str, head: int | float | None, num_heads: int) -> Fusio
 def attention_gallery(pred: Prediction, fusion: Fusion = 'mean', opacity: float = 0.6,
                       discard_ratio: float = 0.9) -> list[tuple[Image.Image, str]]:
     """The input with the region the model saw, one CLS-attention overlay per layer, then the rollout."""
-    image = pred.image.copy()
-    image.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
-    s = image.width / pred.image.width
-    box = tuple(v * s for v in pred.box)
+    image, box = fit_for_display(pred.image, pred.box, DISPLAY_SIDE)
     layers = cls_attention(pred.attentions, pred.grid, pred.num_prefix_tokens, fusion)
     rows, cols = pred.grid
     # opacity 0 draws no heat, only dims what lies outside the model's view

@@ -1,0 +1,164 @@
+"""The ViT paper's inspection figures (Dosovitskiy et al. 2021, Fig. 7), computed from the model in hand.
+
+The maths are pure functions of tensors; the `*_figure` functions draw them with matplotlib, each with a
+title, axis labels and a colour bar, for the Inspect tab.
+"""
+import math
+
+import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw
+
+from .attention import fit_for_display
+from .backends import Model, Prediction
+
+matplotlib.use('Agg')  # figures are rendered off-screen, in a server
+
+
+def token_costs(img_size: int, patch_sizes: tuple[int, ...] = (4, 8, 16, 32), prefix: int = 1) -> list[dict]:
+    """For each patch size: the patch grid, the tokens (patches + prefix) and the attention cost, which grows
+    with tokens squared (every token attends to every token)."""
+    rows = []
+    for p in patch_sizes:
+        if img_size % p:
+            continue
+        tokens = (img_size // p) ** 2 + prefix
+        rows.append(dict(patch_size=p, grid=f'{img_size // p}x{img_size // p}', tokens=tokens,
+                         attention_pairs=tokens ** 2))
+    return rows
+
+
+def patch_grid(pred: Prediction, display: int = 448) -> Image.Image:
+    """The input with the patch grid the model cuts its view into drawn over that view."""
+    image, (left, top, right, bottom) = fit_for_display(pred.image, pred.box, display)
+    draw = ImageDraw.Draw(image)
+    rows, cols = pred.grid
+    for i in range(cols + 1):
+        x = left + (right - left) * i / cols
+        draw.line([(x, top), (x, bottom)], fill=(255, 255, 0), width=1)
+    for j in range(rows + 1):
+        y = top + (bottom - top) * j / rows
+        draw.line([(left, y), (right, y)], fill=(255, 255, 0), width=1)
+    return image
+
+
+def position_similarity(pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Cosine similarity of each patch position's embedding with every other: (rows, cols, rows, cols)."""
+    patches = pos_embed.reshape(-1, pos_embed.shape[-1])[num_prefix_tokens:].float()
+    assert patches.shape[0] == grid[0] * grid[1], f'{patches.shape[0]} position embeddings for a {grid} grid'
+    unit = torch.nn.functional.normalize(patches, dim=-1)
+    return (unit @ unit.T).reshape(*grid, *grid)
+
+
+def patch_filters(proj_weight: torch.Tensor, k: int = 28) -> torch.Tensor:
+    """The first `k` principal components of the patch projection's filters (D, C, p, p) -> (k, C, p, p)."""
+    d, c, ph, pw = proj_weight.shape
+    flat = proj_weight.reshape(d, -1).float()
+    flat = flat - flat.mean(dim=0, keepdim=True)
+    _, _, v = torch.linalg.svd(flat, full_matrices=False)  # rows of v: directions of most variance first
+    return v[:min(k, v.shape[0])].reshape(-1, c, ph, pw)
+
+
+def _patch_centres(grid: tuple[int, int], patch_size: int) -> torch.Tensor:
+    rows, cols = grid
+    y, x = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing='ij')
+    return (torch.stack([y.flatten(), x.flatten()], dim=1).float() + 0.5) * patch_size  # (N, 2) in pixels
+
+
+def _patch_attention(attentions: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """Patch-to-patch attention, each query's row renormalised over the patches: (L, H, N, N)."""
+    a = attentions[:, :, num_prefix_tokens:, num_prefix_tokens:].float()
+    return a / a.sum(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+def mean_attention_distance(attentions: torch.Tensor, grid: tuple[int, int], patch_size: int,
+                            num_prefix_tokens: int = 1) -> torch.Tensor:
+    """(layers, heads): how far, in input pixels, each head looks on average (attention-weighted distance
+    between query and key patches, averaged over queries). Small: local, like a convolution; large: global."""
+    centres = _patch_centres(grid, patch_size)
+    distance = torch.cdist(centres, centres)  # (N, N)
+    return (_patch_attention(attentions, num_prefix_tokens) * distance).sum(-1).mean(-1)
+
+
+def attention_entropy(attentions: torch.Tensor, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """(layers, heads): mean entropy (nats) of each patch query's attention over patches. 0: one patch;
+    log(patches): spread evenly."""
+    a = _patch_attention(attentions, num_prefix_tokens)
+    return -(a * a.clamp(min=1e-12).log()).sum(-1).mean(-1)
+
+
+def mosaic(tiles: torch.Tensor) -> np.ndarray:
+    """(R, C, h, w) -> one (R*(h+1), C*(w+1)) image of the tiles with a blank (NaN) line between them."""
+    R, C, h, w = tiles.shape
+    out = np.full((R * (h + 1), C * (w + 1)), np.nan, dtype=np.float32)
+    for r in range(R):
+        for c in range(C):
+            out[r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w] = tiles[r, c].numpy()
+    return out
+
+
+def position_similarity_figure(model: Model) -> Figure:
+    sim = position_similarity(model.module.pos_embed.detach().cpu(), model.grid, model.num_prefix_tokens)
+    rows, cols = model.grid
+    fig = Figure(figsize=(6.4, 6.0))
+    ax = fig.subplots()
+    im = ax.imshow(mosaic(sim), vmin=-1, vmax=1, cmap='viridis')
+    step = max(1, rows // 7)  # label a few tiles, not all 14
+    ax.set_xticks([c * (cols + 1) + cols / 2 for c in range(0, cols, step)], [str(c + 1) for c in range(0, cols, step)])
+    ax.set_yticks([r * (rows + 1) + rows / 2 for r in range(0, rows, step)], [str(r + 1) for r in range(0, rows, step)])
+    ax.set(xlabel='input patch column', ylabel='input patch row',
+           title="Position embedding similarity: the tile at (row, col) shows the cosine similarity\n"
+                 "of that patch's position embedding with every other patch's")
+    ax.title.set_fontsize(9)
+    fig.colorbar(im, ax=ax, shrink=0.8, label='cosine similarity')
+    fig.tight_layout()
+    return fig
+
+
+def patch_filters_figure(model: Model, k: int = 28) -> Figure:
+    filters = patch_filters(model.module.patch_embed.proj.weight.detach().cpu(), k)
+    cols = 7
+    rows = math.ceil(len(filters) / cols)
+    fig = Figure(figsize=(6.4, 1.0 * rows + 1.0))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for i, f in enumerate(filters):
+        tile = f - f.min()
+        tile = (tile / tile.max().clamp(min=1e-12)).permute(1, 2, 0).numpy()  # each tile stretched to 0..1
+        axes.flat[i].imshow(tile if tile.shape[2] == 3 else tile[..., 0], cmap=None if tile.shape[2] == 3 else 'gray')
+        axes.flat[i].set_title(f'PC {i + 1}', fontsize=7)
+    fig.suptitle('Patch embedding filters: principal components of the patch projection, as RGB\n'
+                 '(what a single patch is first compared with; left to right, most variance first)', fontsize=9)
+    return fig
+
+
+def head_scatter_figure(values: torch.Tensor, ylabel: str, title: str) -> Figure:
+    """One dot per head, layers along x: the layout of the paper's Fig. 7 (right)."""
+    layers, heads = values.shape
+    fig = Figure(figsize=(6.4, 3.6))
+    ax = fig.subplots()
+    x = np.repeat(np.arange(1, layers + 1), heads)
+    points = ax.scatter(x, values.flatten().numpy(), c=np.tile(np.arange(heads), layers), cmap='tab20', s=22)
+    ax.set(xlabel='layer', ylabel=ylabel, title=title, xticks=range(1, layers + 1))
+    ax.grid(alpha=0.3)
+    fig.colorbar(points, ax=ax, label='head')
+    fig.tight_layout()
+    return fig
+
+
+def inspect_view(model: Model, image, patch_sizes: tuple[int, ...] = (4, 8, 16, 32)):
+    """Everything the Inspect tab shows for one image: the patch grid, token costs, and four figures."""
+    pred = model.predict(image, top_k=1)
+    size = model.data_config['input_size'][1]
+    patch = size // pred.grid[0]
+    distance = mean_attention_distance(pred.attentions, pred.grid, patch, pred.num_prefix_tokens)
+    entropy = attention_entropy(pred.attentions, pred.num_prefix_tokens)
+    return (patch_grid(pred), token_costs(size, patch_sizes, pred.num_prefix_tokens),
+            position_similarity_figure(model), patch_filters_figure(model),
+            head_scatter_figure(distance, 'mean attention distance (input pixels)',
+                                f'How far each head looks, on this image (input {size}x{size})'),
+            head_scatter_figure(entropy, 'attention entropy (nats)',
+                                'How spread each head\'s attention is, on this image'))
