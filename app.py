@@ -149,11 +149,11 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
                                              label='Tokens and attention cost (tokens squared) at this input size',
                                              interactive=False)
                     with gr.Row():
-                        position_plot = gr.Plot(label='Position embeddings')
-                        filters_plot = gr.Plot(label='Patch embedding filters')
+                        position_plot = gr.Plot(label='Position embeddings', show_label=False)
+                        filters_plot = gr.Plot(label='Patch embedding filters', show_label=False)
                     with gr.Row():
-                        distance_plot = gr.Plot(label='Mean attention distance')
-                        entropy_plot = gr.Plot(label='Attention entropy')
+                        distance_plot = gr.Plot(label='Mean attention distance', show_label=False)
+                        entropy_plot = gr.Plot(label='Attention entropy', show_label=False)
         inspect_run.click(inspect, [inspect_image, inspect_model],
                           [grid_image, costs, position_plot, filters_plot, distance_plot, entropy_plot],
                           api_name='inspect')

@@ -74,4 +74,5 @@ def test_inspect_view_gives_the_grid_costs_and_four_figures(weights_dir):
     for fig in figures:
         assert fig.axes[0].get_title() or fig._suptitle is not None
     assert figures[2].axes[0].get_xlabel() == 'layer'
-    assert len(figures[2].axes[0].collections[0].get_offsets()) == 2 * 4  # one dot per head and layer
+    dots = figures[2].axes[0].collections
+    assert len(dots) == 4 and all(len(d.get_offsets()) == 2 for d in dots)  # one dot per head and layer

@@ -140,11 +140,13 @@ def head_scatter_figure(values: torch.Tensor, ylabel: str, title: str) -> Figure
     layers, heads = values.shape
     fig = Figure(figsize=(6.4, 3.6))
     ax = fig.subplots()
-    x = np.repeat(np.arange(1, layers + 1), heads)
-    points = ax.scatter(x, values.flatten().numpy(), c=np.tile(np.arange(heads), layers), cmap='tab20', s=22)
+    colours = matplotlib.colormaps['tab20'].resampled(max(heads, 2))
+    for h in range(heads):
+        ax.scatter(np.arange(1, layers + 1), values[:, h].numpy(), color=colours(h), s=22, label=f'head {h + 1}')
     ax.set(xlabel='layer', ylabel=ylabel, title=title, xticks=range(1, layers + 1))
+    ax.title.set_fontsize(10)
     ax.grid(alpha=0.3)
-    fig.colorbar(points, ax=ax, label='head')
+    ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5), ncol=1 if heads <= 8 else 2)
     fig.tight_layout()
     return fig
 
