@@ -7,6 +7,7 @@ from pathlib import Path
 import gradio as gr
 
 from vitdemo.backends import DEFAULT_SCRATCH, WEIGHTS_DIR, ModelCache, ModelUnavailable, list_models
+from vitdemo.compare import compare_view
 from vitdemo.data import default_data_path
 from vitdemo.figures import inspect_view
 from vitdemo.images import ImageError
@@ -49,6 +50,16 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
         except USER_ERRORS as e:
             raise gr.Error(str(e), print_exception=False) from None
 
+    def compare(image: str, model_a: str, model_b: str, fusion: str = 'mean', as_cifar10: bool = True,
+                progress=gr.Progress(track_tqdm=True)):
+        try:
+            progress(0, desc='Loading the two models')
+            a, b = cache.get(model_a), cache.get(model_b)
+            progress(0.5, desc='Running both')
+            return compare_view(a, b, image, fusion, as_cifar10)
+        except USER_ERRORS as e:
+            raise gr.Error(str(e), print_exception=False) from None
+
     def refresh(image, *rest):
         # re-draw when a control changes, once there is an image to draw on
         return gr.skip() if image is None else predict(image, *rest)
@@ -70,7 +81,7 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
                 if snap.checkpoint:  # the new model shows up in the Predict tab at once
                     cache.forget(f'scratch/{snap.checkpoint.stem}')
                     models = gr.Dropdown(choices=list_models(cache.weights_dir))
-                yield progress_text(snap.progress, snap.status), loss, accuracy, picture, models, models
+                yield (progress_text(snap.progress, snap.status), loss, accuracy, picture) + (models,) * 4
         except USER_ERRORS as e:
             raise gr.Error(str(e), print_exception=False) from None
 
@@ -132,6 +143,29 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
                                                     height=260)
                     snapshot = gr.Image(label='CLS attention (last layer) on a fixed validation image, '
                                               'after each epoch', height=220, interactive=False)
+        with gr.Tab('Compare'):
+            gr.Markdown('One image, two models. Layers are paired by relative depth (a 6-layer and a 12-layer '
+                        'model line up); each pair is scored by how much their attention overlaps.')
+            with gr.Row():
+                with gr.Column(scale=1):
+                    compare_image = gr.File(label='Image', file_types=['image'], type='filepath')
+                    timm_default = next(n for n in names if n.startswith('timm/'))
+                    model_a = gr.Dropdown(names, value=names[0], label='Model A')
+                    model_b = gr.Dropdown(names, value=timm_default, label='Model B')
+                    compare_fusion = gr.Radio(FUSIONS[:3], value='mean', label='Fuse heads by')
+                    as_cifar10 = gr.Checkbox(True, label='Read ImageNet predictions as CIFAR-10 classes')
+                    compare_run = gr.Button('Compare', variant='primary')
+                    gr.Examples(EXAMPLES, inputs=[compare_image], label='Example images')
+                with gr.Column(scale=2):
+                    with gr.Row():
+                        label_a = gr.Label(label='Model A')
+                        label_b = gr.Label(label='Model B')
+                    compare_text = gr.Markdown()
+                    compare_gallery = gr.Gallery(label='A and B, layer by layer (aligned), then both rollouts',
+                                                 columns=4, height='auto', object_fit='contain')
+        compare_run.click(compare, [compare_image, model_a, model_b, compare_fusion, as_cifar10],
+                          [label_a, label_b, compare_gallery, compare_text], api_name='compare')
+
         with gr.Tab('Inspect'):
             gr.Markdown("The figures of the ViT paper (Fig. 7), computed live from the chosen model: how it cuts "
                         "the image into patches, what its position embeddings learned, what its first layer "
@@ -161,7 +195,7 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
         train_fields = [embed_dim, depth, num_heads, patch_size, minutes, batch_size, lr]
         preset.change(apply_preset, preset, train_fields, api_visibility='private')
         start.click(start_training, train_fields + [run_name],
-                    [status, loss_plot, accuracy_plot, snapshot, model, inspect_model],
+                    [status, loss_plot, accuracy_plot, snapshot, model, inspect_model, model_a, model_b],
                     api_name='train', concurrency_limit=2, concurrency_id='train')
         stop.click(job.stop, api_name='stop_training')
 

@@ -32,7 +32,9 @@ def test_api_contract_without_a_server(weights_dir):
     assert [p['parameter_name'] for p in params[:2]] == ['image', 'model']
     assert not params[0]['parameter_has_default']
     assert all(p['parameter_has_default'] for p in params[1:])
-    assert sorted(info['named_endpoints']) == ['/inspect', '/predict', '/stop_training', '/train']
+    assert sorted(info['named_endpoints']) == ['/compare', '/inspect', '/predict', '/stop_training', '/train']
+    assert [p['parameter_name'] for p in info['named_endpoints']['/compare']['parameters'][:3]] == \
+        ['image', 'model_a', 'model_b']
     assert [p['parameter_name'] for p in info['named_endpoints']['/inspect']['parameters']] == ['image', 'model']
 
 
@@ -51,6 +53,13 @@ def test_inspect_through_the_api(client):
     grid, costs, *plots = client.predict(rocket, 'timm/vit_tiny_patch16_224', api_name='/inspect')
     assert grid and len(plots) == 4 and all(plots)
     assert [row[2] for row in costs['data']] == [3137, 785, 197, 50]  # tokens at 224 for patches 4, 8, 16, 32
+
+
+def test_compare_through_the_api(client):
+    a, b, gallery, text = client.predict(handle_file(str(ROOT / 'examples' / 'cat.jpg')), 'scratch/vit_cifar10',
+                                         'timm/vit_tiny_patch16_224', api_name='/compare')
+    assert len(a['confidences']) == 5 and len(b['confidences']) == 11  # 10 CIFAR-10 classes and "other"
+    assert len(gallery) == 2 * 2 + 2 and 'IoU' in text
 
 
 def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(client, tmp_path):

@@ -50,6 +50,7 @@ class Prediction:
     num_prefix_tokens: int  # tokens before the patches: CLS, and DeiT's distillation token
     image: Image.Image  # the RGB image as loaded (downscaled if it was huge)
     box: tuple[float, float, float, float]  # (left, top, right, bottom) of `image` that the model saw
+    probs: torch.Tensor  # (classes,) every class's probability, in `Model.classes` order
 
 
 class Model:
@@ -95,7 +96,7 @@ class Model:
         return Prediction(top_k=[(self.classes[i], v) for v, i in zip(values.tolist(), indices.tolist())],
                           attentions=torch.stack([a[0] for a in attentions]).float().cpu(),
                           grid=self.grid, num_prefix_tokens=self.num_prefix_tokens, image=image,
-                          box=crop_box(image.size, self.data_config))
+                          box=crop_box(image.size, self.data_config), probs=probs)
 
 
 def crop_box(size: tuple[int, int], data_config: dict) -> tuple[float, float, float, float]:

@@ -1,0 +1,116 @@
+"""Two models on one image: layers paired by relative depth, attention agreement, and ImageNet predictions
+read as CIFAR-10 classes so an ImageNet model and a CIFAR-10 model can be scored on the same picture."""
+import numpy as np
+import torch
+from PIL import Image
+
+from .attention import Fusion, cls_attention, fit_for_display, overlay, rollout
+from .backends import Model, Prediction
+
+# ImageNet-1k class indices for each CIFAR-10 class. CIFAR-10's own definitions: "automobile" is sedans,
+# SUVs and the like, "truck" only big trucks, and neither includes pickup trucks (717), so it is left out.
+# ImageNet has no deer: its antelopes are the nearest and are marked as approximate.
+IMAGENET_TO_CIFAR10: dict[str, list[int]] = {
+    'airplane': [404, 895, 908],  # airliner, warplane, wing
+    'automobile': [436, 468, 511, 609, 627, 656, 661, 751, 817],  # beach wagon, cab, convertible, jeep, ...
+    'bird': list(range(7, 25)) + list(range(80, 101)) + list(range(127, 147)),
+    'cat': list(range(281, 286)),  # tabby, tiger, Persian, Siamese, Egyptian
+    'deer': [351, 352, 353],  # hartebeest, impala, gazelle (approximate)
+    'dog': list(range(151, 269)),  # Chihuahua ... Mexican hairless
+    'frog': [30, 31, 32],  # bullfrog, tree frog, tailed frog
+    'horse': [339],  # sorrel
+    'ship': [403, 472, 484, 510, 554, 576, 625, 628, 724, 780, 814, 833, 871, 914],
+    'truck': [555, 569, 675, 864, 867],  # fire engine, garbage truck, moving van, tow truck, trailer truck
+}
+OTHER = 'other (no CIFAR-10 class)'
+
+
+def imagenet_to_cifar10(probs: torch.Tensor) -> dict[str, float]:
+    """1000 ImageNet probabilities -> the 10 CIFAR-10 classes (sums over their ImageNet classes) and the rest."""
+    assert probs.shape == (1000,), f'expected 1000 ImageNet probabilities, got {tuple(probs.shape)}'
+    mapped = {name: float(probs[idx].sum()) for name, idx in IMAGENET_TO_CIFAR10.items()}
+    mapped[OTHER] = max(0.0, 1.0 - sum(mapped.values()))
+    return mapped
+
+
+def align_layers(depth_a: int, depth_b: int) -> list[tuple[int, int]]:
+    """Pairs (layer of a, layer of b), 0-based, one per layer of the shallower model, matched by relative
+    depth: layer i of 6 goes with layer 2i+1 of 12, and the last layers always meet."""
+    if depth_a > depth_b:
+        return [(a, b) for b, a in align_layers(depth_b, depth_a)]
+    return [(i, round((i + 1) * depth_b / depth_a) - 1) for i in range(depth_a)]
+
+
+def image_space(heat: torch.Tensor, box: tuple[float, float, float, float], image_size: tuple[int, int],
+                side: int = 64) -> np.ndarray:
+    """A (rows, cols) patch map placed on its box in image coordinates, at `side` cells on the longer side;
+    zero where the model did not look. Two models' maps become comparable whatever their grids and crops."""
+    w, h = image_size
+    scale = side / max(w, h)
+    out = np.zeros((max(1, round(h * scale)), max(1, round(w * scale))), dtype=np.float32)
+    left, top, right, bottom = (round(v * scale) for v in box)
+    size = (max(right - left, 1), max(bottom - top, 1))
+    values = np.asarray(heat, dtype=np.float32)
+    cells = np.asarray(Image.fromarray(values).resize(size, Image.Resampling.NEAREST))
+    cells = cells * (values.size / (size[0] * size[1]))  # keep each patch's share of the total
+    out[top:top + size[1], left:left + size[0]] = cells[:out.shape[0] - top, :out.shape[1] - left]
+    return out
+
+
+def top_mass(map_: np.ndarray, mass: float = 0.2) -> np.ndarray:
+    """The fewest cells that together hold `mass` of the total: where the map looks most."""
+    flat = map_.flatten()
+    order = np.argsort(flat)[::-1]
+    keep = np.cumsum(flat[order]) <= mass * flat.sum()
+    keep[0] = True  # at least the strongest cell
+    mask = np.zeros(flat.shape, dtype=bool)
+    mask[order[keep]] = True
+    return mask.reshape(map_.shape)
+
+
+def agreement(pred_a: Prediction, heat_a: torch.Tensor, pred_b: Prediction, heat_b: torch.Tensor,
+              mass: float = 0.2) -> float:
+    """IoU, in image space, of the regions holding the top `mass` of each model's attention."""
+    a = top_mass(image_space(heat_a, pred_a.box, pred_a.image.size), mass)
+    b = top_mass(image_space(heat_b, pred_b.box, pred_b.image.size), mass)
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+def scores_for(model: Model, probs: torch.Tensor, top_k: int, as_cifar10: bool) -> tuple[dict[str, float], bool]:
+    """{label: probability} for display, and whether ImageNet classes were mapped onto CIFAR-10."""
+    if as_cifar10 and len(model.classes) == 1000:
+        return imagenet_to_cifar10(probs), True
+    values, indices = probs.topk(min(top_k, len(model.classes)))
+    return {model.classes[i]: v for v, i in zip(values.tolist(), indices.tolist())}, False
+
+
+def compare_view(model_a: Model, model_b: Model, image, fusion: Fusion = 'mean', as_cifar10: bool = True,
+                 top_k: int = 5, opacity: float = 0.6, discard_ratio: float = 0.9, display: int = 320):
+    """Everything the Compare tab shows: each model's scores, the aligned layer overlays with their
+    agreement, both rollouts, and a description."""
+    pred_a, pred_b = model_a.predict(image), model_b.predict(image)
+    (scores_a, mapped_a), (scores_b, mapped_b) = (scores_for(model_a, pred_a.probs, top_k, as_cifar10),
+                                                  scores_for(model_b, pred_b.probs, top_k, as_cifar10))
+    maps_a = cls_attention(pred_a.attentions, pred_a.grid, pred_a.num_prefix_tokens, fusion)
+    maps_b = cls_attention(pred_b.attentions, pred_b.grid, pred_b.num_prefix_tokens, fusion)
+    image_a, box_a = fit_for_display(pred_a.image, pred_a.box, display)
+    image_b, box_b = fit_for_display(pred_b.image, pred_b.box, display)
+
+    def pair(heat_a, heat_b, caption_a, caption_b) -> float:
+        iou = agreement(pred_a, heat_a, pred_b, heat_b)
+        gallery.append((overlay(image_a, heat_a, box_a, opacity), f'{caption_a} (IoU {iou:.2f})'))
+        gallery.append((overlay(image_b, heat_b, box_b, opacity), f'{caption_b} (IoU {iou:.2f})'))
+        return iou
+
+    gallery: list[tuple[Image.Image, str]] = []
+    ious = [pair(maps_a[la], maps_b[lb], f'A layer {la + 1}', f'B layer {lb + 1}')
+            for la, lb in align_layers(len(maps_a), len(maps_b))]
+    pair(rollout(pred_a.attentions, pred_a.grid, pred_a.num_prefix_tokens, fusion, discard_ratio),
+         rollout(pred_b.attentions, pred_b.grid, pred_b.num_prefix_tokens, fusion, discard_ratio),
+         'A rollout', 'B rollout')
+    note = (' ImageNet predictions are summed into CIFAR-10 classes (dog breeds into "dog", and so on; deer '
+            "into ImageNet's antelopes, the nearest it has).") if mapped_a or mapped_b else ''
+    text = (f'**A** {model_a.name} ({len(maps_a)} layers) vs **B** {model_b.name} ({len(maps_b)} layers), layers '
+            'paired by relative depth. Agreement per pair, as the IoU of the image regions holding the top 20% of '
+            f'each CLS attention: {", ".join(f"{v:.2f}" for v in ious)}.{note}')
+    return scores_a, scores_b, gallery, text
