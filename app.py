@@ -9,7 +9,7 @@ import gradio as gr
 from vitdemo.backends import DEFAULT_SCRATCH, WEIGHTS_DIR, ModelCache, ModelUnavailable, list_models
 from vitdemo.compare import compare_view
 from vitdemo.data import default_data_path
-from vitdemo.figures import inspect_view
+from vitdemo.figures import inspect_view, patch_view
 from vitdemo.images import ImageError
 from vitdemo.training_job import TRAIN_PRESETS, TrainingBusy, TrainingJob, configs_from_form
 from vitdemo.views import FUSIONS, predict_view, progress_text, training_curves
@@ -57,6 +57,12 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
             a, b = cache.get(model_a), cache.get(model_b)
             progress(0.5, desc='Running both')
             return compare_view(a, b, image, fusion, as_cifar10)
+        except USER_ERRORS as e:
+            raise gr.Error(str(e), print_exception=False) from None
+
+    def look_from_patch(image: str, model: str, layer: int, fusion: str, evt: gr.SelectData):
+        try:
+            return patch_view(cache.get(model), image, tuple(evt.index), layer, fusion)
         except USER_ERRORS as e:
             raise gr.Error(str(e), print_exception=False) from None
 
@@ -188,9 +194,20 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
                     with gr.Row():
                         distance_plot = gr.Plot(label='Mean attention distance', show_label=False)
                         entropy_plot = gr.Plot(label='Attention entropy', show_label=False)
+                    with gr.Row():
+                        deletion_plot = gr.Plot(label='Deletion test', show_label=False)
+                        with gr.Column():
+                            gr.Markdown('**Click a patch** in the grid above to see where *that* patch looks.')
+                            patch_layer = gr.Slider(1, 32, value=1, step=1, label='Layer')
+                            patch_fusion = gr.Radio(FUSIONS[:3], value='mean', label='Fuse heads by')
+                            patch_image = gr.Image(label='Attention of the clicked patch', interactive=False,
+                                                   height=300)
+                            patch_caption = gr.Markdown()
         inspect_run.click(inspect, [inspect_image, inspect_model],
-                          [grid_image, costs, position_plot, filters_plot, distance_plot, entropy_plot],
-                          api_name='inspect')
+                          [grid_image, costs, position_plot, filters_plot, distance_plot, entropy_plot,
+                           deletion_plot], api_name='inspect')
+        grid_image.select(look_from_patch, [inspect_image, inspect_model, patch_layer, patch_fusion],
+                          [patch_image, patch_caption], api_visibility='private')
 
         train_fields = [embed_dim, depth, num_heads, patch_size, minutes, batch_size, lr]
         preset.change(apply_preset, preset, train_fields, api_visibility='private')

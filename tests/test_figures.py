@@ -70,9 +70,55 @@ def test_inspect_view_gives_the_grid_costs_and_four_figures(weights_dir):
     grid, costs, *figures = inspect_view(model, Image.new('RGB', (64, 48), (90, 140, 200)))
     assert isinstance(grid, Image.Image) and grid.size == (448, 336)
     assert [c['tokens'] for c in costs] == [65, 17, 5, 2]
-    assert len(figures) == 4 and all(isinstance(f, Figure) for f in figures)
+    assert len(figures) == 5 and all(isinstance(f, Figure) for f in figures)
     for fig in figures:
         assert fig.axes[0].get_title() or fig._suptitle is not None
     assert figures[2].axes[0].get_xlabel() == 'layer'
     dots = figures[2].axes[0].collections
     assert len(dots) == 4 and all(len(d.get_offsets()) == 2 for d in dots)  # one dot per head and layer
+
+
+def test_patch_at_maps_a_click_to_the_patch_under_it():
+    from vitdemo.figures import patch_at
+    box = (100, 0, 300, 200)  # a 2x4 grid of 50x100-pixel... cells: rows 2, cols 4
+    assert patch_at((100, 0), box, (2, 4)) == 0
+    assert patch_at((299, 199), box, (2, 4)) == 7
+    assert patch_at((160, 120), box, (2, 4)) == 4 + 1
+    assert patch_at((50, 50), box, (2, 4)) is None and patch_at((300, 50), box, (2, 4)) is None
+
+
+def test_token_attention_is_that_patch_row_over_the_patches():
+    from vitdemo.figures import token_attention
+    a = torch.zeros(2, 2, 5, 5)
+    a[1, 0, 3, 4] = 1.0  # layer 2, head 1: patch 2 (token 3) looks at patch 3 (token 4)
+    a[1, 1, 3, 1] = 1.0  # head 2: at patch 0
+    assert token_attention(a, 2, 1, (2, 2), fusion=0).tolist() == [[0, 0], [0, 1]]
+    assert token_attention(a, 2, 1, (2, 2), fusion='mean').tolist() == [[0.5, 0], [0, 0.5]]
+    with pytest.raises(AssertionError, match='layer 3 out of range'):
+        token_attention(a, 0, 2, (2, 2))
+
+
+def test_deletion_curve_starts_at_the_prediction_and_ends_with_nothing_left(weights_dir):
+    from vitdemo.figures import deletion_curve
+    model = load_model(DEFAULT_SCRATCH, weights_dir)
+    pred = model.predict(Image.effect_noise((64, 64), 60).convert('RGB'))
+    n = pred.grid[0] * pred.grid[1]
+    fractions, by_order = deletion_curve(model, pred, torch.arange(n), steps=4)
+    _, reversed_order = deletion_curve(model, pred, torch.arange(n).flip(0), steps=4)
+    assert fractions == [0, 0.25, 0.5, 0.75, 1.0]
+    assert by_order[0] == pytest.approx(float(pred.probs.max()), abs=1e-4)
+    assert by_order[-1] == pytest.approx(reversed_order[-1], abs=1e-6)  # all blanked: the order no longer matters
+    assert by_order[2] != pytest.approx(reversed_order[2], abs=1e-6)  # half blanked: it does
+
+
+def test_patch_view_outlines_the_clicked_patch(weights_dir):
+    from vitdemo.figures import patch_view
+    model = load_model(DEFAULT_SCRATCH, weights_dir)  # 4x4 patches over a centred square
+    image = Image.new('RGB', (200, 100), (50, 50, 50))  # shown as 448x224, the square is x 112..336
+    picture, caption = patch_view(model, image, (113, 1), layer=2)
+    assert picture.size == (448, 224) and caption.startswith('patch (row 1, column 1) in layer 2')
+    assert picture.getpixel((112, 30)) == (0, 255, 255)  # the outline
+    with pytest.raises(ValueError, match='inside the bright square'):
+        patch_view(model, image, (10, 10), layer=1)
+    with pytest.raises(ValueError, match='choose a layer from 1 to 2'):
+        patch_view(model, image, (200, 100), layer=7)

@@ -11,7 +11,7 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
-from .attention import fit_for_display
+from .attention import Fusion, fit_for_display, fuse_heads, overlay, rollout
 from .backends import Model, Prediction
 
 matplotlib.use('Agg')  # figures are rendered off-screen, in a server
@@ -151,8 +151,66 @@ def head_scatter_figure(values: torch.Tensor, ylabel: str, title: str) -> Figure
     return fig
 
 
+def patch_at(point: tuple[float, float], box: tuple[float, float, float, float], grid: tuple[int, int]) -> int | None:
+    """Row-major index of the patch under `point` (x, y) in image coordinates, or None outside the box."""
+    x, y = point
+    left, top, right, bottom = box
+    if not (left <= x < right and top <= y < bottom):
+        return None
+    rows, cols = grid
+    return int((y - top) / (bottom - top) * rows) * cols + int((x - left) / (right - left) * cols)
+
+
+def token_attention(attentions: torch.Tensor, patch: int, layer: int, grid: tuple[int, int],
+                    num_prefix_tokens: int = 1, fusion: Fusion = 'mean') -> torch.Tensor:
+    """Where one patch token looks in one layer: its attention row over the patches, (rows, cols)."""
+    assert 0 <= layer < attentions.shape[0], f'layer {layer + 1} out of range 1..{attentions.shape[0]}'
+    row = fuse_heads(attentions[layer:layer + 1], fusion)[0, num_prefix_tokens + patch, num_prefix_tokens:]
+    return row.reshape(*grid)
+
+
+@torch.no_grad()
+def deletion_curve(model: Model, pred: Prediction, order: torch.Tensor, steps: int = 10) -> tuple[list, list]:
+    """Probability of the predicted class as patches are blanked in `order` (to the normalised mean, 0),
+    at fractions 0, 1/steps, ..., 1 of all patches. A faithful attention order makes it fall fast."""
+    x = model.transform(pred.image).unsqueeze(0)
+    rows, cols = pred.grid
+    p = x.shape[-1] // cols
+    target = int(pred.probs.argmax())
+    fractions = [i / steps for i in range(steps + 1)]
+    batch = x.repeat(len(fractions), 1, 1, 1)
+    for i, f in enumerate(fractions):
+        for patch in order[:round(f * rows * cols)].tolist():
+            r, c = divmod(patch, cols)
+            batch[i, :, r * p:(r + 1) * p, c * p:(c + 1) * p] = 0.0
+    probs = model.module(batch.to(model.device)).float().softmax(-1)[:, target].cpu()
+    return fractions, probs.tolist()
+
+
+def deletion_figure(model: Model, pred: Prediction, discard_ratio: float = 0.9, seed: int = 0) -> Figure:
+    flow = rollout(pred.attentions, pred.grid, pred.num_prefix_tokens, 'mean', discard_ratio).flatten()
+    attention_order = flow.argsort(descending=True)
+    random_order = torch.randperm(len(flow), generator=torch.Generator().manual_seed(seed))
+    fig = Figure(figsize=(6.4, 3.6))
+    ax = fig.subplots()
+    for order, label, style in ((attention_order, 'most attended first (rollout)', '-o'),
+                                (random_order, 'random order', '--s')):
+        fractions, probs = deletion_curve(model, pred, order)
+        area = float(np.trapezoid(probs, fractions))
+        ax.plot(fractions, probs, style, markersize=3, label=f'{label}, area {area:.3f}')
+    target = model.classes[int(pred.probs.argmax())]
+    ax.set(xlabel='fraction of patches blanked', ylabel=f'probability of "{target}"', ylim=(0, None),
+           title='Deletion test: if attention marks what matters, blanking the most attended patches\n'
+                 'first should drop the prediction faster than random (a smaller area)')
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def inspect_view(model: Model, image, patch_sizes: tuple[int, ...] = (4, 8, 16, 32)):
-    """Everything the Inspect tab shows for one image: the patch grid, token costs, and four figures."""
+    """Everything the Inspect tab shows for one image: the patch grid, token costs, and five figures."""
     pred = model.predict(image, top_k=1)
     size = model.data_config['input_size'][1]
     patch = size // pred.grid[0]
@@ -163,4 +221,29 @@ def inspect_view(model: Model, image, patch_sizes: tuple[int, ...] = (4, 8, 16, 
             head_scatter_figure(distance, 'mean attention distance (input pixels)',
                                 f'How far each head looks, on this image (input {size}x{size})'),
             head_scatter_figure(entropy, 'attention entropy (nats)',
-                                'How spread each head\'s attention is, on this image'))
+                                'How spread each head\'s attention is, on this image'),
+            deletion_figure(model, pred))
+
+
+def patch_view(model: Model, image, point: tuple[float, float], layer: int, fusion: Fusion = 'mean',
+               display: int = 448) -> tuple[Image.Image, str]:
+    """Click-a-patch: where the patch under `point` (in the displayed grid image's pixels) looks in `layer`
+    (1-based), drawn over the image with that patch outlined."""
+    pred = model.predict(image, top_k=1)
+    shown, box = fit_for_display(pred.image, pred.box, display)
+    patch = patch_at(point, box, pred.grid)
+    if patch is None:
+        raise ValueError('click inside the bright square: the model does not see the rest')
+    layers = pred.attentions.shape[0]
+    if not 1 <= int(layer) <= layers:
+        raise ValueError(f'this model has {layers} layers: choose a layer from 1 to {layers}')
+    heat = token_attention(pred.attentions, patch, int(layer) - 1, pred.grid, pred.num_prefix_tokens, fusion)
+    picture = overlay(shown, heat, box, opacity=0.6)
+    rows, cols = pred.grid
+    r, c = divmod(patch, cols)
+    left, top, right, bottom = box
+    w, h = (right - left) / cols, (bottom - top) / rows
+    ImageDraw.Draw(picture).rectangle([left + c * w, top + r * h, left + (c + 1) * w, top + (r + 1) * h],
+                                      outline=(0, 255, 255), width=2)
+    return picture, f'patch (row {r + 1}, column {c + 1}) in layer {int(layer)}: where it looks, brighter is more'
+
