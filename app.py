@@ -2,6 +2,8 @@
 
 This file only wires Gradio components to functions of the `vitdemo` package.
 """
+import functools
+from inspect import isgeneratorfunction
 from pathlib import Path
 
 import gradio as gr
@@ -26,70 +28,81 @@ layers at once. `scratch/` models are our ViT trained from scratch on CIFAR-10; 
 ImageNet-1k ViTs; `ours/` run the same ImageNet weights on our own from-scratch code."""
 
 
+def shows_user_errors(fn):
+    """Known input problems reach the browser as their own clear message; anything else stays Gradio's
+    generic error, with the details only in the server log."""
+    def raise_for_people(e: Exception):
+        raise gr.Error(str(e), print_exception=False) from None
+
+    if isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def stream(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except USER_ERRORS as e:
+                raise_for_people(e)
+        return stream
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as e:
+            raise_for_people(e)
+    return call
+
+
 def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None) -> gr.Blocks:
     cache = cache or ModelCache()
     job = job or TrainingJob(default_data_path(), cache.weights_dir or WEIGHTS_DIR)
     names = list_models(cache.weights_dir)
     has_scratch = any(n.startswith('scratch/') for n in names)
 
+    def load(name: str, progress: gr.Progress):
+        if name not in cache:
+            progress(0, desc=f'Loading {name} (the first time downloads its weights)')
+        return cache.get(name)
+
+    @shows_user_errors
     def predict(image: str, model: str, top_k: int = 5, fusion: str = 'mean', head: int = 0,
                 opacity: float = 0.6, discard_ratio: float = 0.9, progress=gr.Progress(track_tqdm=True)):
-        try:
-            if model not in cache:
-                progress(0, desc=f'Loading {model} (the first time downloads its weights)')
-            return predict_view(cache.get(model), image, top_k, fusion, head, opacity, discard_ratio)
-        except USER_ERRORS as e:
-            raise gr.Error(str(e), print_exception=False) from None
+        return predict_view(load(model, progress), image, top_k, fusion, head, opacity, discard_ratio)
 
+    @shows_user_errors
     def inspect(image: str, model: str, progress=gr.Progress(track_tqdm=True)):
-        try:
-            if model not in cache:
-                progress(0, desc=f'Loading {model} (the first time downloads its weights)')
-            grid, costs, *figures = inspect_view(cache.get(model), image)
-            return grid, [[c['patch_size'], c['grid'], c['tokens'], c['attention_pairs']] for c in costs], *figures
-        except USER_ERRORS as e:
-            raise gr.Error(str(e), print_exception=False) from None
+        return inspect_view(load(model, progress), image)
 
+    @shows_user_errors
     def compare(image: str, model_a: str, model_b: str, fusion: str = 'mean', as_cifar10: bool = True,
                 progress=gr.Progress(track_tqdm=True)):
-        try:
-            progress(0, desc='Loading the two models')
-            a, b = cache.get(model_a), cache.get(model_b)
-            progress(0.5, desc='Running both')
-            return compare_view(a, b, image, fusion, as_cifar10)
-        except USER_ERRORS as e:
-            raise gr.Error(str(e), print_exception=False) from None
+        return compare_view(load(model_a, progress), load(model_b, progress), image, fusion, as_cifar10)
 
+    @shows_user_errors
     def look_from_patch(image: str, model: str, layer: int, fusion: str, evt: gr.SelectData):
-        try:
-            return patch_view(cache.get(model), image, tuple(evt.index), layer, fusion)
-        except USER_ERRORS as e:
-            raise gr.Error(str(e), print_exception=False) from None
+        return patch_view(cache.get(model), image, tuple(evt.index), layer, fusion)
 
     def refresh(image, *rest):
         # re-draw when a control changes, once there is an image to draw on
         return gr.skip() if image is None else predict(image, *rest)
 
+    @shows_user_errors
     def start_training(embed_dim: int, depth: int, num_heads: int, patch_size: int, minutes: float,
                        batch_size: int, lr: float, name: str):
-        try:
-            model_config, train_config = configs_from_form(embed_dim, depth, num_heads, patch_size, minutes,
-                                                           batch_size, lr)
-            epochs = 0
-            for snap in job.run(model_config, train_config, name):
-                # curves and picture only when an epoch ends: fewer bytes, and the plots first get data
-                # with both splits in it (an empty first frame leaves their colour legend empty)
-                new_epoch = len(snap.history) > epochs or snap.done
-                loss, accuracy = training_curves(snap.history) if new_epoch else (gr.skip(),) * 2
-                picture = snap.attention if new_epoch else gr.skip()
-                epochs = len(snap.history)
-                models = gr.skip()
-                if snap.checkpoint:  # the new model shows up in the Predict tab at once
-                    cache.forget(f'scratch/{snap.checkpoint.stem}')
-                    models = gr.Dropdown(choices=list_models(cache.weights_dir))
-                yield (progress_text(snap.progress, snap.status), loss, accuracy, picture) + (models,) * 4
-        except USER_ERRORS as e:
-            raise gr.Error(str(e), print_exception=False) from None
+        model_config, train_config = configs_from_form(embed_dim, depth, num_heads, patch_size, minutes,
+                                                       batch_size, lr)
+        epochs = 0
+        for snap in job.run(model_config, train_config, name):
+            # curves and picture only when an epoch ends: fewer bytes, and the plots first get data
+            # with both splits in it (an empty first frame leaves their colour legend empty)
+            new_epoch = len(snap.history) > epochs or snap.done
+            loss, accuracy = training_curves(snap.history) if new_epoch else (gr.skip(),) * 2
+            picture = snap.attention if new_epoch else gr.skip()
+            epochs = len(snap.history)
+            models = gr.skip()
+            if snap.checkpoint:  # the new model shows up in the Predict tab at once
+                cache.forget(f'scratch/{snap.checkpoint.stem}')
+                models = gr.Dropdown(choices=list_models(cache.weights_dir))
+            yield (progress_text(snap.progress, snap.status), loss, accuracy, picture) + (models,) * 4
 
     def apply_preset(preset: str):
         return [TRAIN_PRESETS[preset][k] for k in TRAIN_FIELDS]

@@ -69,7 +69,7 @@ def test_inspect_view_gives_the_grid_costs_and_four_figures(weights_dir):
     model = load_model(DEFAULT_SCRATCH, weights_dir)  # 32x32 input, 8x8 patches, 2 layers x 4 heads
     grid, costs, *figures = inspect_view(model, Image.new('RGB', (64, 48), (90, 140, 200)))
     assert isinstance(grid, Image.Image) and grid.size == (448, 336)
-    assert [c['tokens'] for c in costs] == [65, 17, 5, 2]
+    assert costs == [[4, '8x8', 65, 4225], [8, '4x4', 17, 289], [16, '2x2', 5, 25], [32, '1x1', 2, 4]]
     assert len(figures) == 5 and all(isinstance(f, Figure) for f in figures)
     for fig in figures:
         assert fig.axes[0].get_title() or fig._suptitle is not None

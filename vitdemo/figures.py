@@ -216,7 +216,8 @@ def inspect_view(model: Model, image, patch_sizes: tuple[int, ...] = (4, 8, 16, 
     patch = size // pred.grid[0]
     distance = mean_attention_distance(pred.attentions, pred.grid, patch, pred.num_prefix_tokens)
     entropy = attention_entropy(pred.attentions, pred.num_prefix_tokens)
-    return (patch_grid(pred), token_costs(size, patch_sizes, pred.num_prefix_tokens),
+    costs = [list(row.values()) for row in token_costs(size, patch_sizes, pred.num_prefix_tokens)]
+    return (patch_grid(pred), costs,
             position_similarity_figure(model), patch_filters_figure(model),
             head_scatter_figure(distance, 'mean attention distance (input pixels)',
                                 f'How far each head looks, on this image (input {size}x{size})'),
