@@ -104,6 +104,9 @@ def test_cli_trains_on_real_cifar_images_and_evaluate_scores_them(tmp_path, caps
     evaluate_cli.main(['--weights', str(out), '--data', str(CIFAR_ARCHIVE), '--split', 'train', '--limit', '500'])
     printed = capsys.readouterr().out
     assert printed.startswith('accuracy ') and 'on 500 images' in printed and 'airplane' in printed
+    evaluate_cli.main(['--weights', str(out), '--data', str(CIFAR_ARCHIVE), '--split', 'holdout'])
+    printed = capsys.readouterr().out  # the run's own 1,000 validation images, scored again: same accuracy
+    assert f'accuracy {meta["metrics"]["val_accuracy"]:.4f} on 1000 images' in printed
     assert len(data.classes) == 10
 
 

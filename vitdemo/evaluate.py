@@ -1,14 +1,16 @@
 """Accuracy of a checkpoint on a dataset, overall and per class.
 
     python -m vitdemo.evaluate --weights weights/vit_cifar10.safetensors --data /path/to/cifar10 --split test
-    python -m vitdemo.evaluate --weights weights/vit_cifar10.safetensors --curves weights/vit_cifar10_curves.png
+    python -m vitdemo.evaluate --weights weights/vit_cifar10.safetensors \
+        --data ../shared/data/cifar10-train.tar.gz --split holdout
+    python -m vitdemo.evaluate --weights weights/vit_cifar10.safetensors --curves docs/vit_cifar10_curves.png
 """
 import argparse
 
 import torch
 
-from .data import ImageData, load_dataset, normalize
-from .train import autocast
+from .data import ImageData, load_dataset
+from .train import TrainConfig, autocast, split, to_model_input
 from .weights import CheckpointError, load_checkpoint
 
 
@@ -21,7 +23,7 @@ def confusion_matrix(model, data: ImageData, mean: list[float], std: list[float]
     counts = torch.zeros(n, n, dtype=torch.long)
     model.eval()
     for i in range(0, len(data), batch_size):
-        x = normalize(data.images[i:i + batch_size], mean, std).to(device)
+        x = to_model_input(data.images[i:i + batch_size], mean, std, model.config.img_size).to(device)
         with autocast(device, amp):
             pred = model(x).argmax(1).cpu()
         counts += torch.bincount(data.labels[i:i + batch_size] * n + pred, minlength=n * n).view(n, n)
@@ -62,7 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--weights', required=True, help='a vitdemo .safetensors checkpoint')
     parser.add_argument('--data', help='CIFAR-10 root, image folder or .tar.gz archive to score')
     parser.add_argument('--curves', help="write the checkpoint's training curves to this PNG")
-    parser.add_argument('--split', default='test', choices=['train', 'test'], help='which split to score')
+    parser.add_argument('--split', default='test', choices=['train', 'test', 'holdout'],
+                        help="which images to score; holdout: the training-set images the checkpoint's own run "
+                             'held out for validation (rebuilt from its seed), never trained on')
     parser.add_argument('--limit', type=int, help='score only the first N images')
     parser.add_argument('--no-amp', action='store_true', help='evaluate in fp32')
     args = parser.parse_args(argv)
@@ -75,7 +79,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f'curves written to {args.curves}')
     if not args.data:
         return
-    data = load_dataset(args.data, split=args.split)
+    data = load_dataset(args.data, split='train' if args.split == 'holdout' else args.split)
+    if args.split == 'holdout':
+        data = split(data, TrainConfig(**meta['train_config']))[1]
+        if data is None:
+            parser.error('the run that made this checkpoint held out no validation images')
     if data.classes != meta['classes']:
         parser.error(f'the data has classes {data.classes}, the checkpoint {meta["classes"]}')
     if args.limit:
