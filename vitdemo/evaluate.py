@@ -1,4 +1,4 @@
-"""Accuracy of a checkpoint on a dataset, overall and per class.
+r"""Accuracy of a checkpoint on a dataset, overall and per class.
 
     python -m vitdemo.evaluate --weights weights/vit_cifar10.safetensors --data /path/to/cifar10 --split test
     python -m vitdemo.evaluate --weights weights/vit_cifar10.safetensors \
