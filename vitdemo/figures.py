@@ -14,8 +14,6 @@ from PIL import Image, ImageDraw
 from .attention import Fusion, fit_for_display, fuse_heads, overlay, rollout
 from .backends import Model, Prediction
 
-matplotlib.use('Agg')  # figures are rendered off-screen, in a server
-
 
 def token_costs(img_size: int, patch_sizes: tuple[int, ...] = (4, 8, 16, 32), prefix: int = 1) -> list[dict]:
     """For each patch size: the patch grid, the tokens (patches + prefix) and the attention cost, which grows
