@@ -10,23 +10,17 @@ import argparse
 import torch
 
 from .data import ImageData, load_dataset
-from .train import TrainConfig, autocast, split, to_model_input
+from .train import TrainConfig, batch_logits, split
 from .weights import CheckpointError, load_checkpoint
 
 
-@torch.no_grad()
 def confusion_matrix(model, data: ImageData, mean: list[float], std: list[float], batch_size: int = 500,
                      amp: bool = True) -> torch.Tensor:
     """(classes, classes) counts: row = true class, column = predicted class."""
-    device = next(model.parameters()).device
     n = len(data.classes)
     counts = torch.zeros(n, n, dtype=torch.long)
-    model.eval()
-    for i in range(0, len(data), batch_size):
-        x = to_model_input(data.images[i:i + batch_size], mean, std, model.config.img_size).to(device)
-        with autocast(device, amp):
-            pred = model(x).argmax(1).cpu()
-        counts += torch.bincount(data.labels[i:i + batch_size] * n + pred, minlength=n * n).view(n, n)
+    for logits, y in batch_logits(model, data, mean, std, batch_size, amp):
+        counts += torch.bincount(y * n + logits.argmax(1), minlength=n * n).view(n, n)
     return counts
 
 

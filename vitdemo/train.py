@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -186,21 +186,29 @@ def param_groups(model: torch.nn.Module, weight_decay: float, backbone_lr_scale:
 
 
 @torch.no_grad()
-def evaluate(model: VisionTransformer, data: ImageData, mean: list[float], std: list[float],
-             batch_size: int = 500, amp: bool = True) -> tuple[float, float]:
-    """Mean loss and accuracy over `data`, in eval mode (restores the previous mode)."""
+def batch_logits(model: VisionTransformer, data: ImageData, mean: list[float], std: list[float],
+                 batch_size: int = 500, amp: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(fp32 logits, labels) batch by batch over `data`, in eval mode (restores the previous mode)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    try:
+        for i in range(0, len(data), batch_size):
+            x = to_model_input(data.images[i:i + batch_size], mean, std, model.config.img_size).to(device)
+            with autocast(device, amp):
+                logits = model(x).float()
+            yield logits.cpu(), data.labels[i:i + batch_size]
+    finally:
+        model.train(was_training)
+
+
+def evaluate(model: VisionTransformer, data: ImageData, mean: list[float], std: list[float],
+             batch_size: int = 500, amp: bool = True) -> tuple[float, float]:
+    """Mean loss and accuracy over `data`."""
     total_loss, correct = 0.0, 0
-    for i in range(0, len(data), batch_size):
-        x = to_model_input(data.images[i:i + batch_size], mean, std, model.config.img_size).to(device)
-        y = data.labels[i:i + batch_size].to(device)
-        with autocast(device, amp):
-            logits = model(x).float()
+    for logits, y in batch_logits(model, data, mean, std, batch_size, amp):
         total_loss += F.cross_entropy(logits, y, reduction='sum').item()
         correct += (logits.argmax(1) == y).sum().item()
-    model.train(was_training)
     return total_loss / len(data), correct / len(data)
 
 
