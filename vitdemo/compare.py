@@ -76,21 +76,20 @@ def agreement(pred_a: Prediction, heat_a: torch.Tensor, pred_b: Prediction, heat
     return float((a & b).sum() / max((a | b).sum(), 1))
 
 
-def scores_for(model: Model, probs: torch.Tensor, top_k: int, as_cifar10: bool) -> tuple[dict[str, float], bool]:
+def scores_for(model: Model, pred: Prediction, as_cifar10: bool) -> tuple[dict[str, float], bool]:
     """{label: probability} for display, and whether ImageNet classes were mapped onto CIFAR-10."""
     if as_cifar10 and len(model.classes) == 1000:
-        return imagenet_to_cifar10(probs), True
-    values, indices = probs.topk(min(top_k, len(model.classes)))
-    return {model.classes[i]: v for v, i in zip(values.tolist(), indices.tolist())}, False
+        return imagenet_to_cifar10(pred.probs), True
+    return dict(pred.top_k), False
 
 
 def compare_view(model_a: Model, model_b: Model, image, fusion: Fusion = 'mean', as_cifar10: bool = True,
                  top_k: int = 5, opacity: float = 0.6, discard_ratio: float = 0.9, display: int = 320):
     """Everything the Compare tab shows: each model's scores, the aligned layer overlays with their
     agreement, both rollouts, and a description."""
-    pred_a, pred_b = model_a.predict(image), model_b.predict(image)
-    (scores_a, mapped_a), (scores_b, mapped_b) = (scores_for(model_a, pred_a.probs, top_k, as_cifar10),
-                                                  scores_for(model_b, pred_b.probs, top_k, as_cifar10))
+    pred_a, pred_b = model_a.predict(image, top_k), model_b.predict(image, top_k)
+    (scores_a, mapped_a), (scores_b, mapped_b) = scores_for(model_a, pred_a, as_cifar10), \
+        scores_for(model_b, pred_b, as_cifar10)
     maps_a = cls_attention(pred_a.attentions, pred_a.grid, pred_a.num_prefix_tokens, fusion)
     maps_b = cls_attention(pred_b.attentions, pred_b.grid, pred_b.num_prefix_tokens, fusion)
     image_a, box_a = fit_for_display(pred_a.image, pred_a.box, display)

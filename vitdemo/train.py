@@ -34,9 +34,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from . import __version__
 from timm.data import resolve_data_config
 
+from . import __version__
 from .backends import WEIGHTS_DIR, ModelUnavailable, timm_pretrained
 from .data import ImageData, augment, load_dataset, normalize, train_val_split
 from .model import ViTConfig, VisionTransformer, preset
@@ -130,6 +130,9 @@ def to_model_input(images: torch.Tensor, mean: list[float], std: list[float], si
     """uint8 batch -> normalised float batch at the model's input size (upscaled for a pretrained ViT)."""
     x = normalize(images, mean, std)
     return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
+
+
+METRICS = ('train_loss', 'train_accuracy', 'val_loss', 'val_accuracy')  # what a checkpoint reports
 
 
 def seed_everything(seed: int) -> None:
@@ -305,8 +308,7 @@ def train(model_config: ViTConfig | None, cfg: TrainConfig, data: ImageData, out
              val_loss=val_loss, val_accuracy=val_acc, model=model, normalization=(mean, std))
 
     model.eval()
-    metrics = {k: history[-1][k] for k in ('train_loss', 'train_accuracy', 'val_loss', 'val_accuracy')} \
-        if history else {}
+    metrics = {k: history[-1][k] for k in METRICS} if history else {}
     path = Path(out) if out and history and rank == 0 else None
     last = history[-1] if history else {}
     emit('done', lr=last.get('lr', 0.0), loss=last.get('train_loss', float('nan')),
@@ -317,11 +319,8 @@ def train(model_config: ViTConfig | None, cfg: TrainConfig, data: ImageData, out
 
 
 def _save(out, model, classes, mean, std, history, cfg) -> Path:
-    last = history[-1]
     return save_checkpoint(out, model, classes, mean, std, history=history, train_config=asdict(cfg),
-                           metrics={k: last[k] for k in ('train_loss', 'train_accuracy', 'val_loss',
-                                                         'val_accuracy')},
-                           seed=cfg.seed, vitdemo_version=__version__)
+                           metrics={k: history[-1][k] for k in METRICS}, seed=cfg.seed, vitdemo_version=__version__)
 
 
 def main(argv: list[str] | None = None) -> None:
