@@ -19,7 +19,7 @@ from vitdemo.weights import CheckpointError
 
 EXAMPLES = sorted(str(p) for p in (Path(__file__).parent / 'examples').glob('*.*') if p.suffix != '.md')
 USER_ERRORS = (ImageError, ModelUnavailable, CheckpointError, TrainingBusy, FileNotFoundError, ValueError)
-TRAIN_FIELDS = ['embed_dim', 'depth', 'num_heads', 'patch_size', 'minutes', 'batch_size', 'lr']
+TRAIN_FIELDS = ['embed_dim', 'depth', 'num_heads', 'patch_size', 'minutes', 'batch_size', 'lr', 'arch']
 
 INTRO = """# vitdemo: how a Vision Transformer sees
 Upload an image and pick a model: you get its top predictions and, for every layer, where the **CLS token**
@@ -87,9 +87,9 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
 
     @shows_user_errors
     def start_training(embed_dim: int, depth: int, num_heads: int, patch_size: int, minutes: float,
-                       batch_size: int, lr: float, name: str):
+                       batch_size: int, lr: float, name: str, arch: str = 'vit'):
         model_config, train_config = configs_from_form(embed_dim, depth, num_heads, patch_size, minutes,
-                                                       batch_size, lr)
+                                                       batch_size, lr, arch=arch)
         epochs = 0
         for snap in job.run(model_config, train_config, name):
             # curves and picture only when an epoch ends: fewer bytes, and the plots first get data
@@ -134,12 +134,16 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
                                          height='auto', object_fit='contain')
         with gr.Tab('Train'):
             gr.Markdown('Train a small ViT from scratch on CIFAR-10 and watch it learn. The defaults finish in '
-                        'about ten minutes on a 2-core CPU; the result joins the Predict tab\'s model list.')
+                        'about ten minutes on a 2-core CPU; the result joins the Predict tab\'s model list. '
+                        'Train the CNN baseline (ResNet-18) the same way, then set the two side by side in '
+                        'Compare: ViT vs CNN on small data.')
             with gr.Row():
                 with gr.Column(scale=1):
                     first = next(iter(TRAIN_PRESETS))
                     preset = gr.Dropdown(list(TRAIN_PRESETS), value=first, label='Preset')
                     p = TRAIN_PRESETS[first]
+                    arch = gr.Radio([('ViT (settings below)', 'vit'), ('ResNet-18, the CNN baseline', 'resnet18')],
+                                    value=p['arch'], label='Model')
                     with gr.Row():
                         embed_dim = gr.Number(p['embed_dim'], label='Embed dim', precision=0)
                         depth = gr.Number(p['depth'], label='Depth (layers)', precision=0)
@@ -160,11 +164,12 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
                         loss_plot = gr.LinePlot(x='epoch', y='value', color='split', title='Loss', height=260)
                         accuracy_plot = gr.LinePlot(x='epoch', y='value', color='split', title='Accuracy',
                                                     height=260)
-                    snapshot = gr.Image(label='CLS attention (last layer) on a fixed validation image, '
-                                              'after each epoch', height=220, interactive=False)
+                    snapshot = gr.Image(label='CLS attention (last layer; a CNN: last-stage Grad-CAM) on a fixed '
+                                              'validation image, after each epoch', height=220, interactive=False)
         with gr.Tab('Compare'):
             gr.Markdown('One image, two models. Layers are paired by relative depth (a 6-layer and a 12-layer '
-                        'model line up); each pair is scored by how much their attention overlaps.')
+                        'model line up); each pair is scored by how much their attention overlaps. A CNN '
+                        '(ResNet-18, trained in the Train tab) shows the Grad-CAM of each stage instead.')
             with gr.Row():
                 with gr.Column(scale=1):
                     compare_image = gr.File(label='Image', file_types=['image'], type='filepath')
@@ -223,8 +228,8 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
                           [patch_image, patch_caption], api_visibility='private')
 
         train_fields = [embed_dim, depth, num_heads, patch_size, minutes, batch_size, lr]
-        preset.change(apply_preset, preset, train_fields, api_visibility='private')
-        start.click(start_training, train_fields + [run_name],
+        preset.change(apply_preset, preset, train_fields + [arch], api_visibility='private')
+        start.click(start_training, train_fields + [run_name, arch],
                     [status, loss_plot, accuracy_plot, snapshot, model, inspect_model, model_a, model_b],
                     api_name='train', concurrency_limit=2, concurrency_id='train')
         stop.click(job.stop, api_name='stop_training')

@@ -11,7 +11,7 @@ from vitdemo.weights import load_checkpoint
 def test_every_preset_is_a_valid_configuration():
     for name, p in TRAIN_PRESETS.items():
         model_config, train_config = configs_from_form(p['embed_dim'], p['depth'], p['num_heads'], p['patch_size'],
-                                                       p['minutes'], p['batch_size'], p['lr'])
+                                                       p['minutes'], p['batch_size'], p['lr'], arch=p['arch'])
         assert model_config.img_size == 32 and train_config.minutes == p['minutes'], name
 
 

@@ -1,7 +1,8 @@
 """The models the app offers, behind one `Model` type with `predict(image) -> Prediction`.
 
 Three kinds of name:
-- `scratch/NAME`: our ViT with our weights, `weights/NAME.safetensors` (trained by `vitdemo.train`);
+- `scratch/NAME`: our ViT, or the ResNet-18 baseline, with our weights, `weights/NAME.safetensors`
+  (trained by `vitdemo.train`);
 - `timm/ARCH`: timm's ViT with its ImageNet-1k weights, attention read with `timm.utils.AttentionExtract`;
 - `ours/ARCH`: our ViT code running the same ImageNet weights (proof the two implementations agree).
 
@@ -25,8 +26,9 @@ from PIL import Image
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 from timm.utils import AttentionExtract
 
+from .attention import Fusion, cls_attention, rollout
+from .cnn import CifarResNet
 from .images import load_image
-from .model import VisionTransformer
 from .weights import CheckpointError, from_timm, load_checkpoint, read_metadata
 
 WEIGHTS_DIR = Path(os.environ.get('VITDEMO_WEIGHTS', Path(__file__).resolve().parent.parent / 'weights'))
@@ -45,12 +47,26 @@ class ModelUnavailable(RuntimeError):
 @dataclass
 class Prediction:
     top_k: list[tuple[str, float]]  # (label, probability), most probable first
-    attentions: torch.Tensor  # (layers, heads, tokens, tokens), softmax probabilities
-    grid: tuple[int, int]  # (rows, cols) of patches
+    attentions: torch.Tensor | None  # ViT: (layers, heads, tokens, tokens), softmax probabilities; CNN: None
+    grid: tuple[int, int]  # (rows, cols) of patches; a CNN's last feature map
     num_prefix_tokens: int  # tokens before the patches: CLS, and DeiT's distillation token
     image: Image.Image  # the RGB image as loaded (downscaled if it was huge)
     box: tuple[float, float, float, float]  # (left, top, right, bottom) of `image` that the model saw
     probs: torch.Tensor  # (classes,) every class's probability, in `Model.classes` order
+    saliency: list[torch.Tensor] | None = None  # CNN: Grad-CAM of the top class after each stage, (rows, cols)
+
+    def layer_maps(self, fusion: Fusion = 'mean') -> list[torch.Tensor]:
+        """Where the model looks at each depth, (rows, cols) each: the CLS attention of every layer of a
+        ViT, or the Grad-CAM of every stage of a CNN (which has no heads to fuse)."""
+        if self.saliency is not None:
+            return self.saliency
+        return list(cls_attention(self.attentions, self.grid, self.num_prefix_tokens, fusion))
+
+    def overall_map(self, fusion: Fusion = 'mean', discard_ratio: float = 0.9) -> torch.Tensor:
+        """One map for the whole network: a ViT's attention rollout, a CNN's last-stage Grad-CAM."""
+        if self.saliency is not None:
+            return self.saliency[-1]
+        return rollout(self.attentions, self.grid, self.num_prefix_tokens, fusion, discard_ratio)
 
 
 class Model:
@@ -61,8 +77,9 @@ class Model:
         module: the torch module.
         classes: class names, in logit order.
         data_config: timm data config (input_size, interpolation, mean, std, crop_pct, crop_mode).
-        attend: image batch -> (logits, per-layer attention list), the module's attention read-out.
-        num_prefix_tokens: tokens before the patch tokens.
+        attend: image batch -> (logits, per-layer attention list), the module's attention read-out; for
+            a CNN, (logits, per-stage Grad-CAM list).
+        num_prefix_tokens: tokens before the patch tokens (0 for a CNN).
         description: one line for people.
     """
 
@@ -79,9 +96,11 @@ class Model:
         self.attend = attend
         self._lock = threading.Lock()  # attention read-outs keep per-call state; one image at a time
         self.device = next(module.parameters()).device
-        size = data_config['input_size'][1]
-        patch = module.patch_embed.proj.stride[0]  # the same conv in timm's ViT and ours
-        self.grid = (size // patch, size // patch)
+        self.is_cnn = isinstance(module, CifarResNet)
+        if not self.is_cnn:
+            size = data_config['input_size'][1]
+            patch = module.patch_embed.proj.stride[0]  # the same conv in timm's ViT and ours
+            self.grid = (size // patch, size // patch)
 
     def predict(self, image, top_k: int = 5) -> Prediction:
         """Top-k classes and every layer's attention for one image (PIL image, numpy array or file path)."""
@@ -90,13 +109,16 @@ class Model:
         image = load_image(image)
         x = self.transform(image).unsqueeze(0).to(self.device)
         with self._lock, torch.inference_mode():
-            logits, attentions = self.attend(x)
+            logits, maps = self.attend(x)
+        maps = [m[0].float().cpu() for m in maps]
         probs = logits[0].float().softmax(-1).cpu()
         values, indices = probs.topk(min(top_k, len(self.classes)))
         return Prediction(top_k=[(self.classes[i], v) for v, i in zip(values.tolist(), indices.tolist())],
-                          attentions=torch.stack([a[0] for a in attentions]).float().cpu(),
-                          grid=self.grid, num_prefix_tokens=self.num_prefix_tokens, image=image,
-                          box=crop_box(image.size, self.data_config), probs=probs)
+                          attentions=None if self.is_cnn else torch.stack(maps),
+                          grid=tuple(maps[-1].shape) if self.is_cnn else self.grid,
+                          num_prefix_tokens=self.num_prefix_tokens, image=image,
+                          box=crop_box(image.size, self.data_config), probs=probs,
+                          saliency=maps if self.is_cnn else None)
 
 
 def crop_box(size: tuple[int, int], data_config: dict) -> tuple[float, float, float, float]:
@@ -183,10 +205,13 @@ def load_model(name_or_path: str | Path, weights_dir: Path | None = None, device
     data_config = dict(input_size=(c.in_chans, c.img_size, c.img_size), interpolation='bicubic',
                        mean=tuple(meta['mean']), std=tuple(meta['std']), crop_pct=1.0, crop_mode='center')
     val = (meta.get('metrics') or {}).get('val_accuracy')
-    accuracy = f', {val:.1%} validation accuracy' if val is not None else ''
+    about = f'trained from scratch ({len(meta["classes"])} classes' + \
+        (f', {val:.1%} validation accuracy)' if val is not None else ')')
+    if isinstance(module, CifarResNet):
+        return Model(name, module, meta['classes'], data_config, module.forward_with_saliency, 0,
+                     f'the CNN baseline, ResNet-18 for small images, {about}')
     return Model(name, module, meta['classes'], data_config, module.forward_with_attention,
-                 module.num_prefix_tokens, f'our ViT trained from scratch ({len(meta["classes"])} classes'
-                 f'{accuracy})')
+                 module.num_prefix_tokens, f'our ViT {about}')
 
 
 def timm_pretrained(arch: str, weights_dir: Path) -> torch.nn.Module:

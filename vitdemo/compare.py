@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .attention import Fusion, cls_attention, fit_for_display, overlay, rollout
+from .attention import Fusion, fit_for_display, overlay
 from .backends import Model, Prediction
 
 # ImageNet-1k class indices for each CIFAR-10 class. CIFAR-10's own definitions: "automobile" is sedans,
@@ -83,6 +83,14 @@ def scores_for(model: Model, pred: Prediction, as_cifar10: bool) -> tuple[dict[s
     return dict(pred.top_k), False
 
 
+def depth_name(pred: Prediction) -> str:
+    return 'stage' if pred.saliency is not None else 'layer'
+
+
+def overall_name(pred: Prediction) -> str:
+    return 'last-stage Grad-CAM' if pred.saliency is not None else 'rollout'
+
+
 def compare_view(model_a: Model, model_b: Model, image, fusion: Fusion = 'mean', as_cifar10: bool = True,
                  top_k: int = 5, opacity: float = 0.6, discard_ratio: float = 0.9, display: int = 320):
     """Everything the Compare tab shows: each model's scores, the aligned layer overlays with their
@@ -90,8 +98,7 @@ def compare_view(model_a: Model, model_b: Model, image, fusion: Fusion = 'mean',
     pred_a, pred_b = model_a.predict(image, top_k), model_b.predict(image, top_k)
     (scores_a, mapped_a), (scores_b, mapped_b) = scores_for(model_a, pred_a, as_cifar10), \
         scores_for(model_b, pred_b, as_cifar10)
-    maps_a = cls_attention(pred_a.attentions, pred_a.grid, pred_a.num_prefix_tokens, fusion)
-    maps_b = cls_attention(pred_b.attentions, pred_b.grid, pred_b.num_prefix_tokens, fusion)
+    maps_a, maps_b = pred_a.layer_maps(fusion), pred_b.layer_maps(fusion)
     image_a, box_a = fit_for_display(pred_a.image, pred_a.box, display)
     image_b, box_b = fit_for_display(pred_b.image, pred_b.box, display)
 
@@ -102,14 +109,16 @@ def compare_view(model_a: Model, model_b: Model, image, fusion: Fusion = 'mean',
         return iou
 
     gallery: list[tuple[Image.Image, str]] = []
-    ious = [pair(maps_a[la], maps_b[lb], f'A layer {la + 1}', f'B layer {lb + 1}')
+    depth_a, depth_b = depth_name(pred_a), depth_name(pred_b)
+    ious = [pair(maps_a[la], maps_b[lb], f'A {depth_a} {la + 1}', f'B {depth_b} {lb + 1}')
             for la, lb in align_layers(len(maps_a), len(maps_b))]
-    pair(rollout(pred_a.attentions, pred_a.grid, pred_a.num_prefix_tokens, fusion, discard_ratio),
-         rollout(pred_b.attentions, pred_b.grid, pred_b.num_prefix_tokens, fusion, discard_ratio),
-         'A rollout', 'B rollout')
+    pair(pred_a.overall_map(fusion, discard_ratio), pred_b.overall_map(fusion, discard_ratio),
+         f'A {overall_name(pred_a)}', f'B {overall_name(pred_b)}')
     note = (' ImageNet predictions are summed into CIFAR-10 classes (dog breeds into "dog", and so on; deer '
             "into ImageNet's antelopes, the nearest it has).") if mapped_a or mapped_b else ''
-    text = (f'**A** {model_a.name} ({len(maps_a)} layers) vs **B** {model_b.name} ({len(maps_b)} layers), layers '
+    cnn = (' A CNN has no attention: its maps are the Grad-CAM of its top class after each stage, and its last '
+           'stage stands in for the rollout.') if pred_a.saliency is not None or pred_b.saliency is not None else ''
+    text = (f'**A** {model_a.name} ({len(maps_a)} {depth_a}s) vs **B** {model_b.name} ({len(maps_b)} {depth_b}s), '
             'paired by relative depth. Agreement per pair, as the IoU of the image regions holding the top 20% of '
-            f'each CLS attention: {", ".join(f"{v:.2f}" for v in ious)}.{note}')
+            f'each map: {", ".join(f"{v:.2f}" for v in ious)}.{cnn}{note}')
     return scores_a, scores_b, gallery, text

@@ -207,8 +207,15 @@ def deletion_figure(model: Model, pred: Prediction, discard_ratio: float = 0.9, 
     return fig
 
 
+def require_vit(model: Model) -> None:
+    if model.is_cnn:
+        raise ValueError(f'Inspect shows the inside of a ViT (patches, position embeddings, heads); {model.name} '
+                         'is a CNN. Pick a ViT here, or set the CNN beside a ViT in the Compare tab.')
+
+
 def inspect_view(model: Model, image, patch_sizes: tuple[int, ...] = (4, 8, 16, 32)):
     """Everything the Inspect tab shows for one image: the patch grid, token costs, and five figures."""
+    require_vit(model)
     pred = model.predict(image, top_k=1)
     size = model.data_config['input_size'][1]
     patch = size // pred.grid[0]
@@ -228,6 +235,7 @@ def patch_view(model: Model, image, point: tuple[float, float], layer: int, fusi
                display: int = 448) -> tuple[Image.Image, str]:
     """Click-a-patch: where the patch under `point` (in the displayed grid image's pixels) looks in `layer`
     (1-based), drawn over the image with that patch outlined."""
+    require_vit(model)
     pred = model.predict(image, top_k=1)
     shown, box = fit_for_display(pred.image, pred.box, display)
     patch = patch_at(point, box, pred.grid)

@@ -181,6 +181,7 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
+    arch = 'vit'  # recorded in checkpoints, next to the config
     num_prefix_tokens = 1  # the CLS token
 
     def __init__(self, config: ViTConfig):

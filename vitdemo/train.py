@@ -6,6 +6,9 @@ Run from the repository root:
     python -m vitdemo.train --data ../shared/data/cifar10-train.tar.gz --minutes 10 --out weights/demo.safetensors
     # a quick smoke run: 2,000 training images, 500 validation images, one epoch
     python -m vitdemo.train --data ../shared/data/cifar10-train.tar.gz --epochs 1 --train-limit 2000 --val-limit 500
+    # the CNN baseline (ResNet-18 for 32x32 images), same loop and recipe
+    python -m vitdemo.train --arch resnet18 --data ../shared/data/cifar10-train.tar.gz --minutes 10 \
+        --out weights/resnet18_cifar10.safetensors
 
 The loop, top to bottom: AdamW with warm-up then cosine decay over the budget (epochs, or minutes: the
 schedule follows the clock), label smoothing, gradient clipping, bf16 autocast on a CPU that has it (AMP
@@ -39,8 +42,9 @@ from timm.data import resolve_data_config
 from . import __version__
 from .backends import WEIGHTS_DIR, ModelUnavailable, timm_pretrained
 from .data import ImageData, augment, load_dataset, normalize, train_val_split
+from .cnn import ResNetConfig
 from .model import ViTConfig, VisionTransformer, preset
-from .weights import CheckpointError, from_timm, save_checkpoint
+from .weights import CheckpointError, Classifier, build_model, from_timm, save_checkpoint
 
 
 @dataclass
@@ -59,6 +63,7 @@ class TrainConfig:
     val_limit: int | None = None  # and this many validation images; 0 skips validation
     amp: bool = True  # bf16 autocast on CPUs with AVX-512 BF16 / AMX, fp16 AMP on CUDA
     compile: bool = False  # torch.compile the training forward: faster on long runs, slow to start
+    half_checkpoint: bool = False  # store weights as float16: half the file, the same predictions to 3 digits
 
     def __post_init__(self):
         if (self.epochs is None) == (self.minutes is None):
@@ -90,13 +95,13 @@ class TrainEvent:
     eta_seconds: float
     val_loss: float | None = None
     val_accuracy: float | None = None
-    model: VisionTransformer | None = field(default=None, repr=False)  # on 'epoch' and 'done'
+    model: Classifier | None = field(default=None, repr=False)  # on 'epoch' and 'done'
     normalization: tuple[list[float], list[float]] | None = None  # (mean, std) the model's inputs get
 
 
 @dataclass
 class TrainResult:
-    model: VisionTransformer
+    model: Classifier
     history: list[dict]
     metrics: dict
     path: Path | None
@@ -189,7 +194,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, backbone_lr_scale:
 
 
 @torch.no_grad()
-def batch_logits(model: VisionTransformer, data: ImageData, mean: list[float], std: list[float],
+def batch_logits(model: Classifier, data: ImageData, mean: list[float], std: list[float],
                  batch_size: int = 500, amp: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(fp32 logits, labels) batch by batch over `data`, in eval mode (restores the previous mode)."""
     was_training = model.training
@@ -205,7 +210,7 @@ def batch_logits(model: VisionTransformer, data: ImageData, mean: list[float], s
         model.train(was_training)
 
 
-def evaluate(model: VisionTransformer, data: ImageData, mean: list[float], std: list[float],
+def evaluate(model: Classifier, data: ImageData, mean: list[float], std: list[float],
              batch_size: int = 500, amp: bool = True) -> tuple[float, float]:
     """Mean loss and accuracy over `data`."""
     total_loss, correct = 0.0, 0
@@ -215,10 +220,10 @@ def evaluate(model: VisionTransformer, data: ImageData, mean: list[float], std: 
     return total_loss / len(data), correct / len(data)
 
 
-def train(model_config: ViTConfig | None, cfg: TrainConfig, data: ImageData, out: str | Path | None = None,
-          on_event: Callable[[TrainEvent], None] | None = None, stop: threading.Event | None = None,
-          device: str | None = None, finetune: FineTune | None = None) -> TrainResult:
-    """Train a new ViT of `model_config` (or fine-tune `finetune.model`) on `data` within `cfg`'s budget."""
+def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data: ImageData,
+          out: str | Path | None = None, on_event: Callable[[TrainEvent], None] | None = None,
+          stop: threading.Event | None = None, device: str | None = None, finetune: FineTune | None = None) -> TrainResult:
+    """Train a new model of `model_config` (or fine-tune `finetune.model`) on `data` within `cfg`'s budget."""
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     model_config = finetune.model.config if finetune else model_config
     assert model_config.num_classes == len(data.classes), \
@@ -228,8 +233,9 @@ def train(model_config: ViTConfig | None, cfg: TrainConfig, data: ImageData, out
     mean, std = (finetune.mean, finetune.std) if finetune else train_data.mean_std()
 
     rank, world = rank_and_world()
-    model = (finetune.model if finetune else VisionTransformer(model_config)).to(device).train()
-    model.set_fused_attn(False)  # measured faster than SDPA for bf16 training at CIFAR's 65 tokens
+    model = (finetune.model if finetune else build_model(model_config)).to(device).train()
+    if isinstance(model, VisionTransformer):
+        model.set_fused_attn(False)  # measured faster than SDPA for bf16 training at CIFAR's 65 tokens
     net = DistributedDataParallel(model) if world > 1 else model  # DDP broadcasts rank 0's initial weights
     forward = torch.compile(net) if cfg.compile else net
     groups = param_groups(model, cfg.weight_decay, finetune.backbone_lr_scale if finetune else 1.0)
@@ -319,7 +325,8 @@ def train(model_config: ViTConfig | None, cfg: TrainConfig, data: ImageData, out
 
 
 def _save(out, model, classes, mean, std, history, cfg) -> Path:
-    return save_checkpoint(out, model, classes, mean, std, history=history, train_config=asdict(cfg),
+    return save_checkpoint(out, model, classes, mean, std, torch.float16 if cfg.half_checkpoint else torch.float32,
+                           history=history, train_config=asdict(cfg),
                            metrics={k: history[-1][k] for k in METRICS}, seed=cfg.seed, vitdemo_version=__version__)
 
 
@@ -332,6 +339,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--epochs', type=int, help='train for this many epochs (instead of --minutes)')
     parser.add_argument('--minutes', type=float, help='train for this many minutes (default 10)')
     # model
+    parser.add_argument('--arch', choices=['vit', 'resnet18'], default='vit',
+                        help='our ViT (configured below), or the CNN baseline: ResNet-18 for 32x32 images')
     base = preset('vit_cifar10')
     parser.add_argument('--embed-dim', type=int, default=base.embed_dim, help='token width')
     parser.add_argument('--depth', type=int, default=base.depth, help='number of Transformer blocks')
@@ -358,6 +367,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--val-limit', type=int, help='use only M validation images (0 skips validation)')
     parser.add_argument('--no-amp', action='store_true', help='train in fp32')
     parser.add_argument('--compile', action='store_true', help='torch.compile the model (faster on long runs)')
+    parser.add_argument('--half-checkpoint', action='store_true', help='store the weights as float16 (half the file)')
     args = parser.parse_args(argv)
 
     from tqdm import tqdm
@@ -370,14 +380,15 @@ def main(argv: list[str] | None = None) -> None:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ['LOCAL_WORLD_SIZE'])))
     rank, world = rank_and_world()
     try:
-        model_config = ViTConfig(img_size=32, patch_size=args.patch_size, num_classes=10, embed_dim=args.embed_dim,
-                                 depth=args.depth, num_heads=args.heads, mlp_ratio=args.mlp_ratio,
-                                 global_pool=args.global_pool, drop_path_rate=args.drop_path)
+        model_config = ResNetConfig(img_size=32) if args.arch == 'resnet18' else \
+            ViTConfig(img_size=32, patch_size=args.patch_size, num_classes=10, embed_dim=args.embed_dim,
+                      depth=args.depth, num_heads=args.heads, mlp_ratio=args.mlp_ratio,
+                      global_pool=args.global_pool, drop_path_rate=args.drop_path)
         minutes = args.minutes if args.minutes is not None else (None if args.epochs else 10.0)
         cfg = TrainConfig(epochs=args.epochs, minutes=minutes, batch_size=args.batch_size, lr=args.lr,
                           weight_decay=args.weight_decay, seed=args.seed, val_size=args.val_size,
                           train_limit=args.train_limit, val_limit=args.val_limit, amp=not args.no_amp,
-                          compile=args.compile)
+                          compile=args.compile, half_checkpoint=args.half_checkpoint)
     except (AssertionError, ValueError) as e:
         parser.error(str(e))
     data = load_dataset(args.data)  # every rank decodes from the same cache; the first run builds it

@@ -17,18 +17,24 @@ from PIL import Image
 
 from .attention import cls_attention, overlay
 from .data import ImageData, load_dataset, normalize
-from .model import ViTConfig, VisionTransformer
+from .cnn import CifarResNet, ResNetConfig
+from .model import ViTConfig
 from .train import TrainConfig, TrainEvent, split, train
+from .weights import Classifier
 
 # Presets for the Train tab: (model settings, budget). Sized for a 2-core CPU.
 TRAIN_PRESETS: dict[str, dict] = {
-    '10-minute CPU demo': dict(embed_dim=128, depth=4, num_heads=4, patch_size=4, minutes=10.0, batch_size=256,
-                               lr=2e-3),
-    '2-minute quick look': dict(embed_dim=96, depth=3, num_heads=3, patch_size=4, minutes=2.0, batch_size=256,
-                                lr=2e-3),
-    '30-minute, larger model': dict(embed_dim=192, depth=6, num_heads=3, patch_size=4, minutes=30.0,
+    '10-minute CPU demo': dict(arch='vit', embed_dim=128, depth=4, num_heads=4, patch_size=4, minutes=10.0,
+                               batch_size=256, lr=2e-3),
+    '2-minute quick look': dict(arch='vit', embed_dim=96, depth=3, num_heads=3, patch_size=4, minutes=2.0,
+                                batch_size=256, lr=2e-3),
+    '30-minute, larger model': dict(arch='vit', embed_dim=192, depth=6, num_heads=3, patch_size=4, minutes=30.0,
                                     batch_size=256, lr=2e-3),
+    # ResNet-18 does ~8x the arithmetic per image of the 10-minute ViT: about one epoch in ten minutes
+    '10-minute CNN baseline (ResNet-18)': dict(arch='resnet18', embed_dim=128, depth=4, num_heads=4, patch_size=4,
+                                               minutes=10.0, batch_size=128, lr=2e-3),
 }
+ARCHS = ['vit', 'resnet18']
 NAME_PATTERN = re.compile(r'[A-Za-z0-9][A-Za-z0-9_-]{0,47}')
 PROTECTED = {'vit_cifar10'}  # the shipped checkpoint is never overwritten from the UI
 
@@ -48,9 +54,12 @@ class Snapshot:
 
 
 def configs_from_form(embed_dim: int, depth: int, num_heads: int, patch_size: int, minutes: float,
-                      batch_size: int, lr: float, mlp_ratio: float = 2.0, seed: int = 0,
-                      img_size: int = 32) -> tuple[ViTConfig, TrainConfig]:
-    """The Train tab's fields as configs, every value checked before any work starts."""
+                      batch_size: int, lr: float, mlp_ratio: float = 2.0, seed: int = 0, img_size: int = 32,
+                      arch: str = 'vit') -> tuple[ViTConfig | ResNetConfig, TrainConfig]:
+    """The Train tab's fields as configs, every value checked before any work starts. The ViT's
+    fields are checked whatever `arch` is: the form shows them either way."""
+    if arch not in ARCHS:
+        raise ValueError(f'model must be one of {", ".join(ARCHS)}, not {arch!r}')
     values = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, patch_size=patch_size, batch_size=batch_size)
     for key, value in values.items():
         if value is None or int(value) != value or value < 1:
@@ -63,6 +72,8 @@ def configs_from_form(embed_dim: int, depth: int, num_heads: int, patch_size: in
                                  mlp_ratio=float(mlp_ratio))
     except AssertionError as e:
         raise ValueError(str(e)) from None
+    if arch == 'resnet18':
+        model_config = ResNetConfig(img_size=img_size)
     return model_config, TrainConfig(minutes=float(minutes), batch_size=int(batch_size), lr=float(lr), seed=int(seed))
 
 
@@ -75,16 +86,21 @@ def checkpoint_name(name: str) -> str:
     return name
 
 
-def attention_snapshot(model: VisionTransformer, image: torch.Tensor, mean: list[float], std: list[float],
+def attention_snapshot(model: Classifier, image: torch.Tensor, mean: list[float], std: list[float],
                        display: int = 192) -> Image.Image:
-    """Where the CLS token looks in the last layer, for one uint8 (3, H, W) image, drawn large."""
+    """Where the CLS token looks in the last layer (a CNN: its last stage's Grad-CAM), for one uint8
+    (3, H, W) image, drawn large."""
     was_training = model.training
     model.eval()
+    x = normalize(image[None], mean, std)
     with torch.no_grad():
-        _, attentions = model.forward_with_attention(normalize(image[None], mean, std))
+        if isinstance(model, CifarResNet):
+            heat = model.forward_with_saliency(x)[1][-1][0]
+        else:
+            attentions = model.forward_with_attention(x)[1]
+            grid = (model.patch_embed.grid_size,) * 2
+            heat = cls_attention(torch.stack([a[0] for a in attentions]).float(), grid)[-1]
     model.train(was_training)
-    grid = (model.patch_embed.grid_size,) * 2
-    heat = cls_attention(torch.stack([a[0] for a in attentions]).float(), grid)[-1]
     picture = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((display, display), Image.Resampling.NEAREST)
     return overlay(picture, heat, opacity=0.55)
 
@@ -113,7 +129,7 @@ class TrainingJob:
         if self.busy:
             self._stop.set()
 
-    def run(self, model_config: ViTConfig, cfg: TrainConfig, name: str,
+    def run(self, model_config: ViTConfig | ResNetConfig, cfg: TrainConfig, name: str,
             data: ImageData | None = None) -> Iterator[Snapshot]:
         name = checkpoint_name(name)
         if not self._running.acquire(blocking=False):

@@ -4,7 +4,7 @@ import time
 import pandas as pd
 from PIL import Image
 
-from .attention import Fusion, cls_attention, fit_for_display, overlay, rollout
+from .attention import Fusion, fit_for_display, overlay
 from .backends import Model, Prediction
 
 FUSIONS = ['mean', 'max', 'min', 'one head']
@@ -25,23 +25,31 @@ def parse_fusion(fusion: str, head: int | float | None, num_heads: int) -> Fusio
 
 def attention_gallery(pred: Prediction, fusion: Fusion = 'mean', opacity: float = 0.6,
                       discard_ratio: float = 0.9) -> list[tuple[Image.Image, str]]:
-    """The input with the region the model saw, one CLS-attention overlay per layer, then the rollout."""
+    """The input with the region the model saw, one CLS-attention overlay per layer, then the rollout
+    (for a CNN: one Grad-CAM per stage, the last being the whole network's)."""
     image, box = fit_for_display(pred.image, pred.box, DISPLAY_SIDE)
-    layers = cls_attention(pred.attentions, pred.grid, pred.num_prefix_tokens, fusion)
+    layers = pred.layer_maps(fusion)
+    cnn = pred.saliency is not None
     rows, cols = pred.grid
+    seen = 'pixels through four stages' if cnn else f'{rows}x{cols} patches'
     # opacity 0 draws no heat, only dims what lies outside the model's view
-    items = [(overlay(image, layers[0], box, opacity=0.0), f'input: the model sees the bright square, '
-                                                           f'as {rows}x{cols} patches')]
+    items = [(overlay(image, layers[0], box, opacity=0.0), f'input: the model sees the bright square, as {seen}')]
+    if cnn:
+        return items + [(overlay(image, m, box, opacity), f'stage {i + 1}: Grad-CAM of the top class, '
+                                                          f'{m.shape[0]}x{m.shape[1]}') for i, m in enumerate(layers)]
     items += [(overlay(image, layer, box, opacity), f'layer {i + 1}: CLS attention') for i, layer in enumerate(layers)]
-    flow = rollout(pred.attentions, pred.grid, pred.num_prefix_tokens, fusion, discard_ratio)
-    items.append((overlay(image, flow, box, opacity), f'rollout over all {len(layers)} layers '
-                                                      f'(discard {discard_ratio:.0%})'))
+    items.append((overlay(image, pred.overall_map(fusion, discard_ratio), box, opacity),
+                  f'rollout over all {len(layers)} layers (discard {discard_ratio:.0%})'))
     return items
 
 
 def describe(model: Model, pred: Prediction, seconds: float) -> str:
-    layers, heads, tokens, _ = pred.attentions.shape
     size = model.data_config['input_size'][1]
+    if pred.saliency is not None:
+        return (f'**{model.name}**: {model.description}. Input {size}x{size}; a CNN has no attention, so each map '
+                'is the Grad-CAM of the top class after a stage: where the evidence for it lies. '
+                f'Answered in {seconds:.2f} s.')
+    layers, heads, tokens, _ = pred.attentions.shape
     return (f'**{model.name}**: {model.description}. Input {size}x{size}, {pred.grid[0]}x{pred.grid[1]} patches, '
             f'{tokens} tokens ({pred.num_prefix_tokens} before the patches), {layers} layers x {heads} heads. '
             f'Answered in {seconds:.2f} s.')
@@ -52,7 +60,7 @@ def predict_view(model: Model, image, top_k: int = 5, fusion: str = 'mean', head
     """Everything the Predict tab shows: {label: probability}, the attention gallery, and a description."""
     start = time.perf_counter()
     pred = model.predict(image, top_k=int(top_k))
-    chosen = parse_fusion(fusion, head, pred.attentions.shape[1])
+    chosen = 'mean' if pred.saliency is not None else parse_fusion(fusion, head, pred.attentions.shape[1])
     gallery = attention_gallery(pred, chosen, float(opacity), float(discard_ratio))
     return dict(pred.top_k), gallery, describe(model, pred, time.perf_counter() - start)
 

@@ -13,25 +13,36 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .cnn import CifarResNet, ResNetConfig
 from .model import ViTConfig, VisionTransformer
 
 FORMAT = 'vitdemo.vit'
 VERSION = '1'
+# what a checkpoint's `arch` names: its config and model classes (checkpoints without `arch` are ViTs)
+ARCHITECTURES = {VisionTransformer.arch: (ViTConfig, VisionTransformer), CifarResNet.arch: (ResNetConfig, CifarResNet)}
+Classifier = VisionTransformer | CifarResNet
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used, with a message a person can act on."""
 
 
-def save_checkpoint(path: str | Path, model: VisionTransformer, classes: list[str], mean: list[float],
-                    std: list[float], **extra) -> Path:
-    """Write model weights and metadata (config, class names, normalisation, and any JSON-able extras)."""
+def build_model(config: ViTConfig | ResNetConfig) -> Classifier:
+    """A freshly initialised model of the kind `config` describes."""
+    return next(cls for config_cls, cls in ARCHITECTURES.values() if isinstance(config, config_cls))(config)
+
+
+def save_checkpoint(path: str | Path, model: Classifier, classes: list[str], mean: list[float],
+                    std: list[float], dtype: torch.dtype = torch.float32, **extra) -> Path:
+    """Write model weights and metadata (config, class names, normalisation, and any JSON-able extras).
+    Floating-point tensors are stored as `dtype` (float16 halves the file); loading casts them back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {'format': FORMAT, 'version': VERSION, 'config': json.dumps(model.config.to_dict()),
+    metadata = {'format': FORMAT, 'version': VERSION, 'arch': model.arch, 'config': json.dumps(model.config.to_dict()),
                 'classes': json.dumps(classes), 'mean': json.dumps(mean), 'std': json.dumps(std)}
     metadata.update({k: json.dumps(v) for k, v in extra.items()})
-    tensors = {k: v.detach().to('cpu', torch.float32).contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to('cpu', dtype if v.is_floating_point() else v.dtype).contiguous()
+               for k, v in model.state_dict().items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     os.close(fd)
     try:
@@ -58,12 +69,17 @@ def read_metadata(path: str | Path) -> dict:
         raise CheckpointError(f'{path.name} is a safetensors file but not a vitdemo checkpoint: '
                               'its metadata has no model config')
     try:
-        return {k: json.loads(v) for k, v in raw.items() if k not in ('format', 'version')}
+        meta = {k: json.loads(v) for k, v in raw.items() if k not in ('format', 'version', 'arch')}
     except json.JSONDecodeError as e:
         raise CheckpointError(f'{path.name} has corrupt metadata ({e})') from None
+    meta['arch'] = raw.get('arch', VisionTransformer.arch)
+    if meta['arch'] not in ARCHITECTURES:
+        raise CheckpointError(f'{path.name} holds a {meta["arch"]!r} model; this version of vitdemo knows '
+                              f'{", ".join(ARCHITECTURES)}')
+    return meta
 
 
-def load_checkpoint(path: str | Path) -> tuple[VisionTransformer, dict]:
+def load_checkpoint(path: str | Path) -> tuple[Classifier, dict]:
     """Rebuild the model a checkpoint describes and load its weights; refuse one that does not fit."""
     meta = read_metadata(path)
     try:
@@ -71,10 +87,10 @@ def load_checkpoint(path: str | Path) -> tuple[VisionTransformer, dict]:
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f'{Path(path).name} has unreadable tensors ({e})') from None
     try:
-        config = ViTConfig(**meta['config'])
+        config_cls, model_cls = ARCHITECTURES[meta['arch']]
+        model = model_cls(config_cls(**meta['config']))
     except (TypeError, AssertionError) as e:
         raise CheckpointError(f'{Path(path).name} has an invalid model config: {e}') from None
-    model = VisionTransformer(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

@@ -1,0 +1,112 @@
+"""The CNN baseline: ResNet-18 for 32x32 images, trained by the same trainer, shown through Grad-CAM."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from test_train import colour_data
+from vitdemo.backends import ModelCache, list_models, load_model
+from vitdemo.cnn import CifarResNet, ResNetConfig
+from vitdemo.compare import compare_view
+from vitdemo.figures import inspect_view
+from vitdemo.train import TrainConfig, train
+from vitdemo.training_job import TRAIN_PRESETS, attention_snapshot, configs_from_form
+from vitdemo.views import predict_view
+from vitdemo.weights import CheckpointError, load_checkpoint, read_metadata
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, weights_dir):
+    """A ResNet-18 trained for a moment on four colours, saved beside the test ViT checkpoint."""
+    out = weights_dir / 'resnet18_colours.safetensors'
+    cfg = TrainConfig(epochs=2, minutes=None, batch_size=32, lr=2e-3, val_size=64, seed=0)
+    result = train(ResNetConfig(num_classes=4), cfg, colour_data(n=320), out=out)
+    yield result, out
+    out.unlink()
+
+
+def test_the_small_image_stem_keeps_the_resolution():
+    model = CifarResNet(ResNetConfig()).eval()
+    logits, maps = model.forward_with_saliency(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 10)
+    assert [tuple(m.shape) for m in maps] == [(2, 32, 32), (2, 16, 16), (2, 8, 8), (2, 4, 4)]
+    assert all((m >= 0).all() and torch.allclose(m.flatten(1).sum(1), torch.ones(2)) for m in maps)
+
+
+def test_grad_cam_matches_a_hook_based_computation():
+    """Grad-CAM recomputed the textbook way (hooks keep the stage outputs and their gradients)."""
+    torch.manual_seed(0)
+    model = CifarResNet(ResNetConfig()).eval()
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    logits, maps = model.forward_with_saliency(x)
+    kept = {}
+    hooks = [stage.register_forward_hook(lambda m, i, o, k=k: kept.__setitem__(k, o) or o.retain_grad())
+             for k, stage in enumerate([model.layer1, model.layer2, model.layer3, model.layer4])]
+    out = model(x)
+    out[0, out.argmax()].backward()
+    for h in hooks:
+        h.remove()
+    assert torch.allclose(out, logits, atol=1e-5)
+    for k, m in enumerate(maps):
+        a, g = kept[k][0], kept[k].grad[0]
+        cam = torch.relu((g.mean(dim=(1, 2), keepdim=True) * a).sum(0))
+        assert cam.sum() > 0 and torch.allclose(m[0], cam / cam.sum(), atol=1e-6), f'stage {k + 1}'
+
+
+def test_the_trainer_trains_a_resnet_and_its_checkpoint_says_so(trained):
+    result, out = trained
+    assert result.metrics['val_accuracy'] > 0.9
+    meta = read_metadata(out)
+    assert meta['arch'] == 'resnet18' and meta['config'] == ResNetConfig(num_classes=4).to_dict()
+    model, _ = load_checkpoint(out)
+    assert isinstance(model, CifarResNet)
+    for a, b in zip(model.state_dict().values(), result.model.state_dict().values()):
+        assert torch.equal(a.float(), b.float())
+
+
+def test_a_checkpoint_of_an_unknown_architecture_is_refused(trained, tmp_path):
+    _, out = trained
+    tensors = load_file(str(out))
+    meta = {k: json.dumps(v) for k, v in read_metadata(out).items() if k != 'arch'}
+    save_file(tensors, str(tmp_path / 'odd.safetensors'), metadata={**meta, 'format': 'vitdemo.vit', 'arch': 'vgg'})
+    with pytest.raises(CheckpointError, match="'vgg' model"):
+        load_checkpoint(tmp_path / 'odd.safetensors')
+    # the same ResNet tensors under a ViT's name do not fit
+    save_file(tensors, str(tmp_path / 'posing.safetensors'), metadata={**meta, 'format': 'vitdemo.vit'})
+    with pytest.raises(CheckpointError, match='invalid model config|does not fit'):
+        load_checkpoint(tmp_path / 'posing.safetensors')
+
+
+def test_predict_and_compare_show_grad_cam_for_the_cnn(trained, weights_dir):
+    assert 'scratch/resnet18_colours' in list_models(weights_dir)
+    cnn = load_model('scratch/resnet18_colours', weights_dir)
+    red = Image.fromarray(colour_data(n=4, seed=9).images[0].permute(1, 2, 0).numpy())  # a noisy red, as trained
+    labels, gallery, text = predict_view(cnn, red, top_k=2, fusion='one head', head=7)  # no heads: ignored
+    assert next(iter(labels)) == 'red' and 'Grad-CAM' in text and 'CNN' in cnn.description
+    assert [c for _, c in gallery][1:] == [f'stage {i}: Grad-CAM of the top class, {s}x{s}'
+                                           for i, s in [(1, 32), (2, 16), (3, 8), (4, 4)]]
+    vit = ModelCache(weights_dir=weights_dir).get('scratch/vit_cifar10')  # 2 layers
+    scores_a, scores_b, pairs, text = compare_view(vit, cnn, red)
+    assert len(pairs) == 2 * 2 + 2 and set(scores_b) <= {'red', 'green', 'blue', 'yellow'}
+    assert [c.split(' (IoU')[0] for _, c in pairs[1::2]] == ['B stage 2', 'B stage 4', 'B last-stage Grad-CAM']
+    assert 'Grad-CAM' in text and '2 layers' in text and '4 stages' in text
+
+
+def test_inspect_explains_it_shows_vits_only(trained, weights_dir):
+    cnn = load_model('scratch/resnet18_colours', weights_dir)
+    with pytest.raises(ValueError, match='is a CNN'):
+        inspect_view(cnn, Image.new('RGB', (32, 32)))
+
+
+def test_the_train_tab_offers_the_cnn_and_draws_its_snapshot(trained):
+    p = TRAIN_PRESETS['10-minute CNN baseline (ResNet-18)']
+    model_config, _ = configs_from_form(p['embed_dim'], p['depth'], p['num_heads'], p['patch_size'], p['minutes'],
+                                        p['batch_size'], p['lr'], arch=p['arch'])
+    assert model_config == ResNetConfig(img_size=32)
+    with pytest.raises(ValueError, match='model must be one of'):
+        configs_from_form(96, 4, 3, 4, 10, 256, 1e-3, arch='vgg')
+    result, _ = trained
+    picture = attention_snapshot(result.model, colour_data(n=4).images[0], [0.5] * 3, [0.25] * 3)
+    assert picture.size == (192, 192) and result.model.training is False
