@@ -7,8 +7,9 @@ from inspect import isgeneratorfunction
 from pathlib import Path
 
 import gradio as gr
+import huggingface_hub
 
-from vitdemo.backends import DEFAULT_SCRATCH, WEIGHTS_DIR, ModelCache, ModelUnavailable, list_models
+from vitdemo.backends import DEFAULT_SCRATCH, WEIGHTS_DIR, ModelCache, ModelUnavailable, list_models, needs_download
 from vitdemo.compare import compare_view
 from vitdemo.data import default_data_path
 from vitdemo.figures import inspect_view, patch_view
@@ -19,6 +20,7 @@ from vitdemo.weights import CheckpointError
 
 EXAMPLES = sorted(str(p) for p in (Path(__file__).parent / 'examples').glob('*.*') if p.suffix != '.md')
 USER_ERRORS = (ImageError, ModelUnavailable, CheckpointError, TrainingBusy, FileNotFoundError, ValueError)
+MAX_UPLOAD = '50mb'  # a 24-megapixel JPEG is ~10 MB; larger uploads are refused before they reach the app
 TRAIN_FIELDS = ['embed_dim', 'depth', 'num_heads', 'patch_size', 'minutes', 'batch_size', 'lr', 'arch']
 
 INTRO = """# vitdemo: how a Vision Transformer sees
@@ -64,21 +66,21 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
         return cache.get(name)
 
     @shows_user_errors
-    def predict(image: str, model: str, top_k: int = 5, fusion: str = 'mean', head: int = 0,
+    def predict(image: bytes, model: str, top_k: int = 5, fusion: str = 'mean', head: int = 0,
                 opacity: float = 0.6, discard_ratio: float = 0.9, progress=gr.Progress(track_tqdm=True)):
         return predict_view(load(model, progress), image, top_k, fusion, head, opacity, discard_ratio)
 
     @shows_user_errors
-    def inspect(image: str, model: str, progress=gr.Progress(track_tqdm=True)):
+    def inspect(image: bytes, model: str, progress=gr.Progress(track_tqdm=True)):
         return inspect_view(load(model, progress), image)
 
     @shows_user_errors
-    def compare(image: str, model_a: str, model_b: str, fusion: str = 'mean', as_cifar10: bool = True,
+    def compare(image: bytes, model_a: str, model_b: str, fusion: str = 'mean', as_cifar10: bool = True,
                 progress=gr.Progress(track_tqdm=True)):
         return compare_view(load(model_a, progress), load(model_b, progress), image, fusion, as_cifar10)
 
     @shows_user_errors
-    def look_from_patch(image: str, model: str, layer: int, fusion: str, evt: gr.SelectData):
+    def look_from_patch(image: bytes, model: str, layer: int, fusion: str, evt: gr.SelectData):
         return patch_view(cache.get(model), image, tuple(evt.index), layer, fusion)
 
     def refresh(image, *rest):
@@ -107,16 +109,28 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
     def apply_preset(preset: str):
         return [TRAIN_PRESETS[preset][k] for k in TRAIN_FIELDS]
 
-    with gr.Blocks(title='vitdemo') as demo:
+    # uploads and drawn outputs are Gradio's temporary files: drop those older than an hour, every hour
+    with gr.Blocks(title='vitdemo', delete_cache=(3600, 3600)) as demo:
         gr.Markdown(INTRO)
         if not has_scratch:
             expected = (cache.weights_dir or WEIGHTS_DIR) / f'{DEFAULT_SCRATCH.split("/")[1]}.safetensors'
             gr.Markdown(f'*No trained scratch weights are present (expected `{expected}`): train one in the '
                         'Train tab or with `python -m vitdemo.train`, or use a pretrained model.*')
+        if missing := needs_download(cache.weights_dir):
+            listed = ', '.join(f'`{a}`' for a in missing)
+            if huggingface_hub.constants.HF_HUB_OFFLINE:
+                gr.Markdown(f'*Offline (`HF_HUB_OFFLINE` is set): the `timm/` and `ours/` models {listed} need a '
+                            'one-time download of their pretrained weights and cannot be used until then. To use '
+                            'one offline, save its `model.safetensors` from the Hugging Face Hub as '
+                            '`weights/ARCH.safetensors`.*')
+            else:
+                gr.Markdown(f'*The pretrained models {listed} download their weights from the Hugging Face Hub '
+                            'the first time you pick one (progress shows meanwhile); later picks load from the '
+                            'cache.*')
         with gr.Tab('Predict'):
             with gr.Row():
                 with gr.Column(scale=1):
-                    image = gr.File(label='Image', file_types=['image'], type='filepath')
+                    image = gr.File(label='Image', file_types=['image'], type='binary')
                     model = gr.Dropdown(names, value=names[0], label='Model')
                     top_k = gr.Slider(1, 10, value=5, step=1, label='Top-k predictions')
                     with gr.Accordion('Attention view', open=True):
@@ -172,7 +186,7 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
                         '(ResNet-18, trained in the Train tab) shows the Grad-CAM of each stage instead.')
             with gr.Row():
                 with gr.Column(scale=1):
-                    compare_image = gr.File(label='Image', file_types=['image'], type='filepath')
+                    compare_image = gr.File(label='Image', file_types=['image'], type='binary')
                     timm_default = next(n for n in names if n.startswith('timm/'))
                     model_a = gr.Dropdown(names, value=names[0], label='Model A')
                     model_b = gr.Dropdown(names, value=timm_default, label='Model B')
@@ -188,7 +202,8 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
                     compare_gallery = gr.Gallery(label='A and B, layer by layer (aligned), then both rollouts',
                                                  columns=4, height='auto', object_fit='contain')
         compare_run.click(compare, [compare_image, model_a, model_b, compare_fusion, as_cifar10],
-                          [label_a, label_b, compare_gallery, compare_text], api_name='compare')
+                          [label_a, label_b, compare_gallery, compare_text], api_name='compare',
+                          concurrency_id='heavy', concurrency_limit=1)
 
         with gr.Tab('Inspect'):
             gr.Markdown("The figures of the ViT paper (Fig. 7), computed live from the chosen model: how it cuts "
@@ -196,7 +211,7 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
                         "compares patches with, and how far and how widely each head looks on your image.")
             with gr.Row():
                 with gr.Column(scale=1):
-                    inspect_image = gr.File(label='Image', file_types=['image'], type='filepath')
+                    inspect_image = gr.File(label='Image', file_types=['image'], type='binary')
                     inspect_model = gr.Dropdown(names, value=names[0], label='Model')
                     inspect_run = gr.Button('Inspect', variant='primary')
                     gr.Examples(EXAMPLES, inputs=[inspect_image], label='Example images')
@@ -223,7 +238,7 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
                             patch_caption = gr.Markdown()
         inspect_run.click(inspect, [inspect_image, inspect_model],
                           [grid_image, costs, position_plot, filters_plot, distance_plot, entropy_plot,
-                           deletion_plot], api_name='inspect')
+                           deletion_plot], api_name='inspect', concurrency_id='heavy', concurrency_limit=1)
         grid_image.select(look_from_patch, [inspect_image, inspect_model, patch_layer, patch_fusion],
                           [patch_image, patch_caption], api_visibility='private')
 
@@ -239,8 +254,11 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
         run.click(predict, inputs, outputs, api_name='predict')
         gr.on([image.upload, model.change, fusion.change, head.release, opacity.release, discard_ratio.release],
               refresh, inputs, outputs, api_visibility='private', trigger_mode='always_last')
-    return demo
+    # two requests at a time (2 cores); Compare and Inspect, several passes each, one at a time between
+    # them so they cannot take both workers from Predict; a bounded queue answers "busy" to a flood
+    return demo.queue(default_concurrency_limit=2, max_size=64)
 
 
 if __name__ == '__main__':
-    create_demo().queue(default_concurrency_limit=2).launch()
+    # GRADIO_SERVER_NAME and GRADIO_SERVER_PORT, when set, choose the address (Gradio reads them)
+    create_demo().launch(max_file_size=MAX_UPLOAD)

@@ -1,9 +1,15 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 # Tests never reach a model hub: pretrained weights come from files the tests write themselves.
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
+# Gradio's uploads and outputs go to a folder of this run's own, which tests inspect and which goes at the end
+os.environ['GRADIO_TEMP_DIR'] = GRADIO_TEMP_DIR = tempfile.mkdtemp(prefix='vitdemo-gradio-')
+atexit.register(shutil.rmtree, GRADIO_TEMP_DIR, ignore_errors=True)
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 

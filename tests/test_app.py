@@ -1,12 +1,24 @@
+import io
+import shutil
 import socket
+from pathlib import Path
 
 import gradio as gr
+import numpy as np
 import pytest
+from gradio.route_utils import delete_files_created_by_app
+import huggingface_hub
 from gradio_client import Client, handle_file
+from PIL import Image
 
-from app import create_demo
-from conftest import ROOT
-from vitdemo.backends import ModelCache
+from app import MAX_UPLOAD, create_demo
+from conftest import GRADIO_TEMP_DIR, ROOT
+from vitdemo.backends import TIMM_ARCHS, ModelCache
+
+
+def connect(port: int, downloads: Path) -> Client:
+    """A client as on another machine: what it downloads stays out of the server's cache folder."""
+    return Client(f'http://127.0.0.1:{port}/', verbose=False, download_files=str(downloads))
 
 
 def free_port() -> int:
@@ -16,12 +28,15 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope='module')
-def client(weights_dir):
+def client(weights_dir, tmp_path_factory):
     demo = create_demo(ModelCache(weights_dir=weights_dir))
     port = free_port()
-    demo.launch(prevent_thread_lock=True, server_name='127.0.0.1', server_port=port, quiet=True)
+    demo.launch(prevent_thread_lock=True, server_name='127.0.0.1', server_port=port, quiet=True,
+                max_file_size=MAX_UPLOAD)
     try:
-        yield Client(f'http://127.0.0.1:{port}/', verbose=False)
+        client = connect(port, tmp_path_factory.mktemp('downloads'))
+        client.demo = demo
+        yield client
     finally:
         demo.close()
 
@@ -78,6 +93,63 @@ def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(client, tmp_p
     assert labels['confidences']
 
 
+def hostile_uploads(folder: Path) -> dict[str, tuple[Path, str | None]]:
+    """Files a stranger might upload, each with the error expected (None: it must be answered)."""
+    folder.mkdir(exist_ok=True)
+    files = {}
+
+    def put(name, data, expected):
+        (folder / name).write_bytes(data)
+        files[name] = (folder / name, expected)
+
+    def encoded(image, fmt, **kw):
+        buffer = io.BytesIO()
+        image.save(buffer, fmt, **kw)
+        return buffer.getvalue()
+
+    noise = np.random.default_rng(0).integers(0, 255, (300, 300, 3), np.uint8)
+    put('bomb.png', encoded(Image.new('1', (30000, 30000)), 'PNG', optimize=True), 'too large|too many pixels')
+    put('cut.jpg', encoded(Image.fromarray(noise), 'JPEG')[:5000], 'corrupt or truncated')
+    put('drawing.svg', b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>', 'not an image format')
+    put('notes.jpg', b'not a picture at all', 'not an image format')
+    put('empty.png', b'', 'empty file')
+    put('huge.png', encoded(Image.new('L', (20000, 20000)), 'PNG', optimize=True), 'too large|too many pixels')
+    frames = [Image.new('RGB', (64, 48), c) for c in ('red', 'blue')]
+    put('animated.gif', encoded(frames[0], 'GIF', save_all=True, append_images=frames[1:]), None)
+    put('scan16.tif', encoded(Image.fromarray((noise[:, :, 0].astype(np.uint16) * 257)), 'TIFF'), None)
+    put('photo.jpg', encoded(Image.new('RGB', (6000, 4000), (90, 140, 200)), 'JPEG', quality=80), None)
+    return files
+
+
+def files_under(folder: str) -> set[Path]:
+    return {p for p in Path(folder).rglob('*') if p.is_file()}
+
+
+def test_hostile_uploads_are_refused_clearly_and_leave_nothing_on_disk(client, tmp_path):
+    """Through the API, as a stranger on a public Space would send them; the server keeps serving, and once
+    Gradio's cache clean-up runs (hourly in the app) none of the uploads or outputs is left behind."""
+    demo = client.demo
+    before = files_under(GRADIO_TEMP_DIR)
+    for name, (path, expected) in hostile_uploads(tmp_path).items():
+        if expected is None:
+            labels, gallery, _ = client.predict(handle_file(str(path)), 'scratch/vit_cifar10', api_name='/predict')
+            assert labels['confidences'] and gallery, name
+        else:
+            with pytest.raises(Exception, match=expected):
+                client.predict(handle_file(str(path)), 'scratch/vit_cifar10', api_name='/predict')
+    assert files_under(GRADIO_TEMP_DIR) - before  # the uploads and drawn outputs did land in the cache ...
+    delete_files_created_by_app(demo, None)
+    assert not files_under(GRADIO_TEMP_DIR) - before  # ... and every one of them is the app's to delete
+
+
+def test_a_model_path_typed_into_the_api_is_refused(client, weights_dir, tmp_path):
+    outside = tmp_path / 'elsewhere.safetensors'
+    shutil.copy(weights_dir / 'vit_cifar10.safetensors', outside)
+    for name in [str(outside), str(weights_dir / 'vit_cifar10.safetensors'), 'scratch/../elsewhere']:
+        with pytest.raises(Exception, match='choose one from the list|not in the list of choices'):
+            client.predict(handle_file(str(ROOT / 'examples' / 'cat.jpg')), name, api_name='/predict')
+
+
 def test_train_tab_through_the_api_then_predict_with_the_new_model(tmp_path, weights_dir):
     from test_data import make_folder
     from vitdemo.training_job import TrainingJob
@@ -87,7 +159,7 @@ def test_train_tab_through_the_api_then_predict_with_the_new_model(tmp_path, wei
     port = free_port()
     demo.launch(prevent_thread_lock=True, server_name='127.0.0.1', server_port=port, quiet=True)
     try:
-        client = Client(f'http://127.0.0.1:{port}/', verbose=False)
+        client = connect(port, tmp_path / 'downloads')
         with pytest.raises(Exception, match='divisible by num_heads'):
             client.predict(100, 2, 3, 4, 0.05, 32, 1e-3, 'bad', api_name='/train')
         status, loss, accuracy, picture, *_ = client.predict(64, 2, 2, 8, 0.05, 32, 1e-3, 'tiny_run',
@@ -108,3 +180,14 @@ def test_the_app_starts_without_trained_weights_and_says_so(tmp_path):
     assert any('No trained scratch weights are present' in t for t in texts)
     dropdown = next(b for b in demo.blocks.values() if isinstance(b, gr.Dropdown) and b.label == 'Model')
     assert dropdown.value == 'timm/vit_tiny_patch16_224'
+    # offline, and no pretrained weights here: the page names the models that need a download
+    offline = next(t for t in texts if 'Offline' in t)
+    assert 'HF_HUB_OFFLINE' in offline and all(a in offline for a in TIMM_ARCHS)
+
+
+def test_online_the_page_says_which_models_download_on_first_use(tmp_path, weights_dir, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', False)
+    texts = [b.value for b in create_demo(ModelCache(weights_dir=weights_dir)).blocks.values()
+             if isinstance(b, gr.Markdown)]
+    note = next(t for t in texts if 'the first time you pick one' in t)
+    assert 'vit_base_patch16_224' in note and 'vit_tiny_patch16_224' not in note  # tiny is saved locally

@@ -87,8 +87,15 @@ def test_numpy_arrays_of_any_dtype():
 def test_non_images_are_refused_clearly(tmp_path, content, message):
     path = tmp_path / 'upload.jpg'
     path.write_bytes(content)
-    with pytest.raises(ImageError, match=message):
-        load_image(str(path))
+    for source in (str(path), content):  # a path, or the bytes as the app's upload box hands them over
+        with pytest.raises(ImageError, match=message):
+            load_image(source)
+
+
+def test_the_bytes_of_a_file_read_as_the_file(tmp_path):
+    path = tmp_path / 'photo.png'
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (30, 40, 4), np.uint8)).save(path)
+    assert np.array_equal(np.asarray(load_image(path.read_bytes())), np.asarray(load_image(str(path))))
 
 
 def test_truncated_and_bomb_images_are_refused(tmp_path):

@@ -214,19 +214,30 @@ def load_model(name_or_path: str | Path, weights_dir: Path | None = None, device
                  module.num_prefix_tokens, f'our ViT {about}')
 
 
+def local_weights(arch: str, weights_dir: Path) -> Path | None:
+    """Pretrained weights of `arch` already on this machine: in the weights folder, or in the hub's cache."""
+    local = weights_dir / f'{arch}.safetensors'
+    if local.is_file():
+        return local
+    cached = huggingface_hub.try_to_load_from_cache(timm.models.get_pretrained_cfg(arch).hf_hub_id,
+                                                    'model.safetensors')
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def needs_download(weights_dir: Path | None = None) -> list[str]:
+    """The pretrained architectures whose weights would have to be downloaded first."""
+    return [arch for arch in TIMM_ARCHS if local_weights(arch, Path(weights_dir or WEIGHTS_DIR)) is None]
+
+
 def timm_pretrained(arch: str, weights_dir: Path) -> torch.nn.Module:
     hub_id = timm.models.get_pretrained_cfg(arch).hf_hub_id
-    local = weights_dir / f'{arch}.safetensors'
-    if not local.is_file():
-        cached = huggingface_hub.try_to_load_from_cache(hub_id, 'model.safetensors')
-        if isinstance(cached, str):
-            local = Path(cached)
-        elif not hub_reachable():
-            raise ModelUnavailable(
-                f'{arch} needs a one-time download of its pretrained weights from the Hugging Face Hub '
-                f'({hub_id}), which cannot be reached from here. Download model.safetensors from there and '
-                f'save it as {weights_dir / f"{arch}.safetensors"}, or run with internet access.')
-    if local.is_file():
+    local = local_weights(arch, weights_dir)
+    if local is None and not hub_reachable():
+        raise ModelUnavailable(
+            f'{arch} needs a one-time download of its pretrained weights from the Hugging Face Hub '
+            f'({hub_id}), which cannot be reached from here. Download model.safetensors from there and '
+            f'save it as {weights_dir / f"{arch}.safetensors"}, or run with internet access.')
+    if local is not None:
         try:
             return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(local)))
         except Exception as e:  # safetensors, shape and key errors: the file is not this model's weights
@@ -252,7 +263,8 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 class ModelCache:
-    """The few most recently used models, loaded once each; safe to share between request threads."""
+    """The few most recently used models, loaded once each; safe to share between request threads.
+    It serves the app, so it loads by list name only, never from a path someone typed."""
 
     def __init__(self, max_models: int = 3, weights_dir: Path | None = None):
         self.max_models = max_models
@@ -265,6 +277,8 @@ class ModelCache:
             if name in self._models:
                 self._models.move_to_end(name)
                 return self._models[name]
+        if name not in list_models(self.weights_dir):
+            raise ModelUnavailable(f'unknown model {name!r}: choose one from the list')
         model = load_model(name, self.weights_dir)  # outside the lock: a slow download blocks no one else
         with self._lock:
             self._models[name] = model

@@ -3,8 +3,10 @@
 Every PIL mode is handled (L, LA, P, RGBA, CMYK, I;16, ...), EXIF rotation is applied, transparency is
 put on white, animated images give their first frame, and large images are shrunk before anything else.
 """
+import io
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -18,13 +20,19 @@ class ImageError(ValueError):
 
 
 def load_image(source) -> Image.Image:
-    """An RGB image at most MAX_SIDE on its longer side, from a PIL image, a numpy array or a file path."""
+    """An RGB image at most MAX_SIDE on its longer side, from a PIL image, a numpy array, a file path or
+    the bytes of a file."""
     if isinstance(source, Image.Image):
         image = source
     elif isinstance(source, np.ndarray):
         image = _from_array(source)
     elif isinstance(source, (str, Path)):
-        image = _open(Path(source))
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError(f'no file at {path}')
+        image = _open(path, path.name, path.stat().st_size)
+    elif isinstance(source, (bytes, bytearray)):
+        image = _open(io.BytesIO(source), 'the uploaded file', len(source))
     elif source is None:
         raise ImageError('no image given: upload an image first')
     else:
@@ -47,27 +55,25 @@ def _check_size(size: tuple[int, int]) -> None:
                          f'the limit is {MAX_PIXELS / 1e6:.0f} megapixels')
 
 
-def _open(path: Path) -> Image.Image:
-    if not path.is_file():
-        raise ImageError(f'no file at {path}')
-    if path.stat().st_size == 0:
-        raise ImageError(f'{path.name} is an empty file')
+def _open(file: Path | BinaryIO, name: str, size: int) -> Image.Image:
+    if size == 0:
+        raise ImageError(f'{name} is an empty file')
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('error', Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(file)
             _check_size(image.size)  # from the header, before any pixel is decoded
             image.draft('RGB', (MAX_SIDE, MAX_SIDE))  # JPEG: decode at a reduced scale, far faster
             image.load()
     except ImageError:
         raise
     except UnidentifiedImageError:  # also SVG, text, HTML ...: PIL knows no decoder for them
-        raise ImageError(f'{path.name} is not an image format this app can read '
+        raise ImageError(f'{name} is not an image format this app can read '
                          '(use PNG, JPEG, WebP, GIF, BMP or TIFF)') from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f'{path.name} declares too many pixels to be decoded safely') from None
+        raise ImageError(f'{name} declares too many pixels to be decoded safely') from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise ImageError(f'{path.name} is corrupt or truncated ({e})') from None
+        raise ImageError(f'{name} is corrupt or truncated ({e})') from None
     return image
 
 
