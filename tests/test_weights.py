@@ -1,4 +1,7 @@
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,3 +79,44 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
     loaded, _ = load_checkpoint(path)
     assert torch.equal(loaded.head.weight, first.head.weight)
     assert [p.name for p in tmp_path.iterdir()] == ['m.safetensors']  # no temporary file left behind
+
+
+KILLED_MID_SAVE = '''
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+import vitdemo.weights as weights
+from conftest import TINY_CIFAR, randomize_
+from vitdemo.model import VisionTransformer
+real_save_file = weights.save_file
+
+
+def save_then_hang(tensors, filename, metadata=None):
+    real_save_file(tensors, filename, metadata=metadata)
+    print('written', flush=True)  # the new file is complete but not yet renamed: the parent kills us now
+    time.sleep(600)
+
+
+weights.save_file = save_then_hang
+weights.save_checkpoint(sys.argv[2], randomize_(VisionTransformer(TINY_CIFAR), seed=2), ['a'] * 10, [0.5] * 3,
+                        [0.25] * 3, run='second')
+'''
+
+
+def test_a_process_killed_mid_save_leaves_the_previous_checkpoint_intact(tmp_path):
+    """A real SIGKILL between writing the new file and renaming it: no exception handler runs."""
+    path = tmp_path / 'm.safetensors'
+    first = randomize_(VisionTransformer(TINY_CIFAR), seed=1)
+    save_checkpoint(path, first, CLASSES, [0.5] * 3, [0.25] * 3, run='first')
+    tests = Path(__file__).parent
+    child = subprocess.Popen([sys.executable, '-c', KILLED_MID_SAVE, str(tests.parent), str(path)],
+                             cwd=tests, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == 'written'
+        stray = [p for p in tmp_path.iterdir() if p != path]
+        assert len(stray) == 1 and stray[0].stat().st_size > 0  # the half-done save exists ...
+    finally:
+        child.kill()
+        child.wait()
+    assert read_metadata(path)['run'] == 'first'  # ... and the checkpoint is the old one, whole
+    assert torch.equal(load_checkpoint(path)[0].head.weight, first.head.weight)
+    assert not stray[0].name.endswith('.safetensors')  # the model list never offers the stray file

@@ -1,0 +1,149 @@
+"""End to end in a real browser: `python app.py` as a user starts it, driven in headless Chromium.
+
+Needs Debian's `chromium` (apt-get install chromium) and the `playwright` package; without them the test
+is skipped, unless VITDEMO_REQUIRE_BROWSER is set (CI sets it), when their absence is a failure.
+Screenshots go to test-output/browser/.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import ROOT
+from test_app import free_port
+from test_data import make_folder
+
+CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
+SHOTS = ROOT / 'test-output' / 'browser'
+CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+                 '--disable-background-networking', '--disable-component-update', '--disable-sync']
+
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:
+    sync_playwright = None
+if not (CHROMIUM and sync_playwright):
+    missing = 'Debian chromium' if not CHROMIUM else 'the playwright package'
+    if os.environ.get('VITDEMO_REQUIRE_BROWSER'):
+        raise RuntimeError(f'the browser test needs {missing}')
+    pytest.skip(f'the browser test needs {missing}', allow_module_level=True)
+
+
+@pytest.fixture(scope='module')
+def app_url(weights_dir, tmp_path_factory):
+    """The app as `python app.py` starts it, configured only through the environment, on a free port."""
+    tmp = tmp_path_factory.mktemp('browser')
+    shutil.copytree(weights_dir, tmp / 'weights')  # the run trained here must not join other tests' models
+    make_folder(tmp / 'data', classes=[f'class{i}' for i in range(10)], per_class=20, size=32)
+    port = free_port()
+    env = dict(os.environ, GRADIO_SERVER_NAME='127.0.0.1', GRADIO_SERVER_PORT=str(port), HF_HUB_OFFLINE='1',
+               VITDEMO_WEIGHTS=str(tmp / 'weights'), VITDEMO_DATA=str(tmp / 'data'),
+               VITDEMO_CACHE=str(tmp / 'cache'), GRADIO_TEMP_DIR=str(tmp / 'gradio'))
+    log = open(tmp / 'app.log', 'w')
+    server = subprocess.Popen([sys.executable, 'app.py'], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f'http://127.0.0.1:{port}/'
+    start = time.perf_counter()
+    try:
+        while True:
+            assert server.poll() is None, f'the app exited: {(tmp / "app.log").read_text()[-2000:]}'
+            try:
+                urllib.request.urlopen(url, timeout=1)
+                break
+            except OSError:
+                assert time.perf_counter() - start < 120, 'the app did not answer within 120 s'
+                time.sleep(0.2)
+        print(f'app answered on GRADIO_SERVER_PORT={port} {time.perf_counter() - start:.1f} s after start')
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope='module')
+def page(app_url):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={'width': 1400, 'height': 1000})
+        page.set_default_timeout(90_000)
+        page.goto(app_url)
+        yield page
+        browser.close()
+
+
+def pick(page, label: str, option: str) -> None:
+    page.get_by_label(label).first.click()
+    page.get_by_role('option', name=option, exact=True).click()
+
+
+def upload(page, path) -> None:
+    """Into the image box of the open tab, replacing what is there."""
+    tab = page.locator('[role=tabpanel]:visible').first
+    clear = tab.get_by_role('button', name='Clear')
+    if clear.count():
+        clear.first.click()
+    tab.locator('input[type=file]').first.set_input_files(str(path))
+
+
+def test_predict_upload_pick_a_model_and_see_labels_and_attention(page):
+    upload(page, ROOT / 'examples' / 'cat.jpg')
+    top = page.get_by_test_id('label-output-value').first
+    expect(top).not_to_be_empty()  # an upload predicts at once, with the default scratch model
+    expect(page.get_by_text('rollout over all 2 layers')).to_be_visible()
+    page.screenshot(path=SHOTS / '1_predict_scratch.png', full_page=True)
+
+    pick(page, 'Model', 'timm/vit_tiny_patch16_224')
+    page.get_by_role('button', name='Predict', exact=True).click()
+    expect(page.get_by_text('rollout over all 12 layers')).to_be_visible()
+    expect(page.get_by_text('layer 12: CLS attention')).to_be_visible()
+    expect(page.get_by_text("timm's vit_tiny_patch16_224 with ImageNet-1k weights")).to_be_visible()
+    page.screenshot(path=SHOTS / '2_predict_timm.png', full_page=True)
+
+
+def test_bad_upload_shows_a_message_not_a_trace(page, tmp_path):
+    page.get_by_role('tab', name='Predict').click()
+    fake = tmp_path / 'holiday.jpg'
+    fake.write_text('this is text, not a photo')
+    upload(page, fake)
+    expect(page.get_by_text('not an image format this app can read').first).to_be_visible()
+    assert 'Traceback' not in page.content()
+    page.screenshot(path=SHOTS / '3_bad_upload.png', full_page=True)
+
+
+def test_switch_tabs_compare_and_inspect(page):
+    page.get_by_role('tab', name='Compare').click()
+    upload(page, ROOT / 'examples' / 'cifar_ship.jpg')
+    page.get_by_role('button', name='Compare', exact=True).click()
+    expect(page.get_by_text('A rollout').first).to_be_visible()
+    page.screenshot(path=SHOTS / '4_compare.png', full_page=True)
+
+    page.get_by_role('tab', name='Inspect').click()
+    upload(page, ROOT / 'examples' / 'rocket.jpg')
+    page.get_by_role('button', name='Inspect', exact=True).click()
+    expect(page.get_by_text('attention pairs')).to_be_visible()
+    expect(page.locator('.js-plotly-plot, img[src*="data:image"], canvas').first).to_be_attached()
+    page.screenshot(path=SHOTS / '5_inspect.png', full_page=True)
+
+
+def test_start_and_stop_a_short_training_run(page):
+    page.get_by_role('tab', name='Train').click()
+    page.get_by_label('Minutes').fill('5')
+    page.get_by_label('Save as (weights/NAME.safetensors)').fill('browser_run')
+    page.get_by_role('button', name='Start', exact=True).click()
+    expect(page.get_by_text('ETA').first).to_be_visible()
+    expect(page.get_by_text('val acc').first).to_be_visible()  # an epoch ended: curves and attention drawn
+    page.screenshot(path=SHOTS / '6_training.png', full_page=True)
+    page.get_by_role('button', name='Stop', exact=True).click()
+    expect(page.get_by_text('stopped after').first).to_be_visible()
+    expect(page.get_by_text('saved as browser_run').first).to_be_visible()
+    page.screenshot(path=SHOTS / '7_stopped.png', full_page=True)
+
+    page.get_by_role('tab', name='Predict').click()  # the new model is offered without a restart
+    page.get_by_label('Model').first.click()
+    expect(page.get_by_role('option', name='scratch/browser_run', exact=True)).to_be_visible()
+    page.keyboard.press('Escape')
