@@ -349,6 +349,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--patch-size', type=int, default=base.patch_size, help='patch side (must divide 32)')
     parser.add_argument('--global-pool', choices=['token', 'avg'], default=base.global_pool,
                         help='classify from the CLS token or the mean patch token')
+    parser.add_argument('--pos-embed', choices=['learn', 'sincos'], default=base.pos_embed,
+                        help='learned position embeddings, or fixed 2-D sin-cos ones')
     parser.add_argument('--drop-path', type=float, default=0.0, help='stochastic depth rate at the last block')
     # fine-tuning a pretrained ViT instead (inputs upscaled to its size: wants a GPU)
     parser.add_argument('--finetune', metavar='ARCH', help='start from timm ARCH, e.g. vit_tiny_patch16_224 '
@@ -383,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
         model_config = ResNetConfig(img_size=32) if args.arch == 'resnet18' else \
             ViTConfig(img_size=32, patch_size=args.patch_size, num_classes=10, embed_dim=args.embed_dim,
                       depth=args.depth, num_heads=args.heads, mlp_ratio=args.mlp_ratio,
-                      global_pool=args.global_pool, drop_path_rate=args.drop_path)
+                      global_pool=args.global_pool, pos_embed=args.pos_embed, drop_path_rate=args.drop_path)
         minutes = args.minutes if args.minutes is not None else (None if args.epochs else 10.0)
         cfg = TrainConfig(epochs=args.epochs, minutes=minutes, batch_size=args.batch_size, lr=args.lr,
                           weight_decay=args.weight_decay, seed=args.seed, val_size=args.val_size,
