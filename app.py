@@ -144,8 +144,9 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
                 with gr.Column(scale=2):
                     label = gr.Label(label='Predictions')
                     info = gr.Markdown()
+                    # JPEG: encoding eight overlays takes 3 ms, against 80 ms as WebP (Gradio's default)
                     gallery = gr.Gallery(label='Where the CLS token looks, layer by layer', columns=4,
-                                         height='auto', object_fit='contain')
+                                         height='auto', object_fit='contain', format='jpeg')
         with gr.Tab('Train'):
             gr.Markdown('Train a small ViT from scratch on CIFAR-10 and watch it learn. The defaults finish in '
                         'about ten minutes on a 2-core CPU; the result joins the Predict tab\'s model list. '
@@ -200,7 +201,7 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
                         label_b = gr.Label(label='Model B')
                     compare_text = gr.Markdown()
                     compare_gallery = gr.Gallery(label='A and B, layer by layer (aligned), then both rollouts',
-                                                 columns=4, height='auto', object_fit='contain')
+                                                 columns=4, height='auto', object_fit='contain', format='jpeg')
         compare_run.click(compare, [compare_image, model_a, model_b, compare_fusion, as_cifar10],
                           [label_a, label_b, compare_gallery, compare_text], api_name='compare',
                           concurrency_id='heavy', concurrency_limit=1)
