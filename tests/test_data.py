@@ -1,3 +1,4 @@
+import pickle
 import tarfile
 
 import numpy as np
@@ -85,3 +86,43 @@ def test_a_constant_channel_does_not_divide_by_zero():
     data = ImageData(torch.full((4, 3, 2, 2), 9, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), ['x'])
     mean, std = data.mean_std()
     assert min(std) > 0 and torch.isfinite(normalize(data.images, mean, std)).all()
+
+
+def fake_official_cifar(root, per_batch=4):
+    """The official python layout (cifar-10-batches-py: five training batches, a test batch, metadata)
+    with a few random images each; torchvision reads it as it reads the real download."""
+    folder = root / 'cifar-10-batches-py'
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']:
+        batch = {'data': rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 'labels': [int(v) for v in rng.integers(0, 10, per_batch)]}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    classes = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
+    (folder / 'batches.meta').write_bytes(pickle.dumps({'label_names': classes}))
+    return classes
+
+
+def test_official_cifar_layout_through_torchvision(tmp_path, monkeypatch):
+    from torchvision.datasets import cifar
+    classes = fake_official_cifar(tmp_path / 'cifar')
+    # our files are not the real ones, so they cannot pass torchvision's MD5 check; everything else is real
+    monkeypatch.setattr(cifar, 'check_integrity', lambda path, md5=None: True)
+    train = load_dataset(tmp_path / 'cifar', 'train', cache_dir=tmp_path / 'cache', download=False)
+    test = load_dataset(tmp_path / 'cifar', 'test', cache_dir=tmp_path / 'cache', download=False)
+    assert train.images.shape == (20, 3, 32, 32) and test.images.shape == (4, 3, 32, 32)
+    assert train.images.dtype == torch.uint8 and train.classes == classes and train.labels.max() < 10
+    raw = pickle.loads((tmp_path / 'cifar' / 'cifar-10-batches-py' / 'data_batch_1').read_bytes())
+    assert torch.equal(train.images[0], torch.from_numpy(raw['data'][0].reshape(3, 32, 32)))
+
+
+def test_official_cifar_that_cannot_be_had_is_a_clear_error(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR10
+    (tmp_path / 'empty').mkdir()
+
+    def offline(self):
+        raise OSError('network is unreachable')
+
+    monkeypatch.setattr(CIFAR10, 'download', offline)
+    with pytest.raises(FileNotFoundError, match='no usable official CIFAR-10.*network is unreachable'):
+        load_dataset(tmp_path / 'empty', cache_dir=tmp_path / 'cache')

@@ -113,7 +113,12 @@ def _read_folder(root: Path, split: str) -> ImageData:
 
 def _read_official(root: Path, split: str, download: bool) -> ImageData:
     from torchvision.datasets import CIFAR10
-    ds = CIFAR10(str(root), train=split == 'train', download=download)
+    try:  # torchvision checks every file's MD5 before it unpickles it: only the genuine batches are read
+        ds = CIFAR10(str(root), train=split == 'train', download=download)
+    except (OSError, RuntimeError) as e:  # no network, a partial download, files that fail their checksum
+        raise FileNotFoundError(f'no usable official CIFAR-10 at {root} ({e}). Give --data an image folder '
+                                'train/<class>/*.jpg, its .tar.gz, or a folder torchvision can download '
+                                'into.') from None
     return ImageData(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets),
                      list(ds.classes))
 
