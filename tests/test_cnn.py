@@ -102,8 +102,7 @@ def test_inspect_explains_it_shows_vits_only(trained, weights_dir):
 
 def test_the_train_tab_offers_the_cnn_and_draws_its_snapshot(trained):
     p = TRAIN_PRESETS['10-minute CNN baseline (ResNet-18)']
-    model_config, _ = configs_from_form(p['embed_dim'], p['depth'], p['num_heads'], p['patch_size'], p['minutes'],
-                                        p['batch_size'], p['lr'], arch=p['arch'])
+    model_config, _ = configs_from_form(**p)
     assert model_config == ResNetConfig(img_size=32)
     with pytest.raises(ValueError, match='model must be one of'):
         configs_from_form(96, 4, 3, 4, 10, 256, 1e-3, arch='vgg')

@@ -37,7 +37,8 @@ def test_schedule_warms_up_then_decays_to_zero():
 @pytest.mark.parametrize('kwargs,message', [
     (dict(epochs=0, minutes=None), 'epochs must be at least 1'), (dict(minutes=-1), 'minutes must be positive'),
     (dict(lr=-0.1), 'learning rate'), (dict(batch_size=100000), 'batch size'),
-    (dict(epochs=2, minutes=3), 'not both'), (dict(weight_decay=-1), 'weight decay')])
+    (dict(epochs=2, minutes=3), 'not both'), (dict(weight_decay=-1), 'weight decay'),
+    (dict(crop_padding=-2), 'crop padding')])
 def test_bad_hyper_parameters_are_refused_before_any_work(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**kwargs)

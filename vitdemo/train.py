@@ -56,6 +56,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_frac: float = 0.05  # fraction of the budget spent warming up
     label_smoothing: float = 0.1
+    crop_padding: int = 4  # random crops of the image padded by this many pixels (0: flips only)
     clip_grad: float = 1.0
     seed: int = 0
     val_size: int = 5000  # held out of the training images, never trained on
@@ -78,6 +79,8 @@ class TrainConfig:
             raise ValueError(f'learning rate must be in (0, 1], got {self.lr}')
         if self.weight_decay < 0:
             raise ValueError(f'weight decay must be non-negative, got {self.weight_decay}')
+        if not 0 <= self.crop_padding <= 16:
+            raise ValueError(f'crop padding must be between 0 and 16 pixels, got {self.crop_padding}')
         if not 0 <= self.warmup_frac < 1:
             raise ValueError(f'warm-up fraction must be in [0, 1), got {self.warmup_frac}')
 
@@ -279,7 +282,7 @@ def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data:
             for group in optimizer.param_groups:
                 group['lr'] = lr * group['lr_scale']
             idx = shard[i * batch_size:(i + 1) * batch_size]
-            x = to_model_input(augment(train_data.images[idx], generator=augment_generator), mean, std,
+            x = to_model_input(augment(train_data.images[idx], cfg.crop_padding, augment_generator), mean, std,
                                model_config.img_size).to(device)
             y = train_data.labels[idx].to(device)
             with autocast(device, cfg.amp):
@@ -362,6 +365,8 @@ def main(argv: list[str] | None = None) -> None:
     d = TrainConfig()
     parser.add_argument('--batch-size', type=int, default=d.batch_size, help='images per step')
     parser.add_argument('--lr', type=float, default=d.lr, help='peak learning rate (AdamW)')
+    parser.add_argument('--crop-padding', type=int, default=d.crop_padding,
+                        help='random crops from the image padded by this many pixels; 0 flips only')
     parser.add_argument('--weight-decay', type=float, default=d.weight_decay, help='AdamW weight decay')
     parser.add_argument('--seed', type=int, default=d.seed, help='seed for init, split, order and augmentation')
     parser.add_argument('--val-size', type=int, default=d.val_size, help='training images held out for validation')
@@ -388,8 +393,8 @@ def main(argv: list[str] | None = None) -> None:
                       global_pool=args.global_pool, pos_embed=args.pos_embed, drop_path_rate=args.drop_path)
         minutes = args.minutes if args.minutes is not None else (None if args.epochs else 10.0)
         cfg = TrainConfig(epochs=args.epochs, minutes=minutes, batch_size=args.batch_size, lr=args.lr,
-                          weight_decay=args.weight_decay, seed=args.seed, val_size=args.val_size,
-                          train_limit=args.train_limit, val_limit=args.val_limit, amp=not args.no_amp,
+                          weight_decay=args.weight_decay, crop_padding=args.crop_padding, seed=args.seed,
+                          val_size=args.val_size, train_limit=args.train_limit, val_limit=args.val_limit, amp=not args.no_amp,
                           compile=args.compile, half_checkpoint=args.half_checkpoint)
     except (AssertionError, ValueError) as e:
         parser.error(str(e))
