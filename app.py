@@ -55,6 +55,11 @@ def shows_user_errors(fn):
     return call
 
 
+def image_box() -> gr.File:
+    # bytes, not a path: Gradio's file-path mode leaves an empty temporary file behind on every request
+    return gr.File(label='Image', file_types=['image'], type='binary')
+
+
 def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None) -> gr.Blocks:
     cache = cache or ModelCache()
     job = job or TrainingJob(default_data_path(), cache.weights_dir or WEIGHTS_DIR)
@@ -133,7 +138,7 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
         with gr.Tab('Predict'):
             with gr.Row():
                 with gr.Column(scale=1):
-                    image = gr.File(label='Image', file_types=['image'], type='binary')
+                    image = image_box()
                     model = gr.Dropdown(names, value=names[0], label='Model')
                     top_k = gr.Slider(1, 10, value=5, step=1, label='Top-k predictions')
                     with gr.Accordion('Attention view', open=True):
@@ -195,7 +200,7 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
                         '(ResNet-18, trained in the Train tab) shows the Grad-CAM of each stage instead.')
             with gr.Row():
                 with gr.Column(scale=1):
-                    compare_image = gr.File(label='Image', file_types=['image'], type='binary')
+                    compare_image = image_box()
                     timm_default = next(n for n in names if n.startswith('timm/'))
                     model_a = gr.Dropdown(names, value=names[0], label='Model A')
                     model_b = gr.Dropdown(names, value=timm_default, label='Model B')
@@ -220,7 +225,7 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
                         "compares patches with, and how far and how widely each head looks on your image.")
             with gr.Row():
                 with gr.Column(scale=1):
-                    inspect_image = gr.File(label='Image', file_types=['image'], type='binary')
+                    inspect_image = image_box()
                     inspect_model = gr.Dropdown(names, value=names[0], label='Model')
                     inspect_run = gr.Button('Inspect', variant='primary')
                     gr.Examples(EXAMPLES, inputs=[inspect_image], label='Example images')
