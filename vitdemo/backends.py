@@ -55,16 +55,20 @@ class Prediction:
     probs: torch.Tensor  # (classes,) every class's probability, in `Model.classes` order
     saliency: list[torch.Tensor] | None = None  # CNN: Grad-CAM of the top class after each stage, (rows, cols)
 
+    @property
+    def is_cnn(self) -> bool:
+        return self.saliency is not None
+
     def layer_maps(self, fusion: Fusion = 'mean') -> list[torch.Tensor]:
         """Where the model looks at each depth, (rows, cols) each: the CLS attention of every layer of a
         ViT, or the Grad-CAM of every stage of a CNN (which has no heads to fuse)."""
-        if self.saliency is not None:
+        if self.is_cnn:
             return self.saliency
         return list(cls_attention(self.attentions, self.grid, self.num_prefix_tokens, fusion))
 
     def overall_map(self, fusion: Fusion = 'mean', discard_ratio: float = 0.9) -> torch.Tensor:
         """One map for the whole network: a ViT's attention rollout, a CNN's last-stage Grad-CAM."""
-        if self.saliency is not None:
+        if self.is_cnn:
             return self.saliency[-1]
         return rollout(self.attentions, self.grid, self.num_prefix_tokens, fusion, discard_ratio)
 

@@ -84,11 +84,11 @@ def scores_for(model: Model, pred: Prediction, as_cifar10: bool) -> tuple[dict[s
 
 
 def depth_name(pred: Prediction) -> str:
-    return 'stage' if pred.saliency is not None else 'layer'
+    return 'stage' if pred.is_cnn else 'layer'
 
 
 def overall_name(pred: Prediction) -> str:
-    return 'last-stage Grad-CAM' if pred.saliency is not None else 'rollout'
+    return 'last-stage Grad-CAM' if pred.is_cnn else 'rollout'
 
 
 def compare_view(model_a: Model, model_b: Model, image, fusion: Fusion = 'mean', as_cifar10: bool = True,
@@ -117,7 +117,7 @@ def compare_view(model_a: Model, model_b: Model, image, fusion: Fusion = 'mean',
     note = (' ImageNet predictions are summed into CIFAR-10 classes (dog breeds into "dog", and so on; deer '
             "into ImageNet's antelopes, the nearest it has).") if mapped_a or mapped_b else ''
     cnn = (' A CNN has no attention: its maps are the Grad-CAM of its top class after each stage, and its last '
-           'stage stands in for the rollout.') if pred_a.saliency is not None or pred_b.saliency is not None else ''
+           'stage stands in for the rollout.') if pred_a.is_cnn or pred_b.is_cnn else ''
     text = (f'**A** {model_a.name} ({len(maps_a)} {depth_a}s) vs **B** {model_b.name} ({len(maps_b)} {depth_b}s), '
             'paired by relative depth. Agreement per pair, as the IoU of the image regions holding the top 20% of '
             f'each map: {", ".join(f"{v:.2f}" for v in ious)}.{cnn}{note}')

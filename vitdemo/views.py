@@ -29,12 +29,11 @@ def attention_gallery(pred: Prediction, fusion: Fusion = 'mean', opacity: float 
     (for a CNN: one Grad-CAM per stage, the last being the whole network's)."""
     image, box = fit_for_display(pred.image, pred.box, DISPLAY_SIDE)
     layers = pred.layer_maps(fusion)
-    cnn = pred.saliency is not None
     rows, cols = pred.grid
-    seen = 'pixels through four stages' if cnn else f'{rows}x{cols} patches'
+    seen = 'pixels through four stages' if pred.is_cnn else f'{rows}x{cols} patches'
     # opacity 0 draws no heat, only dims what lies outside the model's view
     items = [(overlay(image, layers[0], box, opacity=0.0), f'input: the model sees the bright square, as {seen}')]
-    if cnn:
+    if pred.is_cnn:
         return items + [(overlay(image, m, box, opacity), f'stage {i + 1}: Grad-CAM of the top class, '
                                                           f'{m.shape[0]}x{m.shape[1]}') for i, m in enumerate(layers)]
     items += [(overlay(image, layer, box, opacity), f'layer {i + 1}: CLS attention') for i, layer in enumerate(layers)]
@@ -45,7 +44,7 @@ def attention_gallery(pred: Prediction, fusion: Fusion = 'mean', opacity: float 
 
 def describe(model: Model, pred: Prediction, seconds: float) -> str:
     size = model.data_config['input_size'][1]
-    if pred.saliency is not None:
+    if pred.is_cnn:
         return (f'**{model.name}**: {model.description}. Input {size}x{size}; a CNN has no attention, so each map '
                 'is the Grad-CAM of the top class after a stage: where the evidence for it lies. '
                 f'Answered in {seconds:.2f} s.')
@@ -60,7 +59,7 @@ def predict_view(model: Model, image, top_k: int = 5, fusion: str = 'mean', head
     """Everything the Predict tab shows: {label: probability}, the attention gallery, and a description."""
     start = time.perf_counter()
     pred = model.predict(image, top_k=int(top_k))
-    chosen = 'mean' if pred.saliency is not None else parse_fusion(fusion, head, pred.attentions.shape[1])
+    chosen = 'mean' if pred.is_cnn else parse_fusion(fusion, head, pred.attentions.shape[1])
     gallery = attention_gallery(pred, chosen, float(opacity), float(discard_ratio))
     return dict(pred.top_k), gallery, describe(model, pred, time.perf_counter() - start)
 
