@@ -225,7 +225,8 @@ def evaluate(model: Classifier, data: ImageData, mean: list[float], std: list[fl
 
 def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data: ImageData,
           out: str | Path | None = None, on_event: Callable[[TrainEvent], None] | None = None,
-          stop: threading.Event | None = None, device: str | None = None, finetune: FineTune | None = None) -> TrainResult:
+          stop: threading.Event | None = None, device: str | None = None,
+          finetune: FineTune | None = None) -> TrainResult:
     """Train a new model of `model_config` (or fine-tune `finetune.model`) on `data` within `cfg`'s budget."""
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     model_config = finetune.model.config if finetune else model_config
@@ -394,8 +395,8 @@ def main(argv: list[str] | None = None) -> None:
         minutes = args.minutes if args.minutes is not None else (None if args.epochs else 10.0)
         cfg = TrainConfig(epochs=args.epochs, minutes=minutes, batch_size=args.batch_size, lr=args.lr,
                           weight_decay=args.weight_decay, crop_padding=args.crop_padding, seed=args.seed,
-                          val_size=args.val_size, train_limit=args.train_limit, val_limit=args.val_limit, amp=not args.no_amp,
-                          compile=args.compile, half_checkpoint=args.half_checkpoint)
+                          val_size=args.val_size, train_limit=args.train_limit, val_limit=args.val_limit,
+                          amp=not args.no_amp, compile=args.compile, half_checkpoint=args.half_checkpoint)
     except (AssertionError, ValueError) as e:
         parser.error(str(e))
     data = load_dataset(args.data)  # every rank decodes from the same cache; the first run builds it
