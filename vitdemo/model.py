@@ -90,7 +90,12 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, N, embed_dim)
+        # the conv's arithmetic as one matrix product over the patches: the same numbers, but oneDNN's
+        # strided conv took 16 ms of a 250 ms CIFAR training step on a 2-core CPU, the product 1 ms
+        b, c, h, w = x.shape
+        p = self.proj.kernel_size[0]
+        patches = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).flatten(3).flatten(1, 2)
+        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)  # (B, N, embed_dim)
 
 
 class Attention(nn.Module):
