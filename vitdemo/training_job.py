@@ -8,7 +8,7 @@ import queue
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -146,7 +146,7 @@ class TrainingJob:
             self._stop.clear()
             yield Snapshot(0.0, 'loading the training images (the first time decodes and caches them)')
             data = data if data is not None else load_dataset(self.data_path)
-            model_config.num_classes = len(data.classes)
+            model_config = replace(model_config, num_classes=len(data.classes))  # the form's 10 is a guess
             train_data, val_data = split(data, cfg)
             fixed = (val_data or train_data).images[0]  # one image: what changes is the model
             out = self.weights_dir / f'{name}.safetensors'
