@@ -91,7 +91,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the conv's arithmetic as one matrix product over the patches: the same numbers, but oneDNN's
-        # strided conv took 16 ms of a 250 ms CIFAR training step on a 2-core CPU, the product 1 ms
+        # strided conv took 16 ms of a ~300 ms CIFAR training step on a 2-core CPU, the product 1 ms
         b, c, h, w = x.shape
         p = self.proj.kernel_size[0]
         patches = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).flatten(3).flatten(1, 2)
