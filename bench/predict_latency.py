@@ -27,8 +27,9 @@ EXAMPLE = Path(__file__).resolve().parent.parent / 'examples' / 'cat.jpg'
 
 
 def plain_timm_twin(model) -> torch.nn.Module:
-    """timm's VisionTransformer with the weights of `model.module`, run with fused attention."""
-    if isinstance(model.module, VisionTransformer):
+    """timm's VisionTransformer with the weights of `model.module`, run with fused attention. A conv stem
+    has no plain timm twin: our module's own plain forward (fused attention too) stands in."""
+    if isinstance(model.module, VisionTransformer) and model.module.config.stem == 'patch':
         c = model.module.config
         twin = timm.create_model('vit_tiny_patch16_224', img_size=c.img_size, patch_size=c.patch_size,
                                  num_classes=c.num_classes, embed_dim=c.embed_dim, depth=c.depth,
@@ -36,7 +37,7 @@ def plain_timm_twin(model) -> torch.nn.Module:
                                  global_pool=c.global_pool)
         twin.load_state_dict(model.module.state_dict())
         return twin.eval()
-    return model.module  # timm's own module: its plain forward uses fused attention
+    return model.module  # its plain forward uses fused attention
 
 
 def time_ms(fn) -> float:

@@ -122,3 +122,20 @@ def test_patch_view_outlines_the_clicked_patch(weights_dir):
         patch_view(model, image, (10, 10), layer=1)
     with pytest.raises(ValueError, match='choose a layer from 1 to 2'):
         patch_view(model, image, (200, 100), layer=7)
+
+
+def test_inspect_view_of_a_conv_stem_model_shows_its_first_convolution(tmp_path):
+    from dataclasses import replace
+
+    from conftest import TINY_CIFAR, randomize_
+    from vitdemo.model import VisionTransformer
+    from vitdemo.weights import save_checkpoint
+    module = randomize_(VisionTransformer(replace(TINY_CIFAR, patch_size=4, stem='conv')))
+    path = save_checkpoint(tmp_path / 'conv.safetensors', module, [str(i) for i in range(10)], [0.5] * 3, [0.25] * 3)
+    model = load_model(path)
+    assert model.grid == (8, 8)
+    _, costs, *figures = inspect_view(model, Image.new('RGB', (40, 40), (200, 30, 30)))
+    assert "conv stem's first 3x3 filters" in figures[1]._suptitle.get_text()
+    first_conv = module.patch_embed.backbone[0].out_channels  # as many components as it has filters
+    assert sum(ax.has_data() for ax in figures[1].axes) == first_conv
+    assert costs[0][:3] == [4, '8x8', 65]

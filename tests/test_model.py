@@ -63,7 +63,8 @@ def test_cifar_preset_is_small_and_sees_32px():
 
 
 @pytest.mark.parametrize('overrides', [{}, dict(global_pool='avg'), dict(pos_embed='sincos'),
-                                       dict(drop_path_rate=0.2, proj_drop_rate=0.1, attn_drop_rate=0.1)])
+                                       dict(drop_path_rate=0.2, proj_drop_rate=0.1, attn_drop_rate=0.1),
+                                       dict(stem='conv')])
 def test_forward_shapes_finite_and_every_parameter_learns(overrides):
     model = VisionTransformer(ViTConfig(**{**TINY_CIFAR.to_dict(), **overrides})).train()
     torch.nn.init.normal_(model.head.weight, std=0.02)  # it starts at zero, which passes no gradient back
@@ -99,6 +100,35 @@ def test_fused_and_manual_attention_agree():
     torch.testing.assert_close(fused, manual, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize('patch_size', [2, 4, 8])
+def test_conv_stem_gives_one_token_per_patch_under_timm_hybrid_names(patch_size):
+    config = ViTConfig(**{**TINY_CIFAR.to_dict(), 'patch_size': patch_size, 'stem': 'conv'})
+    model = randomize_(VisionTransformer(config)).eval()
+    stem = {n.split('.')[1] for n, _ in model.named_parameters() if n.startswith('patch_embed.')}
+    assert stem == {'backbone', 'proj'}  # timm's HybridEmbed layout
+    strides = [m.stride[0] for m in model.patch_embed.backbone if isinstance(m, torch.nn.Conv2d)]
+    assert strides == [1] + [2] * (patch_size.bit_length() - 1)  # one halving per conv after the first
+    with torch.no_grad():
+        logits, attentions = model.forward_with_attention(torch.randn(2, 3, 32, 32))
+    tokens = 1 + (32 // patch_size) ** 2
+    assert logits.shape == (2, 10) and attentions[0].shape == (2, config.num_heads, tokens, tokens)
+    # tokens stay local: changing the top-left patch moves its token, and none in the far quadrant
+    x = torch.randn(1, 3, 32, 32)
+    y = x.clone()
+    y[..., :patch_size, :patch_size] += 1.0
+    with torch.no_grad():
+        change = (model.patch_embed(y) - model.patch_embed(x)).norm(dim=-1)[0].reshape(32 // patch_size, -1)
+    half = 16 // patch_size
+    assert change[0, 0] > 0 and change[half:, half:].max() == 0
+
+
+def test_conv_stem_keeps_some_channels_for_a_narrow_model_with_large_patches():
+    model = VisionTransformer(ViTConfig(img_size=32, patch_size=16, num_classes=10, embed_dim=16, depth=1,
+                                        num_heads=2, stem='conv'))
+    assert min(m.out_channels for m in model.patch_embed.backbone if isinstance(m, torch.nn.Conv2d)) == 8
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
 def test_sincos_position_embedding_is_fixed_and_distinct():
     model = VisionTransformer(ViTConfig(**{**TINY_CIFAR.to_dict(), 'pos_embed': 'sincos'}))
     assert not model.pos_embed.requires_grad
@@ -110,7 +140,8 @@ def test_sincos_position_embedding_is_fixed_and_distinct():
 
 @pytest.mark.parametrize('kwargs,message', [(dict(embed_dim=100, num_heads=3), 'divisible by num_heads'),
                                             (dict(img_size=30, patch_size=4), 'divisible by patch_size'),
-                                            (dict(global_pool='max'), 'global_pool')])
+                                            (dict(global_pool='max'), 'global_pool'),
+                                            (dict(img_size=36, patch_size=6, stem='conv'), 'power of 2')])
 def test_config_refuses_impossible_shapes(kwargs, message):
     with pytest.raises(AssertionError, match=message):
         ViTConfig(**kwargs)

@@ -1,6 +1,7 @@
 import pickle
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,16 +15,22 @@ from vitdemo.weights import CheckpointError, load_checkpoint, read_metadata, sav
 CLASSES = [f'class{i}' for i in range(10)]
 
 
-def test_round_trip_keeps_weights_and_metadata(tmp_path):
-    model = randomize_(VisionTransformer(TINY_CIFAR))
+@pytest.mark.parametrize('config', [TINY_CIFAR, replace(TINY_CIFAR, stem='conv')], ids=['patch', 'conv-stem'])
+def test_round_trip_keeps_weights_and_metadata(tmp_path, config):
+    model = randomize_(VisionTransformer(config))
+    model.train()(torch.randn(8, 3, 32, 32))  # batch-norm statistics (conv stem) move off their defaults
     path = save_checkpoint(tmp_path / 'm.safetensors', model, CLASSES, [0.5] * 3, [0.25] * 3,
                            metrics={'val_accuracy': 0.7}, seed=3)
     loaded, meta = load_checkpoint(path)
     assert loaded.config == model.config and not loaded.training
     assert meta['classes'] == CLASSES and meta['metrics'] == {'val_accuracy': 0.7} and meta['seed'] == 3
+    assert model.state_dict().keys() == loaded.state_dict().keys()
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
-    assert read_metadata(path)['config'] == TINY_CIFAR.to_dict()
+    assert read_metadata(path)['config'] == config.to_dict()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x), atol=0, rtol=0)
 
 
 def test_a_pickle_renamed_safetensors_is_refused_and_never_run(tmp_path):

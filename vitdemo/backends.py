@@ -102,9 +102,8 @@ class Model:
         self.device = next(module.parameters()).device
         self.is_cnn = isinstance(module, CifarResNet)
         if not self.is_cnn:
-            size = data_config['input_size'][1]
-            patch = module.patch_embed.proj.stride[0]  # the same conv in timm's ViT and ours
-            self.grid = (size // patch, size // patch)
+            side = math.isqrt(module.patch_embed.num_patches)  # square grids, in timm's ViTs and ours
+            self.grid = (side, side)
 
     def predict(self, image, top_k: int = 5) -> Prediction:
         """Top-k classes and every layer's attention for one image (PIL image, numpy array or file path)."""

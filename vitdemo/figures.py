@@ -116,7 +116,9 @@ def position_similarity_figure(model: Model) -> Figure:
 
 
 def patch_filters_figure(model: Model, k: int = 28) -> Figure:
-    filters = patch_filters(model.module.patch_embed.proj.weight.detach().cpu(), k)
+    stem = model.module.patch_embed
+    conv_stem = hasattr(stem, 'backbone')  # tokens from convolutions: its first 3x3 filters see the pixels
+    filters = patch_filters((stem.backbone[0] if conv_stem else stem.proj).weight.detach().cpu(), k)
     cols = 7
     rows = math.ceil(len(filters) / cols)
     fig = Figure(figsize=(6.4, 1.0 * rows + 1.0))
@@ -128,8 +130,9 @@ def patch_filters_figure(model: Model, k: int = 28) -> Figure:
         tile = (tile / tile.max().clamp(min=1e-12)).permute(1, 2, 0).numpy()  # each tile stretched to 0..1
         axes.flat[i].imshow(tile if tile.shape[2] == 3 else tile[..., 0], cmap=None if tile.shape[2] == 3 else 'gray')
         axes.flat[i].set_title(f'PC {i + 1}', fontsize=7)
-    fig.suptitle('Patch embedding filters: principal components of the patch projection, as RGB\n'
-                 '(what a single patch is first compared with; left to right, most variance first)', fontsize=9)
+    what = "the conv stem's first 3x3 filters" if conv_stem else 'the patch projection'
+    fig.suptitle(f'Patch embedding filters: principal components of {what}, as RGB\n'
+                 '(what the pixels are first compared with; left to right, most variance first)', fontsize=9)
     return fig
 
 
