@@ -22,7 +22,7 @@ EXAMPLES = sorted(str(p) for p in (Path(__file__).parent / 'examples').glob('*.*
 USER_ERRORS = (ImageError, ModelUnavailable, CheckpointError, TrainingBusy, FileNotFoundError, ValueError)
 MAX_UPLOAD = '50mb'  # a 24-megapixel JPEG is ~10 MB; larger uploads are refused before they reach the app
 TRAIN_FIELDS = ['embed_dim', 'depth', 'num_heads', 'patch_size', 'minutes', 'batch_size', 'lr', 'arch', 'pos_embed',
-                'crop_padding']
+                'stem', 'crop_padding']
 
 INTRO = """# vitdemo: how a Vision Transformer sees
 Upload an image and pick a model: you get its top predictions and, for every layer, where the **CLS token**
@@ -96,9 +96,9 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
     @shows_user_errors
     def start_training(embed_dim: int, depth: int, num_heads: int, patch_size: int, minutes: float,
                        batch_size: int, lr: float, name: str, arch: str = 'vit', pos_embed: str = 'learn',
-                       crop_padding: int = 4):
+                       stem: str = 'conv', crop_padding: int = 4):
         model_config, train_config = configs_from_form(embed_dim, depth, num_heads, patch_size, minutes,
-                                                       batch_size, lr, arch=arch, pos_embed=pos_embed,
+                                                       batch_size, lr, arch=arch, pos_embed=pos_embed, stem=stem,
                                                        crop_padding=crop_padding)
         epochs = 0
         for snap in job.run(model_config, train_config, name):
@@ -181,6 +181,9 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
                     with gr.Row():
                         pos_embed = gr.Radio(['learn', 'sincos'], value=p['pos_embed'],
                                              label='Position embedding (ViT): learned, or fixed sin-cos')
+                        stem = gr.Radio([('3x3 convolutions (learns faster)', 'conv'),
+                                         ("one patch projection (timm's ViT)", 'patch')], value=p['stem'],
+                                        label='Tokens from (ViT)')
                         crop_padding = gr.Number(p['crop_padding'], precision=0,
                                                  label='Random crops: padding in pixels (0: flips only)')
                     run_name = gr.Textbox('my_vit', label='Save as (weights/NAME.safetensors)')
@@ -258,8 +261,9 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
                           [patch_image, patch_caption], api_visibility='private')
 
         train_fields = [embed_dim, depth, num_heads, patch_size, minutes, batch_size, lr]
-        preset.change(apply_preset, preset, train_fields + [arch, pos_embed, crop_padding], api_visibility='private')
-        start.click(start_training, train_fields + [run_name, arch, pos_embed, crop_padding],
+        preset.change(apply_preset, preset, train_fields + [arch, pos_embed, stem, crop_padding],
+                      api_visibility='private')
+        start.click(start_training, train_fields + [run_name, arch, pos_embed, stem, crop_padding],
                     [status, loss_plot, accuracy_plot, snapshot, model, inspect_model, model_a, model_b],
                     api_name='train', concurrency_limit=2, concurrency_id='train')
         stop.click(job.stop, api_name='stop_training')

@@ -12,13 +12,15 @@ def test_every_preset_is_a_valid_configuration():
     for name, p in TRAIN_PRESETS.items():
         model_config, train_config = configs_from_form(**p)
         assert model_config.img_size == 32 and train_config.minutes == p['minutes'], name
-        assert train_config.crop_padding == p['crop_padding'] and getattr(model_config, 'pos_embed', 'learn') == \
-            (p['pos_embed'] if p['arch'] == 'vit' else 'learn'), name
+        assert train_config.crop_padding == p['crop_padding'], name
+        if p['arch'] == 'vit':
+            assert (model_config.pos_embed, model_config.stem) == (p['pos_embed'], p['stem']), name
 
 
 @pytest.mark.parametrize('extra,message', [
     (dict(crop_padding=-1), 'crop padding must be between'), (dict(crop_padding=1.5), 'whole number of pixels'),
     (dict(pos_embed='rope'), 'pos_embed must be learn or sincos'), (dict(arch='vgg'), 'model must be one of'),
+    (dict(stem='pixels'), 'stem must be patch or conv'),
 ])
 def test_bad_augmentation_and_model_choices_are_refused(extra, message):
     with pytest.raises(ValueError, match=message):

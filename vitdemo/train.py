@@ -356,6 +356,8 @@ def main(argv: list[str] | None = None) -> None:
                         help='classify from the CLS token or the mean patch token')
     parser.add_argument('--pos-embed', choices=['learn', 'sincos'], default=base.pos_embed,
                         help='learned position embeddings, or fixed 2-D sin-cos ones')
+    parser.add_argument('--stem', choices=['patch', 'conv'], default=base.stem,
+                        help='tokens from one patch projection, or from small convolutions (learns faster)')
     parser.add_argument('--drop-path', type=float, default=0.0, help='stochastic depth rate at the last block')
     # fine-tuning a pretrained ViT instead (inputs upscaled to its size: wants a GPU)
     parser.add_argument('--finetune', metavar='ARCH', help='start from timm ARCH, e.g. vit_tiny_patch16_224 '
@@ -392,7 +394,8 @@ def main(argv: list[str] | None = None) -> None:
         model_config = ResNetConfig(img_size=32) if args.arch == 'resnet18' else \
             ViTConfig(img_size=32, patch_size=args.patch_size, num_classes=10, embed_dim=args.embed_dim,
                       depth=args.depth, num_heads=args.heads, mlp_ratio=args.mlp_ratio,
-                      global_pool=args.global_pool, pos_embed=args.pos_embed, drop_path_rate=args.drop_path)
+                      global_pool=args.global_pool, pos_embed=args.pos_embed, drop_path_rate=args.drop_path,
+                      stem=args.stem)
         minutes = args.minutes if args.minutes is not None else (None if args.epochs else 10.0)
         cfg = TrainConfig(epochs=args.epochs, minutes=minutes, batch_size=args.batch_size, lr=args.lr,
                           weight_decay=args.weight_decay, crop_padding=args.crop_padding, seed=args.seed,

@@ -28,14 +28,14 @@ TRAIN_PRESETS: dict[str, dict] = {
     # 2-pixel crops; with 4-pixel crops and learned position embeddings at batch 256, 67.2%: a run this
     # short underfits, so it wants less augmentation
     '10-minute CPU demo': dict(arch='vit', embed_dim=128, depth=4, num_heads=4, patch_size=4, minutes=10.0,
-                               batch_size=128, lr=2e-3, pos_embed='sincos', crop_padding=2),
+                               batch_size=128, lr=2e-3, pos_embed='sincos', stem='conv', crop_padding=2),
     '2-minute quick look': dict(arch='vit', embed_dim=96, depth=3, num_heads=3, patch_size=4, minutes=2.0,
-                                batch_size=128, lr=2e-3, pos_embed='sincos', crop_padding=0),
+                                batch_size=128, lr=2e-3, pos_embed='sincos', stem='conv', crop_padding=0),
     '30-minute, larger model': dict(arch='vit', embed_dim=192, depth=6, num_heads=3, patch_size=4, minutes=30.0,
-                                    batch_size=256, lr=2e-3, pos_embed='learn', crop_padding=4),
+                                    batch_size=256, lr=2e-3, pos_embed='learn', stem='conv', crop_padding=4),
     # ResNet-18 does ~8x the arithmetic per image of the 10-minute ViT: about one epoch in ten minutes
     '10-minute CNN baseline (ResNet-18)': dict(arch='resnet18', embed_dim=128, depth=4, num_heads=4, patch_size=4,
-                                               minutes=10.0, batch_size=128, lr=2e-3, pos_embed='learn',
+                                               minutes=10.0, batch_size=128, lr=2e-3, pos_embed='learn', stem='conv',
                                                crop_padding=4),
 }
 ARCHS = ['vit', 'resnet18']
@@ -59,7 +59,7 @@ class Snapshot:
 
 def configs_from_form(embed_dim: int, depth: int, num_heads: int, patch_size: int, minutes: float,
                       batch_size: int, lr: float, mlp_ratio: float = 2.0, seed: int = 0, img_size: int = 32,
-                      arch: str = 'vit', pos_embed: str = 'learn',
+                      arch: str = 'vit', pos_embed: str = 'learn', stem: str = 'conv',
                       crop_padding: int = 4) -> tuple[ViTConfig | ResNetConfig, TrainConfig]:
     """The Train tab's fields as configs, every value checked before any work starts. The ViT's
     fields are checked whatever `arch` is: the form shows them either way."""
@@ -76,7 +76,7 @@ def configs_from_form(embed_dim: int, depth: int, num_heads: int, patch_size: in
     try:
         model_config = ViTConfig(img_size=img_size, patch_size=int(patch_size), num_classes=10,
                                  embed_dim=int(embed_dim), depth=int(depth), num_heads=int(num_heads),
-                                 mlp_ratio=float(mlp_ratio), pos_embed=pos_embed)
+                                 mlp_ratio=float(mlp_ratio), pos_embed=pos_embed, stem=stem)
     except AssertionError as e:
         raise ValueError(str(e)) from None
     if arch == 'resnet18':
