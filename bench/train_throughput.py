@@ -8,7 +8,7 @@ with AdamW. The reference (../shared/reference/tutorial_vit.py, imported, not co
 does: fp32, manual attention, einops, float batches made in advance. Ours is `vitdemo.train.train` itself,
 augmentation included, in eager mode and with torch.compile, and compiled under DistributedDataParallel
 as two CPU processes of one thread each, 64 images per process and step (the same batch of 128 in all):
-two small processes keep two cores busier than one process with two threads. Rounds alternate the
+is one thread per core in its own process better than one process with two threads? Rounds alternate the
 contenders, so a busy machine slows them alike; the median of the rounds is reported.
 """
 import argparse
