@@ -4,10 +4,11 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from conftest import CIFAR_ARCHIVE
-from vitdemo.data import ImageData, augment, load_dataset, normalize, train_val_split
+from vitdemo.data import ImageData, augment, load_dataset, mix, normalize, rand_augment, train_val_split
 
 
 def make_folder(root, classes=('cat', 'dog'), per_class=3, size=8, split='train'):
@@ -65,6 +66,31 @@ def test_augment_crops_and_flips_whole_batches():
     moved = sum(not torch.equal(p, images[i % 2]) and not torch.equal(p, images[i % 2].flip(-1))
                 for i, p in enumerate(padded))
     assert moved > 64  # most crops are shifted
+
+
+def test_rand_augment_gives_each_group_its_own_ops():
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
+    out = rand_augment(image.repeat(64, 1, 1, 1), magnitude=9, group=4)
+    assert out.shape == (64, 3, 16, 16) and out.dtype == torch.uint8
+    groups = out.view(16, 4, 3, 16, 16)
+    assert all(torch.equal(g[0], g[3]) for g in groups)  # one draw per group ...
+    assert len({g[0].numpy().tobytes() for g in groups}) > 8  # ... and different draws across groups
+    assert sum(not torch.equal(g[0], image) for g in groups) > 8
+
+
+def test_mix_labels_weigh_the_classes_as_the_pixels_do():
+    torch.manual_seed(0)
+    shade = torch.tensor([0.0, 10.0, 20.0, 30.0])
+    labels = torch.tensor([0, 1, 2, 3, 0, 2, 1, 3])
+    images = shade[labels].view(-1, 1, 1, 1).expand(-1, 3, 16, 16).clone()  # each class its own grey
+    for _ in range(10):  # CutMix and MixUp both turn up
+        mixed, target = mix(images, labels, num_classes=4)
+        assert target.shape == (8, 4) and torch.allclose(target.sum(1), torch.ones(8))
+        # a label's weight is the share of the image it covers (CutMix) or its blend weight (MixUp)
+        torch.testing.assert_close(mixed.mean((1, 2, 3)), target @ shade)
+        neighbour = labels.roll(1)
+        assert ((target > 0) <= (F.one_hot(labels, 4) + F.one_hot(neighbour, 4)).bool()).all()
 
 
 def test_normalize_standardises_per_channel():

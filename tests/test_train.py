@@ -38,7 +38,8 @@ def test_schedule_warms_up_then_decays_to_zero():
     (dict(epochs=0, minutes=None), 'epochs must be at least 1'), (dict(minutes=-1), 'minutes must be positive'),
     (dict(lr=-0.1), 'learning rate'), (dict(batch_size=100000), 'batch size'),
     (dict(epochs=2, minutes=3), 'not both'), (dict(weight_decay=-1), 'weight decay'),
-    (dict(crop_padding=-2), 'crop padding')])
+    (dict(crop_padding=-2), 'crop padding'), (dict(rand_augment=31), 'RandAugment strength'),
+    (dict(mix_prob=1.5), 'mix probability')])
 def test_bad_hyper_parameters_are_refused_before_any_work(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**kwargs)
@@ -61,6 +62,14 @@ def test_training_learns_reports_events_and_writes_a_loadable_checkpoint(tmp_pat
     assert meta['train_config']['seed'] == 1 and meta['metrics']['val_accuracy'] == result.metrics['val_accuracy']
     for a, b in zip(model.state_dict().values(), result.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_randaugment_and_mixing_every_batch_still_learn():
+    cfg = TrainConfig(epochs=4, minutes=None, batch_size=64, lr=3e-3, val_size=128, seed=1,
+                      rand_augment=5, mix_prob=1.0)
+    result = train(CONFIG, cfg, colour_data())
+    assert result.history[-1]['train_loss'] < result.history[0]['train_loss']
+    assert result.metrics['val_accuracy'] > 0.8  # validation images are neither augmented nor mixed
 
 
 def test_same_seed_same_run():
@@ -96,10 +105,11 @@ def test_cli_trains_on_real_cifar_images_and_evaluate_scores_them(tmp_path, caps
     out = tmp_path / 'cifar.safetensors'
     train_cli.main(['--data', str(CIFAR_ARCHIVE), '--epochs', '3', '--train-limit', '3000', '--val-limit', '1000',
                     '--embed-dim', '64', '--depth', '2', '--heads', '2', '--batch-size', '100', '--lr', '3e-3',
-                    '--out', str(out)])
+                    '--rand-augment', '5', '--mix-prob', '0.25', '--out', str(out)])
     assert 'done: 3 epochs' in capsys.readouterr().out
     _, meta = load_checkpoint(out)
     assert meta['metrics']['val_accuracy'] > 0.2  # chance is 0.1
+    assert meta['train_config']['rand_augment'] == 5 and meta['train_config']['mix_prob'] == 0.25
     data = load_dataset(CIFAR_ARCHIVE)
     assert meta['mean'] == pytest.approx([0.49, 0.48, 0.45], abs=0.02)  # measured on the images, not assumed
     evaluate_cli.main(['--weights', str(out), '--data', str(CIFAR_ARCHIVE), '--split', 'train', '--limit', '500'])

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torchvision.transforms import v2
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 CACHE_DIR = Path(os.environ.get('VITDEMO_CACHE', Path.home() / '.cache' / 'vitdemo'))
@@ -134,6 +135,21 @@ def augment(images: torch.Tensor, padding: int = 4, generator: torch.Generator |
     flip = torch.rand(B, generator=generator) < 0.5
     cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]  # (B, 1, 1, W)
     return padded[torch.arange(B)[:, None, None, None], torch.arange(C)[None, :, None, None], rows, cols]
+
+
+def rand_augment(images: torch.Tensor, magnitude: int, group: int = 8) -> torch.Tensor:
+    """RandAugment (two random ops of the given strength, 0-30) on a uint8 batch. torchvision draws one
+    choice of ops per call, so each group of `group` images gets its own draw."""
+    augmenter = v2.RandAugment(num_ops=2, magnitude=magnitude)
+    return torch.cat([augmenter(chunk) for chunk in images.split(group)])
+
+
+def mix(images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CutMix or MixUp, one of the two at random (DeiT's strengths), of a float batch with itself rolled
+    by one: the mixed images and their soft labels (B, num_classes)."""
+    mixer = v2.RandomChoice([v2.CutMix(alpha=1.0, num_classes=num_classes),
+                             v2.MixUp(alpha=0.8, num_classes=num_classes)])
+    return mixer(images, labels)
 
 
 def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:

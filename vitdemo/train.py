@@ -41,7 +41,7 @@ from timm.data import resolve_data_config
 
 from . import __version__
 from .backends import WEIGHTS_DIR, ModelUnavailable, timm_pretrained
-from .data import ImageData, augment, load_dataset, normalize, train_val_split
+from .data import ImageData, augment, load_dataset, mix, normalize, rand_augment, train_val_split
 from .cnn import ResNetConfig
 from .model import ViTConfig, VisionTransformer, preset
 from .weights import CheckpointError, Classifier, build_model, from_timm, save_checkpoint
@@ -57,6 +57,8 @@ class TrainConfig:
     warmup_frac: float = 0.05  # fraction of the budget spent warming up
     label_smoothing: float = 0.1
     crop_padding: int = 4  # random crops of the image padded by this many pixels (0: flips only)
+    rand_augment: int = 0  # RandAugment strength, 1-30 (0: off); for long runs, where the model overfits
+    mix_prob: float = 0.0  # share of batches mixed by CutMix or MixUp; likewise for long runs
     clip_grad: float = 1.0
     seed: int = 0
     val_size: int = 5000  # held out of the training images, never trained on
@@ -81,6 +83,10 @@ class TrainConfig:
             raise ValueError(f'weight decay must be non-negative, got {self.weight_decay}')
         if not 0 <= self.crop_padding <= 16:
             raise ValueError(f'crop padding must be between 0 and 16 pixels, got {self.crop_padding}')
+        if not 0 <= self.rand_augment <= 30:
+            raise ValueError(f'RandAugment strength must be between 0 and 30, got {self.rand_augment}')
+        if not 0 <= self.mix_prob <= 1:
+            raise ValueError(f'mix probability must be in [0, 1], got {self.mix_prob}')
         if not 0 <= self.warmup_frac < 1:
             raise ValueError(f'warm-up fraction must be in [0, 1), got {self.warmup_frac}')
 
@@ -284,12 +290,17 @@ def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data:
             for group in optimizer.param_groups:
                 group['lr'] = lr * group['lr_scale']
             idx = shard[i * batch_size:(i + 1) * batch_size]
-            x = to_model_input(augment(train_data.images[idx], cfg.crop_padding, augment_generator), mean, std,
-                               model_config.img_size).to(device)
-            y = train_data.labels[idx].to(device)
+            images = augment(train_data.images[idx], cfg.crop_padding, augment_generator)
+            if cfg.rand_augment:
+                images = rand_augment(images, cfg.rand_augment)
+            x = to_model_input(images, mean, std, model_config.img_size)
+            y = target = train_data.labels[idx]
+            if torch.rand((), generator=augment_generator) < cfg.mix_prob:
+                x, target = mix(x, y, model_config.num_classes)
+            x, y, target = x.to(device), y.to(device), target.to(device)
             with autocast(device, cfg.amp):
                 logits = forward(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip_grad)
@@ -371,6 +382,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--lr', type=float, default=d.lr, help='peak learning rate (AdamW)')
     parser.add_argument('--crop-padding', type=int, default=d.crop_padding,
                         help='random crops from the image padded by this many pixels; 0 flips only')
+    parser.add_argument('--rand-augment', type=int, default=d.rand_augment, metavar='STRENGTH',
+                        help='RandAugment, two ops of this strength (1-30) per image; 0 is off')
+    parser.add_argument('--mix-prob', type=float, default=d.mix_prob,
+                        help='share of batches mixed by CutMix or MixUp (0 is off)')
     parser.add_argument('--weight-decay', type=float, default=d.weight_decay, help='AdamW weight decay')
     parser.add_argument('--seed', type=int, default=d.seed, help='seed for init, split, order and augmentation')
     parser.add_argument('--val-size', type=int, default=d.val_size, help='training images held out for validation')
@@ -398,7 +413,8 @@ def main(argv: list[str] | None = None) -> None:
                       stem=args.stem)
         minutes = args.minutes if args.minutes is not None else (None if args.epochs else 10.0)
         cfg = TrainConfig(epochs=args.epochs, minutes=minutes, batch_size=args.batch_size, lr=args.lr,
-                          weight_decay=args.weight_decay, crop_padding=args.crop_padding, seed=args.seed,
+                          weight_decay=args.weight_decay, crop_padding=args.crop_padding,
+                          rand_augment=args.rand_augment, mix_prob=args.mix_prob, seed=args.seed,
                           val_size=args.val_size, train_limit=args.train_limit, val_limit=args.val_limit,
                           amp=not args.no_amp, compile=args.compile, half_checkpoint=args.half_checkpoint)
     except (AssertionError, ValueError) as e:
