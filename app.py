@@ -166,26 +166,26 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
                     first = next(iter(TRAIN_PRESETS))
                     preset = gr.Dropdown(list(TRAIN_PRESETS), value=first, label='Preset')
                     p = TRAIN_PRESETS[first]
-                    arch = gr.Radio([('ViT (settings below)', 'vit'), ('ResNet-18, the CNN baseline', 'resnet18')],
+                    arch = gr.Radio([('ViT', 'vit'), ('ResNet-18, the CNN baseline', 'resnet18')],
                                     value=p['arch'], label='Model')
+                    with gr.Column(visible=p['arch'] == 'vit') as vit_settings:
+                        with gr.Row():
+                            embed_dim = gr.Number(p['embed_dim'], label='Embed dim', precision=0)
+                            depth = gr.Number(p['depth'], label='Depth (layers)', precision=0)
+                            num_heads = gr.Number(p['num_heads'], label='Heads', precision=0)
+                            patch_size = gr.Dropdown([2, 4, 8, 16], value=p['patch_size'], label='Patch size')
+                        with gr.Row():
+                            pos_embed = gr.Radio(['learn', 'sincos'], value=p['pos_embed'],
+                                                 label='Position embedding: learned, or fixed sin-cos')
+                            stem = gr.Radio([('3x3 convolutions (learns faster)', 'conv'),
+                                             ("one patch projection (timm's ViT)", 'patch')], value=p['stem'],
+                                            label='Tokens from')
                     with gr.Row():
-                        embed_dim = gr.Number(p['embed_dim'], label='Embed dim', precision=0)
-                        depth = gr.Number(p['depth'], label='Depth (layers)', precision=0)
-                        num_heads = gr.Number(p['num_heads'], label='Heads', precision=0)
-                    with gr.Row():
-                        patch_size = gr.Dropdown([2, 4, 8, 16], value=p['patch_size'], label='Patch size')
                         minutes = gr.Number(p['minutes'], label='Minutes')
-                    with gr.Row():
                         batch_size = gr.Number(p['batch_size'], label='Batch size', precision=0)
                         lr = gr.Number(p['lr'], label='Learning rate')
-                    with gr.Row():
-                        pos_embed = gr.Radio(['learn', 'sincos'], value=p['pos_embed'],
-                                             label='Position embedding (ViT): learned, or fixed sin-cos')
-                        stem = gr.Radio([('3x3 convolutions (learns faster)', 'conv'),
-                                         ("one patch projection (timm's ViT)", 'patch')], value=p['stem'],
-                                        label='Tokens from (ViT)')
-                        crop_padding = gr.Number(p['crop_padding'], precision=0,
-                                                 label='Random crops: padding in pixels (0: flips only)')
+                    crop_padding = gr.Number(p['crop_padding'], precision=0,
+                                             label='Random crops: padding in pixels (0: flips only)')
                     run_name = gr.Textbox('my_vit', label='Save as (weights/NAME.safetensors)')
                     with gr.Row():
                         start = gr.Button('Start', variant='primary')
@@ -263,6 +263,7 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None)
         train_fields = [embed_dim, depth, num_heads, patch_size, minutes, batch_size, lr]
         preset.change(apply_preset, preset, train_fields + [arch, pos_embed, stem, crop_padding],
                       api_visibility='private')
+        arch.change(lambda a: gr.Column(visible=a == 'vit'), arch, vit_settings, api_visibility='private')
         start.click(start_training, train_fields + [run_name, arch, pos_embed, stem, crop_padding],
                     [status, loss_plot, accuracy_plot, snapshot, model, inspect_model, model_a, model_b],
                     api_name='train', concurrency_limit=2, concurrency_id='train')

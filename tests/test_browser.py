@@ -130,6 +130,16 @@ def test_switch_tabs_compare_and_inspect(page):
     page.screenshot(path=SHOTS / '5_inspect.png', full_page=True)
 
 
+def test_the_cnn_model_hides_the_vit_settings(page):
+    page.get_by_role('tab', name='Train').click()
+    expect(page.get_by_label('Embed dim')).to_be_visible()
+    page.get_by_label('ResNet-18, the CNN baseline').check()
+    expect(page.get_by_label('Embed dim')).to_be_hidden()
+    page.screenshot(path=SHOTS / '6_train_cnn.png', full_page=True)
+    page.get_by_label('ViT', exact=True).check()
+    expect(page.get_by_label('Embed dim')).to_be_visible()
+
+
 def test_start_and_stop_a_short_training_run(page):
     page.get_by_role('tab', name='Train').click()
     page.get_by_label('Minutes').fill('5')

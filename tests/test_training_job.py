@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from test_train import CONFIG, colour_data
+from vitdemo.cnn import ResNetConfig
 from vitdemo.train import TrainConfig
 from vitdemo.training_job import (TRAIN_PRESETS, TrainingBusy, TrainingJob, checkpoint_name, configs_from_form)
 from vitdemo.views import progress_text, training_curves
@@ -40,6 +41,16 @@ def test_bad_augmentation_and_model_choices_are_refused(extra, message):
 def test_bad_training_forms_are_refused_before_any_work(form, message):
     with pytest.raises(ValueError, match=message):
         configs_from_form(*form)
+
+
+def test_the_cnn_ignores_the_hidden_vit_fields_but_not_its_own():
+    # heads that do not divide the dim would stop a ViT; the form hides them for the CNN
+    model_config, train_config = configs_from_form(100, 4, 3, 5, 10, 64, 1e-3, arch='resnet18', crop_padding=2)
+    assert isinstance(model_config, ResNetConfig) and train_config.batch_size == 64
+    with pytest.raises(ValueError, match='divisible by num_heads'):
+        configs_from_form(100, 4, 3, 4, 10, 64, 1e-3, arch='vit')
+    with pytest.raises(ValueError, match='batch size must be a positive whole number'):
+        configs_from_form(100, 4, 3, 5, 10, 0, 1e-3, arch='resnet18')
 
 
 def test_checkpoint_names_are_safe():

@@ -61,26 +61,30 @@ def configs_from_form(embed_dim: int, depth: int, num_heads: int, patch_size: in
                       batch_size: int, lr: float, mlp_ratio: float = 2.0, seed: int = 0, img_size: int = 32,
                       arch: str = 'vit', pos_embed: str = 'learn', stem: str = 'conv',
                       crop_padding: int = 4) -> tuple[ViTConfig | ResNetConfig, TrainConfig]:
-    """The Train tab's fields as configs, every value checked before any work starts. The ViT's
-    fields are checked whatever `arch` is: the form shows them either way."""
+    """The Train tab's fields as configs, every value checked before any work starts. The ViT's own
+    fields (dim, depth, heads, patch, positions, stem) count only for `arch='vit'`: the form hides them
+    for the CNN."""
     if arch not in ARCHS:
         raise ValueError(f'model must be one of {", ".join(ARCHS)}, not {arch!r}')
-    values = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, patch_size=patch_size, batch_size=batch_size)
+    values = dict(batch_size=batch_size)
+    if arch == 'vit':
+        values.update(embed_dim=embed_dim, depth=depth, num_heads=num_heads, patch_size=patch_size)
     for key, value in values.items():
         if value is None or int(value) != value or value < 1:
             raise ValueError(f'{key.replace("_", " ")} must be a positive whole number, got {value}')
     if crop_padding is None or int(crop_padding) != crop_padding:
         raise ValueError(f'crop padding must be a whole number of pixels, got {crop_padding}')
-    if depth > 24 or embed_dim > 1024:
-        raise ValueError('at most 24 layers and embed dim 1024 on this demo')
-    try:
-        model_config = ViTConfig(img_size=img_size, patch_size=int(patch_size), num_classes=10,
-                                 embed_dim=int(embed_dim), depth=int(depth), num_heads=int(num_heads),
-                                 mlp_ratio=float(mlp_ratio), pos_embed=pos_embed, stem=stem)
-    except AssertionError as e:
-        raise ValueError(str(e)) from None
     if arch == 'resnet18':
         model_config = ResNetConfig(img_size=img_size)
+    elif depth > 24 or embed_dim > 1024:
+        raise ValueError('at most 24 layers and embed dim 1024 on this demo')
+    else:
+        try:
+            model_config = ViTConfig(img_size=img_size, patch_size=int(patch_size), num_classes=10,
+                                     embed_dim=int(embed_dim), depth=int(depth), num_heads=int(num_heads),
+                                     mlp_ratio=float(mlp_ratio), pos_embed=pos_embed, stem=stem)
+        except AssertionError as e:
+            raise ValueError(str(e)) from None
     return model_config, TrainConfig(minutes=float(minutes), batch_size=int(batch_size), lr=float(lr),
                                      crop_padding=int(crop_padding), seed=int(seed))
 
