@@ -17,16 +17,18 @@ from vitdemo.weights import load_checkpoint
 def _rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
     torch.set_num_threads(1)
-    result = train(CONFIG, TrainConfig(epochs=2, minutes=None, batch_size=32, val_size=64, seed=rank),
+    result = train(CONFIG, TrainConfig(epochs=2, minutes=None, batch_size=32, val_size=64, seed=0),
                    colour_data(), out=os.path.join(out_dir, 'ddp.safetensors'))
-    save_file(result.model.state_dict(), os.path.join(out_dir, f'rank{rank}.safetensors'))
+    # what the global generator draws next: drop-path and RandAugment must not repeat across ranks
+    next_draws = torch.rand(8)
+    save_file({**result.model.state_dict(), 'next_draws': next_draws}, os.path.join(out_dir, f'rank{rank}.safetensors'))
     dist.destroy_process_group()
 
 
 def test_two_cpu_ranks_train_in_step_and_end_with_identical_weights(tmp_path):
-    # different seeds per rank on purpose: DDP must still start them from rank 0's weights and keep them equal
     mp.spawn(_rank, args=(2, str(tmp_path / 'rendezvous'), str(tmp_path)), nprocs=2)
     rank0, rank1 = load_file(str(tmp_path / 'rank0.safetensors')), load_file(str(tmp_path / 'rank1.safetensors'))
+    assert not torch.equal(rank0.pop('next_draws'), rank1.pop('next_draws'))
     for name in rank0:
         torch.testing.assert_close(rank0[name], rank1[name], atol=0, rtol=0, msg=name)
     model, meta = load_checkpoint(tmp_path / 'ddp.safetensors')  # written once, by rank 0

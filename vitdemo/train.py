@@ -247,6 +247,9 @@ def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data:
     if isinstance(model, VisionTransformer):
         model.set_fused_attn(False)  # measured faster than SDPA for bf16 training at CIFAR's 65 tokens
     net = DistributedDataParallel(model) if world > 1 else model  # DDP broadcasts rank 0's initial weights
+    # the initial weights are drawn: from here on the global generator (drop-path, RandAugment, CutMix/MixUp)
+    # gives each rank its own draws, as its images are its own
+    torch.manual_seed(cfg.seed + 1000 * rank)
     forward = torch.compile(net) if cfg.compile else net
     groups = param_groups(model, cfg.weight_decay, finetune.backbone_lr_scale if finetune else 1.0)
     # fused: one kernel per tensor instead of a dozen (on the CPU the default is a Python loop over tensors)
