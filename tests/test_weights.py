@@ -8,8 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import TINY_CIFAR, randomize_
+from conftest import CIFAR_ARCHIVE, ROOT, TINY_CIFAR, randomize_
+from vitdemo.data import load_dataset
 from vitdemo.model import VisionTransformer
+from vitdemo.train import TrainConfig, evaluate, split
 from vitdemo.weights import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
 
 CLASSES = [f'class{i}' for i in range(10)]
@@ -92,8 +94,10 @@ KILLED_MID_SAVE = '''
 import os, sys, time
 sys.path.insert(0, sys.argv[1])
 import vitdemo.weights as weights
-from conftest import TINY_CIFAR, randomize_
+from conftest import CIFAR_ARCHIVE, ROOT, TINY_CIFAR, randomize_
+from vitdemo.data import load_dataset
 from vitdemo.model import VisionTransformer
+from vitdemo.train import TrainConfig, evaluate, split
 real_save_file = weights.save_file
 
 
@@ -127,3 +131,14 @@ def test_a_process_killed_mid_save_leaves_the_previous_checkpoint_intact(tmp_pat
     assert read_metadata(path)['run'] == 'first'  # ... and the checkpoint is the old one, whole
     assert torch.equal(load_checkpoint(path)[0].head.weight, first.head.weight)
     assert not stray[0].name.endswith('.safetensors')  # the model list never offers the stray file
+
+
+@pytest.mark.skipif(not CIFAR_ARCHIVE.exists(), reason='needs ../shared/data/cifar10-train.tar.gz')
+def test_the_shipped_checkpoint_scores_what_its_model_card_says():
+    # the app's default model: the images its run held out, rebuilt from its seed, scored again
+    model, meta = load_checkpoint(ROOT / 'weights' / 'vit_cifar10.safetensors')
+    holdout = split(load_dataset(CIFAR_ARCHIVE), TrainConfig(**meta['train_config']))[1]
+    assert len(holdout) == 5000 and meta['classes'] == holdout.classes
+    _, accuracy = evaluate(model, holdout, meta['mean'], meta['std'])
+    assert accuracy == pytest.approx(meta['metrics']['val_accuracy'], abs=0.005)
+    assert accuracy >= 0.85
