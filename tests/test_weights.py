@@ -94,10 +94,8 @@ KILLED_MID_SAVE = '''
 import os, sys, time
 sys.path.insert(0, sys.argv[1])
 import vitdemo.weights as weights
-from conftest import CIFAR_ARCHIVE, ROOT, TINY_CIFAR, randomize_
-from vitdemo.data import load_dataset
+from conftest import TINY_CIFAR, randomize_
 from vitdemo.model import VisionTransformer
-from vitdemo.train import TrainConfig, evaluate, split
 real_save_file = weights.save_file
 
 
