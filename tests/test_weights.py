@@ -10,8 +10,9 @@ from safetensors.torch import save_file
 
 from conftest import CIFAR_ARCHIVE, ROOT, TINY_CIFAR, randomize_
 from vitdemo.data import load_dataset
+from vitdemo.evaluate import held_out
 from vitdemo.model import VisionTransformer
-from vitdemo.train import TrainConfig, evaluate, split
+from vitdemo.train import evaluate
 from vitdemo.weights import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
 
 CLASSES = [f'class{i}' for i in range(10)]
@@ -135,7 +136,7 @@ def test_a_process_killed_mid_save_leaves_the_previous_checkpoint_intact(tmp_pat
 def test_the_shipped_checkpoint_scores_what_its_model_card_says():
     # the app's default model: the images its run held out, rebuilt from its seed, scored again
     model, meta = load_checkpoint(ROOT / 'weights' / 'vit_cifar10.safetensors')
-    holdout = split(load_dataset(CIFAR_ARCHIVE), TrainConfig(**meta['train_config']))[1]
+    holdout = held_out(load_dataset(CIFAR_ARCHIVE), meta)
     assert len(holdout) == 5000 and meta['classes'] == holdout.classes
     _, accuracy = evaluate(model, holdout, meta['mean'], meta['std'])
     assert accuracy == pytest.approx(meta['metrics']['val_accuracy'], abs=0.005)

@@ -53,6 +53,12 @@ def plot_history(history: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def held_out(data: ImageData, meta: dict) -> ImageData | None:
+    """The training images a checkpoint's own run held out for validation (its split, rebuilt from its
+    seed), or None if it held out none."""
+    return split(data, TrainConfig(**meta['train_config']))[1]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--weights', required=True, help='a vitdemo .safetensors checkpoint')
@@ -75,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     data = load_dataset(args.data, split='train' if args.split == 'holdout' else args.split)
     if args.split == 'holdout':
-        data = split(data, TrainConfig(**meta['train_config']))[1]
+        data = held_out(data, meta)
         if data is None:
             parser.error('the run that made this checkpoint held out no validation images')
     if data.classes != meta['classes']:
