@@ -247,9 +247,10 @@ def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data:
     if isinstance(model, VisionTransformer):
         model.set_fused_attn(False)  # measured faster than SDPA for bf16 training at CIFAR's 65 tokens
     net = DistributedDataParallel(model) if world > 1 else model  # DDP broadcasts rank 0's initial weights
-    # the initial weights are drawn: from here on the global generator (drop-path, RandAugment, CutMix/MixUp)
-    # gives each rank its own draws, as its images are its own
-    torch.manual_seed(cfg.seed + 1000 * rank)
+    # the initial weights are drawn: from here on each rank draws its own augmentation and drop-path, as its
+    # images are its own (crops from augment_generator; RandAugment, CutMix/MixUp and drop-path from the global one)
+    rank_seed = cfg.seed + 1000 * rank
+    torch.manual_seed(rank_seed)
     forward = torch.compile(net) if cfg.compile else net
     groups = param_groups(model, cfg.weight_decay, finetune.backbone_lr_scale if finetune else 1.0)
     # fused: one kernel per tensor instead of a dozen (on the CPU the default is a Python loop over tensors)
@@ -259,7 +260,7 @@ def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data:
     total_steps = cfg.epochs * steps_per_epoch if cfg.epochs else None
     budget_seconds = cfg.minutes * 60 if cfg.minutes else None
     order_generator = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: disjoint shards
-    augment_generator = torch.Generator().manual_seed(cfg.seed + 1000 * rank)  # different crops per rank
+    augment_generator = torch.Generator().manual_seed(rank_seed)
 
     history: list[dict] = []
     step, epoch, stopped = 0, 0, False
