@@ -24,7 +24,7 @@ from .weights import Classifier
 
 # Presets for the Train tab: (model settings, budget). Sized for a 2-core CPU.
 TRAIN_PRESETS: dict[str, dict] = {
-    # measured: 10 epochs, 75.5% validation with the conv stem (68.3-69.5% with a patch projection), with
+    # measured: 10-13 epochs, 75.5-76.2% validation with the conv stem (68.3-69.5% with a patch projection), with
     # flips and 2-pixel crops; with 4-pixel crops and learned position embeddings at batch 256, 67.2%: a
     # run this short underfits, so it wants less augmentation
     '10-minute CPU demo': dict(arch='vit', embed_dim=128, depth=4, num_heads=4, patch_size=4, minutes=10.0,
