@@ -45,5 +45,7 @@ def test_the_training_command_runs_under_torchrun(tmp_path):
                            '--embed-dim', '32', '--depth', '1', '--heads', '2', '--batch-size', '16',
                            '--out', str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+    # the conv stem's gradients come in the layout DDP's buckets expect, so it has nothing to warn about
+    assert 'Grad strides do not match' not in done.stderr
     assert done.stdout.count('done: 2 epochs') == 1  # one summary, from rank 0
     assert len(load_checkpoint(out)[1]['history']) == 2
