@@ -14,6 +14,7 @@ from PIL import Image
 from app import MAX_UPLOAD, create_demo
 from conftest import GRADIO_TEMP_DIR, ROOT
 from vitdemo.backends import TIMM_ARCHS, ModelCache
+from vitdemo.store import ModelStore
 
 
 def connect(port: int, downloads: Path) -> Client:
@@ -154,8 +155,9 @@ def test_train_tab_through_the_api_then_predict_with_the_new_model(tmp_path, wei
     from test_data import make_folder
     from vitdemo.training_job import TrainingJob
     make_folder(tmp_path / 'data', classes=[f'c{i}' for i in range(10)], per_class=12, size=32)
-    job = TrainingJob(tmp_path / 'data', weights_dir=tmp_path / 'weights', update_seconds=0.0)
-    demo = create_demo(ModelCache(weights_dir=tmp_path / 'weights'), job=job)
+    store = ModelStore(tmp_path / 'weights')
+    job = TrainingJob(tmp_path / 'data', store, update_seconds=0.0)
+    demo = create_demo(ModelCache(store=store), job=job)
     port = free_port()
     demo.launch(prevent_thread_lock=True, server_name='127.0.0.1', server_port=port, quiet=True)
     try:
@@ -164,11 +166,12 @@ def test_train_tab_through_the_api_then_predict_with_the_new_model(tmp_path, wei
             client.predict(100, 2, 3, 4, 0.05, 32, 1e-3, 'bad', api_name='/train')
         status, loss, accuracy, picture, *_ = client.predict(64, 2, 2, 8, 0.05, 32, 1e-3, 'tiny_run',
                                                                  api_name='/train')
-        assert 'finished after' in status and 'saved as tiny_run' in status
-        assert (tmp_path / 'weights' / 'tiny_run.safetensors').exists()
+        assert 'finished after' in status and 'saved as trained/tiny_run' in status
+        assert (tmp_path / 'weights' / 'trained' / 'tiny_run.safetensors').exists()
         assert loss['columns'] == ['epoch', 'value', 'split'] and loss['data'] and picture
-        labels, _, _ = client.predict(handle_file(str(ROOT / 'examples' / 'cat.jpg')), 'scratch/tiny_run',
-                                      api_name='/predict')
+        # a fresh client, as after a page reload or from another machine: the new model is usable
+        labels, _, _ = connect(port, tmp_path / 'downloads').predict(
+            handle_file(str(ROOT / 'examples' / 'cat.jpg')), 'trained/tiny_run', api_name='/predict')
         assert {c['label'] for c in labels['confidences']} <= {f'c{i}' for i in range(10)}
     finally:
         demo.close()

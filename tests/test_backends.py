@@ -108,12 +108,13 @@ def test_model_cache_loads_once_and_keeps_the_most_recent(weights_dir, monkeypat
     real = backends.load_model
     monkeypatch.setattr(backends, 'load_model', lambda name, d=None: loads.append(name) or real(name, d))
     cache = ModelCache(max_models=1, weights_dir=weights_dir)
+    scratch_file = str(weights_dir / 'vit_cifar10.safetensors')  # a checkpoint is loaded by its file
     first = cache.get(DEFAULT_SCRATCH)
-    assert cache.get(DEFAULT_SCRATCH) is first and loads == [DEFAULT_SCRATCH]
+    assert cache.get(DEFAULT_SCRATCH) is first and loads == [scratch_file] and first.name == DEFAULT_SCRATCH
     assert isinstance(cache.get('timm/vit_tiny_patch16_224'), Model)
-    assert DEFAULT_SCRATCH not in cache and 'timm/vit_tiny_patch16_224' in cache
+    assert not cache.has(DEFAULT_SCRATCH) and cache.has('timm/vit_tiny_patch16_224')
     cache.get(DEFAULT_SCRATCH)
-    assert loads == [DEFAULT_SCRATCH, 'timm/vit_tiny_patch16_224', DEFAULT_SCRATCH]
+    assert loads == [scratch_file, 'timm/vit_tiny_patch16_224', scratch_file]
 
 
 def test_the_package_exports_the_public_api(weights_dir):

@@ -143,17 +143,17 @@ def test_the_cnn_model_hides_the_vit_settings(page):
 def test_start_and_stop_a_short_training_run(page):
     page.get_by_role('tab', name='Train').click()
     page.get_by_label('Minutes').fill('5')
-    page.get_by_label('Save as (weights/NAME.safetensors)').fill('browser_run')
+    page.get_by_label('Save as').fill('browser_run')
     page.get_by_role('button', name='Start', exact=True).click()
     expect(page.get_by_text('ETA').first).to_be_visible()
     expect(page.get_by_text('val acc').first).to_be_visible()  # an epoch ended: curves and attention drawn
     page.screenshot(path=SHOTS / '6_training.png', full_page=True)
     page.get_by_role('button', name='Stop', exact=True).click()
     expect(page.get_by_text('stopped after').first).to_be_visible()
-    expect(page.get_by_text('saved as browser_run').first).to_be_visible()
+    expect(page.get_by_text('saved as trained/browser_run').first).to_be_visible()
     page.screenshot(path=SHOTS / '7_stopped.png', full_page=True)
 
     page.get_by_role('tab', name='Predict').click()  # the new model is offered without a restart
     page.get_by_label('Model').first.click()
-    expect(page.get_by_role('option', name='scratch/browser_run', exact=True)).to_be_visible()
+    expect(page.get_by_role('option', name='trained/browser_run', exact=True)).to_be_visible()
     page.keyboard.press('Escape')

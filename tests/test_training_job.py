@@ -6,6 +6,7 @@ from vitdemo.cnn import ResNetConfig
 from vitdemo.train import TrainConfig
 from vitdemo.training_job import (TRAIN_PRESETS, TrainingBusy, TrainingJob, checkpoint_name, configs_from_form)
 from vitdemo.views import progress_text, training_curves
+from vitdemo.store import ModelStore
 from vitdemo.weights import load_checkpoint
 
 
@@ -19,7 +20,7 @@ def test_every_preset_is_a_valid_configuration():
 
 
 @pytest.mark.parametrize('extra,message', [
-    (dict(crop_padding=-1), 'crop padding must be between'), (dict(crop_padding=1.5), 'whole number of pixels'),
+    (dict(crop_padding=-1), 'crop padding must be between'), (dict(crop_padding=1.5), 'must be a whole number'),
     (dict(pos_embed='rope'), 'pos_embed must be learn or sincos'), (dict(arch='vgg'), 'model must be one of'),
     (dict(stem='pixels'), 'stem must be patch or conv'),
 ])
@@ -31,12 +32,15 @@ def test_bad_augmentation_and_model_choices_are_refused(extra, message):
 @pytest.mark.parametrize('form,message', [
     ((100, 4, 3, 4, 10, 256, 1e-3), 'divisible by num_heads'),
     ((96, 4, 3, 5, 10, 256, 1e-3), 'divisible by patch_size'),
-    ((96, 0, 3, 4, 10, 256, 1e-3), 'depth must be a positive whole number'),
+    ((96, 0, 3, 4, 10, 256, 1e-3), 'depth must be between 1 and 24'),
+    ((96, 4, 3, 4, float('nan'), 256, 1e-3), 'minutes must be between'),
+    ((96, 4, 3, 4, None, 256, 1e-3), 'minutes must be a number, got None'),
+    ((96, 4, 3, 4, 'ten', 256, 1e-3), "minutes must be a number, got 'ten'"),
     ((96, 4, 3, 4, 0, 256, 1e-3), 'minutes must be positive'),
     ((96, 4, 3, 4, 10, 256, -1.0), 'learning rate'),
     ((96, 4, 3, 4, 10, 10 ** 6, 1e-3), 'batch size'),
-    ((96, 4, 3, 4, 10, 2.5, 1e-3), 'batch size must be a positive whole number'),
-    ((4096, 4, 4, 4, 10, 256, 1e-3), 'at most'),
+    ((96, 4, 3, 4, 10, 2.5, 1e-3), 'batch size must be a whole number'),
+    ((4096, 4, 4, 4, 10, 256, 1e-3), 'embed dim must be between 1 and 1024'),
 ])
 def test_bad_training_forms_are_refused_before_any_work(form, message):
     with pytest.raises(ValueError, match=message):
@@ -49,7 +53,7 @@ def test_the_cnn_ignores_the_hidden_vit_fields_but_not_its_own():
     assert isinstance(model_config, ResNetConfig) and train_config.batch_size == 64
     with pytest.raises(ValueError, match='divisible by num_heads'):
         configs_from_form(100, 4, 3, 4, 10, 64, 1e-3, arch='vit')
-    with pytest.raises(ValueError, match='batch size must be a positive whole number'):
+    with pytest.raises(ValueError, match='batch size must be between 1 and 4096'):
         configs_from_form(100, 4, 3, 5, 10, 0, 1e-3, arch='resnet18')
 
 
@@ -58,18 +62,19 @@ def test_checkpoint_names_are_safe():
     for bad in ['../../etc/passwd', '', 'a b', '/abs', 'x' * 60]:
         with pytest.raises(ValueError, match='letters, digits'):
             checkpoint_name(bad)
-    with pytest.raises(ValueError, match='shipped model'):
-        checkpoint_name('vit_cifar10')
+    for shipped in ['vit_cifar10', 'VIT_CIFAR10', 'Vit_Tiny_Patch16_224']:  # compared without case
+        with pytest.raises(ValueError, match='a model the app ships'):
+            checkpoint_name(shipped, reserved={'vit_cifar10', 'vit_tiny_patch16_224'})
 
 
 def test_a_run_reports_progress_curves_and_attention_then_saves(tmp_path):
-    job = TrainingJob(data_path='unused', weights_dir=tmp_path, update_seconds=0.0)
+    job = TrainingJob(data_path='unused', store=ModelStore(tmp_path), update_seconds=0.0)
     snaps = list(job.run(CONFIG, TrainConfig(epochs=2, minutes=None, batch_size=64, val_size=128), 'colours',
                          data=colour_data()))
     assert snaps[0].progress == 0 and 'loading' in snaps[0].status
     assert any('ETA' in s.status for s in snaps)
     last = snaps[-1]
-    assert last.done and last.checkpoint == tmp_path / 'colours.safetensors'
+    assert last.done and last.checkpoint == tmp_path / 'trained' / 'colours.safetensors'
     assert 'finished after 2 epochs' in last.status
     assert [h['epoch'] for h in last.history] == [1, 2] and last.attention.size == (192, 192)
     assert load_checkpoint(last.checkpoint)[1]['classes'] == ['red', 'green', 'blue', 'yellow']
@@ -80,7 +85,7 @@ def test_a_run_reports_progress_curves_and_attention_then_saves(tmp_path):
 
 
 def test_one_run_at_a_time_and_stop_still_saves(tmp_path):
-    job = TrainingJob(data_path='unused', weights_dir=tmp_path, update_seconds=0.0)
+    job = TrainingJob(data_path='unused', store=ModelStore(tmp_path), update_seconds=0.0)
     run = job.run(CONFIG, TrainConfig(epochs=500, minutes=None, batch_size=32, val_size=64), 'long',
                   data=colour_data())
     next(run), next(run)  # loading, then the first step
@@ -94,14 +99,14 @@ def test_one_run_at_a_time_and_stop_still_saves(tmp_path):
 
 
 def test_a_watcher_that_leaves_stops_the_run_cleanly(tmp_path):
-    job = TrainingJob(data_path='unused', weights_dir=tmp_path, update_seconds=0.0)
+    job = TrainingJob(data_path='unused', store=ModelStore(tmp_path), update_seconds=0.0)
     run = job.run(CONFIG, TrainConfig(epochs=500, minutes=None, batch_size=32, val_size=64), 'left',
                   data=colour_data())
     next(run), next(run)
     run.close()  # what Gradio does when the browser tab closes
     assert not job.busy
-    files = list(tmp_path.iterdir())
-    assert all(f.suffix == '.safetensors' for f in files)  # no temporary file left behind
+    files = list((tmp_path / 'trained').iterdir())
+    assert files and all(f.suffix == '.safetensors' for f in files)  # no temporary file left behind
     for f in files:
         load_checkpoint(f)
 

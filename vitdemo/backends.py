@@ -2,7 +2,8 @@
 
 Three kinds of name:
 - `scratch/NAME`: our ViT, or the ResNet-18 baseline, with our weights, `weights/NAME.safetensors`
-  (trained by `vitdemo.train`);
+  (shipped, or trained by `python -m vitdemo.train`); `trained/NAME`: trained in the app's Train tab
+  (`vitdemo.store` says where those live and whose they are);
 - `timm/ARCH`: timm's ViT with its ImageNet-1k weights, attention read with `timm.utils.AttentionExtract`;
 - `ours/ARCH`: our ViT code running the same ImageNet weights (proof the two implementations agree).
 
@@ -29,7 +30,8 @@ from timm.utils import AttentionExtract
 from .attention import Fusion, cls_attention, rollout
 from .cnn import CifarResNet
 from .images import load_image
-from .weights import CheckpointError, from_timm, load_checkpoint, read_metadata
+from .store import ModelStore
+from .weights import from_timm, load_checkpoint
 
 WEIGHTS_DIR = Path(os.environ.get('VITDEMO_WEIGHTS', Path(__file__).resolve().parent.parent / 'weights'))
 # timm architectures offered with pretrained ImageNet-1k weights (timm's default tag for each); DeiT's
@@ -162,18 +164,12 @@ def imagenet_classes() -> list[str]:
     return [info.index_to_description(i).split(',')[0] for i in range(info.num_classes())]
 
 
-def list_models(weights_dir: Path | None = None) -> list[str]:
-    """Names for the model dropdown: trained scratch checkpoints first, then the pretrained models."""
-    weights_dir = Path(weights_dir or WEIGHTS_DIR)
-    scratch = []
-    for path in sorted(weights_dir.glob('*.safetensors')) if weights_dir.is_dir() else []:
-        try:
-            read_metadata(path)
-        except CheckpointError:
-            continue  # pretrained timm weights kept for offline use, or a stray file
-        scratch.append(f'scratch/{path.stem}')
-    scratch.sort(key=lambda n: n != DEFAULT_SCRATCH)
-    return scratch + [f'timm/{a}' for a in TIMM_ARCHS] + [f'ours/{a}' for a in OURS_ARCHS]
+def list_models(weights_dir: Path | None = None, owner: str | None = None, store: ModelStore | None = None) -> list[str]:
+    """Names for the model dropdown: checkpoints (the default first, then `scratch/`, then the owner's
+    `trained/`), then the pretrained models."""
+    store = store or ModelStore(Path(weights_dir or WEIGHTS_DIR))
+    checkpoints = sorted(store.checkpoint_names(owner), key=lambda n: n != DEFAULT_SCRATCH)
+    return checkpoints + [f'timm/{a}' for a in TIMM_ARCHS] + [f'ours/{a}' for a in OURS_ARCHS]
 
 
 def load_model(name_or_path: str | Path, weights_dir: Path | None = None, device: str | None = None) -> Model:
@@ -193,11 +189,11 @@ def load_model(name_or_path: str | Path, weights_dir: Path | None = None, device
         return Model(name, module, imagenet_classes(), resolve_data_config({}, model=timm_module),
                      module.forward_with_attention, module.num_prefix_tokens,
                      f"our from-scratch ViT code running timm's {arch} ImageNet-1k weights")
-    if kind == 'scratch' and '/' not in arch:
-        path = weights_dir / f'{arch}.safetensors'
-        if not path.is_file():
-            raise ModelUnavailable(f'no trained weights for {name}: expected {path}. Train one in the Train tab '
-                                   'or with `python -m vitdemo.train`, or pick a pretrained model.')
+    if kind in ('scratch', 'trained') and '/' not in arch:
+        path = ModelStore(weights_dir).path(name)
+        if path is None:
+            raise ModelUnavailable(f'no trained weights for {name}. Train one in the Train tab or with '
+                                   '`python -m vitdemo.train`, or pick a pretrained model.')
     elif name.endswith('.safetensors'):
         path = Path(name)
     else:
@@ -267,32 +263,51 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 class ModelCache:
     """The few most recently used models, loaded once each; safe to share between request threads.
-    It serves the app, so it loads by list name only, never from a path someone typed."""
+    It serves the app, so it loads by list name only (the names `store` lists for the asking owner),
+    never from a path someone typed."""
 
-    def __init__(self, max_models: int = 3, weights_dir: Path | None = None):
+    def __init__(self, max_models: int = 3, weights_dir: Path | None = None, store: ModelStore | None = None):
         self.max_models = max_models
-        self.weights_dir = weights_dir
+        self.store = store or ModelStore(Path(weights_dir or WEIGHTS_DIR))
+        self.weights_dir = self.store.weights_dir
         self._models: OrderedDict[str, Model] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, name: str) -> Model:
+    def names(self, owner: str | None = None) -> list[str]:
+        return list_models(owner=owner, store=self.store)
+
+    def _key(self, name: str, owner: str | None) -> str:
+        """The cache key: the checkpoint's file (two owners' `trained/my_vit` are two models), else the name."""
+        if name.split('/')[0] in ('scratch', 'trained'):
+            path = self.store.path(name, owner)
+            if path is not None:
+                return str(path)
+        elif name in self.names(owner):
+            return name
+        raise ModelUnavailable(f'unknown model {name!r}: choose one from the list')
+
+    def get(self, name: str, owner: str | None = None) -> Model:
+        key = self._key(name, owner)
         with self._lock:
-            if name in self._models:
-                self._models.move_to_end(name)
-                return self._models[name]
-        if name not in list_models(self.weights_dir):
-            raise ModelUnavailable(f'unknown model {name!r}: choose one from the list')
-        model = load_model(name, self.weights_dir)  # outside the lock: a slow download blocks no one else
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+        # outside the lock: a slow download blocks no one else
+        model = load_model(key if key.endswith('.safetensors') else name, self.weights_dir)
+        model.name = name
         with self._lock:
-            self._models[name] = model
+            self._models[key] = model
             while len(self._models) > self.max_models:
                 self._models.popitem(last=False)
         return model
 
-    def forget(self, name: str) -> None:
-        """Drop a cached model, e.g. after its checkpoint file was rewritten."""
+    def forget(self, path: Path) -> None:
+        """Drop a cached checkpoint, e.g. after its file was rewritten."""
         with self._lock:
-            self._models.pop(name, None)
+            self._models.pop(str(path), None)
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._models
+    def has(self, name: str, owner: str | None = None) -> bool:
+        try:
+            return self._key(name, owner) in self._models
+        except ModelUnavailable:
+            return False

@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 
 from .attention import Fusion, fit_for_display, fuse_heads, overlay, rollout
 from .backends import Model, Prediction
+from .policy import checked_number
 
 
 def token_costs(img_size: int, patch_sizes: tuple[int, ...] = (4, 8, 16, 32), prefix: int = 1) -> list[dict]:
@@ -239,6 +240,7 @@ def patch_view(model: Model, image, point: tuple[float, float], layer: int, fusi
     """Click-a-patch: where the patch under `point` (in the displayed grid image's pixels) looks in `layer`
     (1-based), drawn over the image with that patch outlined."""
     require_vit(model)
+    layer = checked_number(layer, 'layer', -10 ** 6, 10 ** 6, integer=True)
     pred = model.predict(image, top_k=1)
     shown, box = fit_for_display(pred.image, pred.box, display)
     patch = patch_at(point, box, pred.grid)

@@ -12,7 +12,13 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_PIXELS = 50_000_000  # refuse above this (a 6000x4000 photo is 24 MP): decompression bombs
+# 16-bit and float images take 2-4 bytes a sample decoded, and scaling them to 8 bits wants float copies
+DEEP_MAX_PIXELS = 16_000_000
+DEEP_MODES = ('I', 'I;16', 'I;16L', 'I;16B', 'I;16N', 'F')
 MAX_SIDE = 1024  # shrink to this before anything else; models see at most 224-448 pixels
+# the decoders the README lists (JPEG's also opens cameras' multi-picture files); no others run, so an EPS upload
+# never reaches Ghostscript, nor any other decoder PIL knows of
+FORMATS = ('PNG', 'JPEG', 'WEBP', 'GIF', 'BMP', 'TIFF')
 
 
 class ImageError(ValueError):
@@ -37,22 +43,28 @@ def load_image(source) -> Image.Image:
         raise ImageError('no image given: upload an image first')
     else:
         raise ImageError(f'cannot read an image from a {type(source).__name__}')
-    _check_size(image.size)
+    _check_size(image.size, image.mode)
     try:
-        image = to_rgb(ImageOps.exif_transpose(image))
+        image = ImageOps.exif_transpose(image)
+        if image.mode in DEEP_MODES:  # shrink first: the scaling to 8 bits then works on a million pixels
+            image = image.convert('F') if image.mode.startswith('I;16') else image
+            image.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.BOX)
+        image = to_rgb(image)
     except (OSError, ValueError) as e:  # truncated data surfaces when the pixels are decoded
         raise ImageError(f'the image data is corrupt or truncated ({e})') from None
     image.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
     return image
 
 
-def _check_size(size: tuple[int, int]) -> None:
+def _check_size(size: tuple[int, int], mode: str = 'RGB') -> None:
     w, h = size
     if w < 1 or h < 1:
         raise ImageError(f'the image is empty ({w}x{h} pixels)')
-    if w * h > MAX_PIXELS:
+    limit = DEEP_MAX_PIXELS if mode in DEEP_MODES else MAX_PIXELS
+    if w * h > limit:
+        deep = ' for 16-bit and float images' if mode in DEEP_MODES else ''
         raise ImageError(f'the image is too large ({w}x{h} = {w * h / 1e6:.0f} megapixels); '
-                         f'the limit is {MAX_PIXELS / 1e6:.0f} megapixels')
+                         f'the limit{deep} is {limit / 1e6:.0f} megapixels')
 
 
 def _open(file: Path | BinaryIO, name: str, size: int) -> Image.Image:
@@ -61,8 +73,8 @@ def _open(file: Path | BinaryIO, name: str, size: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('error', Image.DecompressionBombWarning)
-            image = Image.open(file)
-            _check_size(image.size)  # from the header, before any pixel is decoded
+            image = Image.open(file, formats=FORMATS)
+            _check_size(image.size, image.mode)  # from the header, before any pixel is decoded
             image.draft('RGB', (MAX_SIDE, MAX_SIDE))  # JPEG: decode at a reduced scale, far faster
             image.load()
     except ImageError:

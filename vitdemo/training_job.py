@@ -2,10 +2,13 @@
 
 The UI iterates `TrainingJob.run(...)` and shows each `Snapshot` (progress, ETA, curves, the attention of
 one fixed validation image after every epoch). A second person who presses Start is told at once that
-the server is busy rather than queued behind a run of many minutes.
+the server is busy rather than queued behind a run of many minutes. Before any work, the run is checked
+against the server's policy (minutes, model size, memory) and given a checkpoint path in the model store
+that replaces no one's file. In public mode a run belongs to the session that started it: only that
+session can stop it.
 """
+import logging
 import queue
-import re
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -16,11 +19,16 @@ import torch
 from PIL import Image
 
 from .attention import cls_attention, overlay
+from .backends import TIMM_ARCHS
 from .data import ImageData, load_dataset, normalize
 from .cnn import CifarResNet, ResNetConfig
 from .model import ViTConfig
+from .policy import CIFAR10_IMAGES, ServerPolicy, check_training, checked_number, release_memory
+from .store import NAME_PATTERN, ModelStore
 from .train import TrainConfig, TrainEvent, split, train
 from .weights import Classifier
+
+log = logging.getLogger(__name__)
 
 # Presets for the Train tab: (model settings, budget). Sized for a 2-core CPU.
 TRAIN_PRESETS: dict[str, dict] = {
@@ -39,12 +47,14 @@ TRAIN_PRESETS: dict[str, dict] = {
                                                crop_padding=4),
 }
 ARCHS = ['vit', 'resnet18']
-NAME_PATTERN = re.compile(r'[A-Za-z0-9][A-Za-z0-9_-]{0,47}')
-PROTECTED = {'vit_cifar10'}  # the shipped checkpoint is never overwritten from the UI
 
 
 class TrainingBusy(RuntimeError):
     """Another training run holds this server."""
+
+
+class TrainingFailed(RuntimeError):
+    """A run that broke off; the message says why, and nothing of the run is kept."""
 
 
 @dataclass
@@ -66,18 +76,17 @@ def configs_from_form(embed_dim: int, depth: int, num_heads: int, patch_size: in
     for the CNN."""
     if arch not in ARCHS:
         raise ValueError(f'model must be one of {", ".join(ARCHS)}, not {arch!r}')
-    values = dict(batch_size=batch_size)
+    batch_size = checked_number(batch_size, 'batch size', 1, 4096, integer=True)
     if arch == 'vit':
-        values.update(embed_dim=embed_dim, depth=depth, num_heads=num_heads, patch_size=patch_size)
-    for key, value in values.items():
-        if value is None or int(value) != value or value < 1:
-            raise ValueError(f'{key.replace("_", " ")} must be a positive whole number, got {value}')
-    if crop_padding is None or int(crop_padding) != crop_padding:
-        raise ValueError(f'crop padding must be a whole number of pixels, got {crop_padding}')
+        embed_dim = checked_number(embed_dim, 'embed dim', 1, 1024, integer=True)
+        depth = checked_number(depth, 'depth', 1, 24, integer=True)
+        num_heads = checked_number(num_heads, 'heads', 1, 64, integer=True)
+        patch_size = checked_number(patch_size, 'patch size', 1, img_size, integer=True)
+    minutes = checked_number(minutes, 'minutes', 0, 10 ** 6)
+    lr = checked_number(lr, 'learning rate', 0, 1)
+    crop_padding = checked_number(crop_padding, 'crop padding', -10 ** 6, 10 ** 6, integer=True)
     if arch == 'resnet18':
         model_config = ResNetConfig(img_size=img_size)
-    elif depth > 24 or embed_dim > 1024:
-        raise ValueError('at most 24 layers and embed dim 1024 on this demo')
     else:
         try:
             model_config = ViTConfig(img_size=img_size, patch_size=int(patch_size), num_classes=10,
@@ -89,12 +98,13 @@ def configs_from_form(embed_dim: int, depth: int, num_heads: int, patch_size: in
                                      crop_padding=int(crop_padding), seed=int(seed))
 
 
-def checkpoint_name(name: str) -> str:
-    name = (name or '').strip()
+def checkpoint_name(name: str, reserved: set[str] = frozenset()) -> str:
+    """A run's name, checked: letters, digits, - and _, and none of `reserved` (compared without case)."""
+    name = (name or '').strip() if isinstance(name, str) else ''
     if not NAME_PATTERN.fullmatch(name):
         raise ValueError('name the model with letters, digits, - and _ (at most 48 characters)')
-    if name in PROTECTED:
-        raise ValueError(f'{name} is the shipped model; choose another name')
+    if name.casefold() in {r.casefold() for r in reserved}:
+        raise ValueError(f'{name} is the name of a model the app ships; choose another name')
     return name
 
 
@@ -123,41 +133,63 @@ def format_eta(seconds: float) -> str:
 
 
 class TrainingJob:
-    """Runs `vitdemo.train.train` for the app; at most one run at a time."""
+    """Runs `vitdemo.train.train` for the app; at most one run at a time.
 
-    def __init__(self, data_path: str | Path, weights_dir: str | Path, update_seconds: float = 1.0):
+    Args:
+        data_path: the training images (see `data.load_dataset`).
+        store: where checkpoints go (`trained/`), and which names the shipped models hold.
+        policy: the server's limits, checked before any work.
+        update_seconds: at most one step snapshot per this many seconds.
+    """
+
+    def __init__(self, data_path: str | Path, store: ModelStore, policy: ServerPolicy = ServerPolicy(),
+                 update_seconds: float = 1.0):
         self.data_path = data_path
-        self.weights_dir = Path(weights_dir)
-        self.update_seconds = update_seconds  # at most one step snapshot per this many seconds
+        self.store = store
+        self.policy = policy
+        self.update_seconds = update_seconds
         self._running = threading.Lock()
         self._stop = threading.Event()
+        self._owner: str | None = None
 
     @property
     def busy(self) -> bool:
         return self._running.locked()
 
-    def stop(self) -> None:
-        """Ask the current run to end at its next step; it still saves what it learned."""
-        if self.busy:
-            self._stop.set()
+    def stop(self, owner: str | None = None) -> bool:
+        """Ask the current run to end at its next step; it still saves what it learned. In public mode only
+        the run's owner may; returns whether a run was asked to stop."""
+        if not self.busy or (self.policy.public and owner != self._owner):
+            return False
+        self._stop.set()
+        return True
 
-    def run(self, model_config: ViTConfig | ResNetConfig, cfg: TrainConfig, name: str,
+    def run(self, model_config: ViTConfig | ResNetConfig, cfg: TrainConfig, name: str, owner: str | None = None,
             data: ImageData | None = None) -> Iterator[Snapshot]:
-        name = checkpoint_name(name)
+        reserved = set(TIMM_ARCHS) | {n.split('/')[1] for n in self.store.checkpoint_names()}
+        name = checkpoint_name(name, reserved)
+        estimate = check_training(self.policy, model_config, cfg.minutes, cfg.batch_size,
+                                  len(data) if data is not None else CIFAR10_IMAGES)
         if not self._running.acquire(blocking=False):
             raise TrainingBusy('a training run is already in progress on this server; '
                                'try again when it ends (predictions keep working meanwhile)')
         try:
             self._stop.clear()
+            self._owner = owner
+            bytes_per_param = 2 if cfg.half_checkpoint else 4
+            out = self.store.reserve(name, owner, estimate.params * bytes_per_param + 2 ** 16)  # + the header
             yield Snapshot(0.0, 'loading the training images (the first time decodes and caches them)')
-            data = data if data is not None else load_dataset(self.data_path)
+            if data is None:
+                data = load_dataset(self.data_path)
+                # the first check assumed CIFAR-10's size: check again with the real one
+                check_training(self.policy, model_config, cfg.minutes, cfg.batch_size, len(data))
             model_config = replace(model_config, num_classes=len(data.classes))  # the form's 10 is a guess
             train_data, val_data = split(data, cfg)
             fixed = (val_data or train_data).images[0]  # one image: what changes is the model
-            out = self.weights_dir / f'{name}.safetensors'
             yield from self._follow(model_config, cfg, data, fixed, out)
         finally:
             self._stop.clear()
+            self._owner = None
             self._running.release()
 
     def _follow(self, model_config, cfg, data, fixed, out) -> Iterator[Snapshot]:
@@ -175,7 +207,10 @@ class TrainingJob:
             try:
                 outcome['result'] = train(model_config, cfg, data, out=out, on_event=on_event, stop=self._stop)
             except Exception as e:  # reported to the person; the server goes on
-                outcome['error'] = e
+                # keep the message only: the exception's traceback holds the run's frames, and with them
+                # the model, its optimiser state and the batch's activations
+                outcome['error'] = f'{type(e).__name__}: {e}'
+                log.warning('training run %s failed: %s', out.stem, outcome['error'])
             events.put(None)
 
         worker = threading.Thread(target=work, name='vitdemo-train', daemon=True)
@@ -198,12 +233,14 @@ class TrainingJob:
                 self._stop.set()
                 worker.join()
         if 'error' in outcome:
-            raise outcome['error']
+            release_memory()
+            raise TrainingFailed(f'the training run failed ({outcome["error"]}); nothing is kept of it, and '
+                                 'the server goes on')
         result = outcome['result']
         val = result.metrics.get('val_accuracy')
         status = ('stopped' if result.stopped else 'finished') + f' after {len(result.history)} epochs'
         status += f': validation accuracy {val:.1%}' if val is not None else ''
-        status += f'; saved as {out.stem}' if result.path else '; nothing was saved (no epoch completed)'
+        status += f'; saved as trained/{out.stem}' if result.path else '; nothing was saved (no epoch completed)'
         yield Snapshot(progress, status, list(history), picture, checkpoint=result.path, done=True)
 
     @staticmethod

@@ -6,6 +6,7 @@ from PIL import Image
 
 from .attention import Fusion, fit_for_display, overlay
 from .backends import Model, Prediction
+from .policy import checked_number
 
 FUSIONS = ['mean', 'max', 'min', 'one head']
 DISPLAY_SIDE = 448  # overlays are drawn at this size: sharp in the gallery, quick to render
@@ -14,7 +15,7 @@ DISPLAY_SIDE = 448  # overlays are drawn at this size: sharp in the gallery, qui
 def parse_fusion(fusion: str, head: int | float | None, num_heads: int) -> Fusion:
     """The UI's fusion choice as `attention.Fusion`: a mode name, or a head index checked against the model."""
     if fusion == 'one head':
-        head = int(head or 0)
+        head = checked_number(head if head is not None else 0, 'head', -10 ** 6, 10 ** 6, integer=True)
         if not 0 <= head < num_heads:
             raise ValueError(f'this model has {num_heads} heads: choose a head from 0 to {num_heads - 1}')
         return head
@@ -58,9 +59,12 @@ def predict_view(model: Model, image, top_k: int = 5, fusion: str = 'mean', head
                  opacity: float = 0.6, discard_ratio: float = 0.9):
     """Everything the Predict tab shows: {label: probability}, the attention gallery, and a description."""
     start = time.perf_counter()
-    pred = model.predict(image, top_k=int(top_k))
+    top_k = checked_number(top_k, 'top-k', 1, 1000, integer=True)
+    opacity = checked_number(opacity, 'overlay opacity', 0, 1)
+    discard_ratio = checked_number(discard_ratio, 'rollout discard ratio', 0, 0.99)
+    pred = model.predict(image, top_k=top_k)
     chosen = 'mean' if pred.is_cnn else parse_fusion(fusion, head, pred.attentions.shape[1])
-    gallery = attention_gallery(pred, chosen, float(opacity), float(discard_ratio))
+    gallery = attention_gallery(pred, chosen, opacity, discard_ratio)
     return dict(pred.top_k), gallery, describe(model, pred, time.perf_counter() - start)
 
 

@@ -1,0 +1,471 @@
+"""Public mode: one server, many strangers. Each test is one item of the public-safety issue, with small
+budgets set through the policy (or the environment) so that it runs in seconds."""
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+import httpx
+import pytest
+import timm
+import torch
+from gradio.route_utils import delete_files_created_by_app
+from gradio_client import handle_file
+from PIL import Image
+
+import app
+from conftest import ROOT, TINY_CIFAR
+from test_app import connect, free_port
+from test_memory import STATUS, resident_mb
+from test_train import CONFIG, colour_data
+from vitdemo.backends import ModelCache
+from vitdemo.cnn import ResNetConfig
+from vitdemo.model import ViTConfig
+from vitdemo.policy import MB, ServerPolicy, check_training, estimate_training_memory
+from vitdemo.serving import publish_image
+from vitdemo.store import ModelStore
+from vitdemo.train import TrainConfig
+from vitdemo.training_job import TRAIN_PRESETS, TrainingBusy, TrainingFailed, TrainingJob, configs_from_form
+from vitdemo.weights import load_checkpoint
+
+CAT = str(ROOT / 'examples' / 'cat.jpg')
+EPOCH = TrainConfig(epochs=1, minutes=None, batch_size=64, val_size=64)
+LONG = TrainConfig(epochs=500, minutes=None, batch_size=32, val_size=64)
+HUGE_FORM = (1024, 24, 16, 2, 10, 4096, 1e-3)  # the form that took a 24 GB server down
+
+
+def launch(demo: gr.Blocks, policy: ServerPolicy) -> tuple[gr.Blocks, int]:
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name='127.0.0.1', server_port=port, quiet=True,
+                **app.launch_options(policy))
+    return demo, port
+
+
+def public_store(weights_dir: Path, tmp_path: Path, **caps) -> ModelStore:
+    return ModelStore(weights_dir, runs_dir=tmp_path / 'runs', public=True, **caps)
+
+
+# --- public mode ---------------------------------------------------------------------------------------
+
+def test_public_mode_follows_the_environment():
+    assert not ServerPolicy.from_env({}).public and ServerPolicy.from_env({}).max_train_minutes is None
+    space = ServerPolicy.from_env({'SPACE_ID': 'someone/vitdemo'})
+    assert space.public and space.max_train_minutes == 30 and space.queued_per_session == 3
+    assert ServerPolicy.from_env({'VITDEMO_PUBLIC': '1', 'VITDEMO_MAX_TRAIN_MINUTES': '5'}).max_train_minutes == 5
+    assert ServerPolicy.from_env({'VITDEMO_STORE_MAX_FILES': '7'}).store_max_files == 7  # caps apply locally too
+    with pytest.raises(ValueError, match='VITDEMO_TRAIN_MEMORY_MB must be a number'):
+        ServerPolicy.from_env({'VITDEMO_TRAIN_MEMORY_MB': 'lots'})
+
+
+# --- 1. memory ------------------------------------------------------------------------------------------
+
+MEASURE = '''
+import sys, torch, torch.nn.functional as F
+sys.path.insert(0, {root!r})
+from vitdemo.cnn import ResNetConfig
+from vitdemo.model import ViTConfig
+from vitdemo.train import autocast
+from vitdemo.weights import build_model
+def status(key):
+    line = next(l for l in open('/proc/self/status') if l.startswith(key))
+    return int(line.split()[1]) * 1024
+config, batch = {config}, {batch}
+open('/proc/self/clear_refs', 'w').write('5')  # the peak (VmHWM) starts again from here
+before = status('VmRSS:')
+model = build_model(config).train()
+if hasattr(model, 'set_fused_attn'):
+    model.set_fused_attn(False)
+optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+for _ in range(2):
+    with autocast(torch.device('cpu'), True):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+print(status('VmHWM:') - before)
+'''
+
+
+@pytest.mark.parametrize('config,batch', [
+    ("ViTConfig(img_size=32, patch_size=4, num_classes=10, embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0, "
+     "stem='conv', pos_embed='sincos')", 128),
+    ("ResNetConfig(img_size=32)", 64),
+])
+@pytest.mark.skipif(not STATUS.exists(), reason='reads the peak resident set size from Linux /proc')
+def test_the_memory_estimate_bounds_a_measured_training_step(config, batch):
+    """Two real training steps in a fresh process: the peak they add is below the estimate, and the
+    estimate is not so loose that it would refuse runs that fit (at most 3x)."""
+    out = subprocess.run([sys.executable, '-c', MEASURE.format(root=str(ROOT), config=config, batch=batch)],
+                         capture_output=True, text=True, timeout=300, check=True)
+    measured = int(out.stdout.strip().splitlines()[-1])
+    estimate = estimate_training_memory(eval(config), batch, num_images=0)
+    print(f'{config[:40]}: measured {measured / MB:.0f} MB, estimated {estimate.total / MB:.0f} MB')
+    assert measured < estimate.total < 3 * measured
+
+
+def test_a_run_too_large_for_memory_is_refused_before_any_work(tmp_path, weights_dir):
+    job = TrainingJob(tmp_path / 'no-data-here', ModelStore(weights_dir, runs_dir=tmp_path / 'runs'))
+    model_config, cfg = configs_from_form(*HUGE_FORM, stem='patch')
+    before = resident_mb()
+    with pytest.raises(ValueError, match=r'would need about [\d,.]+ (GB|MB) .* more than the'):
+        next(job.run(model_config, cfg, 'huge'))
+    # refused from the estimate alone: no data read (there is none), no model built, nothing written
+    assert resident_mb() - before < 50 and not job.busy and not (tmp_path / 'runs').exists()
+    # the budget follows the machine unless set: a small one refuses even the 10-minute preset
+    preset_config, preset_cfg = configs_from_form(**TRAIN_PRESETS['10-minute CPU demo'])
+    check_training(ServerPolicy(), preset_config, preset_cfg.minutes, preset_cfg.batch_size)
+    with pytest.raises(ValueError, match='more than the 200 MB'):
+        check_training(ServerPolicy(train_memory_mb=200), preset_config, preset_cfg.minutes, preset_cfg.batch_size)
+
+
+def test_public_mode_caps_the_model_size():
+    shipped_size = ViTConfig(img_size=32, patch_size=4, num_classes=10, embed_dim=192, depth=6, num_heads=3,
+                             mlp_ratio=2.0, stem='conv')  # 1.9 M parameters
+    check_training(ServerPolicy(public=True, max_params=12_000_000), ResNetConfig(), 10, 128)  # 11.2 M fits
+    with pytest.raises(ValueError, match='1.9 M parameters; this server trains models of at most 1.0 M'):
+        check_training(ServerPolicy(public=True, max_params=1_000_000), shipped_size, 10, 128)
+
+
+# --- 2. disk --------------------------------------------------------------------------------------------
+
+def test_the_store_evicts_the_oldest_visitors_checkpoints_never_the_shipped_ones(tmp_path, weights_dir):
+    store = public_store(weights_dir, tmp_path, max_files=3)
+    job = TrainingJob('unused', store, update_seconds=0.0)
+    shipped = {p: p.stat().st_mtime_ns for p in weights_dir.iterdir()}
+    written = []
+    for i in range(5):
+        written.append(list(job.run(CONFIG, EPOCH, f'run{i}', owner=f'visitor{i % 2}', data=colour_data(256)))[-1]
+                       .checkpoint)
+        time.sleep(0.02)  # distinct modification times: "oldest" is well defined
+    files, _ = store.usage()
+    assert files == 3 and [p.exists() for p in written] == [False, False, True, True, True]
+    assert {p: p.stat().st_mtime_ns for p in weights_dir.iterdir()} == shipped
+    # a byte cap: room is made for the next checkpoint's size; one larger than the cap is refused outright
+    size = written[-1].stat().st_size
+    store.max_files, store.max_bytes = None, int(2.5 * size)
+    list(job.run(CONFIG, EPOCH, 'bytes', owner='visitor0', data=colour_data(256)))
+    assert store.usage()[0] == 2 and store.usage()[1] <= store.max_bytes
+    store.max_bytes = size // 2
+    with pytest.raises(ValueError, match='larger than this server keeps'):
+        next(job.run(CONFIG, EPOCH, 'too_big', owner='visitor0', data=colour_data(256)))
+
+
+# --- 3. hijack ------------------------------------------------------------------------------------------
+
+def test_training_never_writes_where_the_app_reads_its_own_weights(tmp_path, weights_dir):
+    store = ModelStore(weights_dir, runs_dir=tmp_path / 'runs')
+    job = TrainingJob('unused', store, update_seconds=0.0)
+    for name in ['vit_tiny_patch16_224', 'VIT_CIFAR10', 'Deit_Small_Distilled_Patch16_224']:
+        with pytest.raises(ValueError, match='a model the app ships'):
+            next(job.run(CONFIG, EPOCH, name, data=colour_data(256)))
+    shipped = {p: p.stat().st_mtime_ns for p in weights_dir.iterdir()}
+    last = list(job.run(CONFIG, EPOCH, 'vit_tiny', data=colour_data(256)))[-1]
+    assert last.checkpoint.parent == tmp_path / 'runs' and 'saved as trained/vit_tiny' in last.status
+    assert {p: p.stat().st_mtime_ns for p in weights_dir.iterdir()} == shipped
+    # even a file with a pretrained model's name among the trained ones shadows nothing
+    (tmp_path / 'runs' / 'vit_tiny_patch16_224.safetensors').write_bytes(last.checkpoint.read_bytes())
+    cache = ModelCache(store=store)
+    assert cache.get('timm/vit_tiny_patch16_224').classes[0] == 'tench'
+    assert 'trained/vit_tiny_patch16_224' in cache.names() and 'scratch/vit_tiny_patch16_224' not in cache.names()
+
+
+# --- 4. owners ------------------------------------------------------------------------------------------
+
+def test_in_public_mode_runs_and_models_belong_to_their_session(tmp_path, weights_dir):
+    store = public_store(weights_dir, tmp_path)
+    job = TrainingJob('unused', store, ServerPolicy(public=True), update_seconds=0.0)
+    a = list(job.run(CONFIG, EPOCH, 'my_vit', owner='session-a', data=colour_data(256)))[-1].checkpoint
+    a_bytes = a.read_bytes()
+    b = list(job.run(CONFIG, TrainConfig(epochs=1, minutes=None, batch_size=64, val_size=64, seed=1), 'my_vit',
+                     owner='session-b', data=colour_data(256)))[-1].checkpoint
+    assert a != b and a.read_bytes() == a_bytes  # the same name replaced nothing
+    again = list(job.run(CONFIG, EPOCH, 'MY_VIT', owner='session-a', data=colour_data(256)))[-1]
+    assert again.checkpoint.name == 'MY_VIT-2.safetensors' and a.read_bytes() == a_bytes
+    cache = ModelCache(store=store)
+    assert [n for n in cache.names('session-a') if n.startswith('trained/')] == ['trained/MY_VIT-2', 'trained/my_vit']
+    assert [n for n in cache.names('session-b') if n.startswith('trained/')] == ['trained/my_vit']
+    assert not [n for n in cache.names('session-c') if n.startswith('trained/')]
+    with pytest.raises(Exception, match='choose one from the list'):
+        cache.get('trained/MY_VIT-2', 'session-b')
+    torch.testing.assert_close(cache.get('trained/my_vit', 'session-a').module.head.weight,
+                               load_checkpoint(a)[0].head.weight)
+    # B cannot stop A's run; A can
+    run = job.run(CONFIG, LONG, 'long', owner='session-a', data=colour_data())
+    next(run), next(run)
+    assert not job.stop('session-b') and not job.stop(None)
+    next(run)  # still training
+    assert job.stop('session-a')
+    assert list(run)[-1].status.startswith('stopped')
+
+
+def test_run_locally_one_user_owns_everything(tmp_path, weights_dir):
+    job = TrainingJob('unused', ModelStore(weights_dir, runs_dir=tmp_path / 'runs'), update_seconds=0.0)
+    run = job.run(CONFIG, LONG, 'mine', data=colour_data())
+    next(run), next(run)
+    assert job.stop()
+    assert list(run)[-1].status.startswith('stopped')
+
+
+# --- 5. time --------------------------------------------------------------------------------------------
+
+def test_public_mode_caps_the_minutes_and_checks_the_form(tmp_path, weights_dir):
+    job = TrainingJob('unused', public_store(weights_dir, tmp_path),
+                      ServerPolicy(public=True, max_train_minutes=30))
+    model_config, cfg = configs_from_form(64, 2, 2, 8, 100_000, 32, 1e-3)
+    with pytest.raises(ValueError, match='at most 30 minutes a run, not 100000 minutes'):
+        next(job.run(model_config, cfg, 'forever', owner='someone', data=colour_data(256)))
+    assert not job.busy
+    for minutes, message in [(None, 'minutes must be a number, got None'), ('ten', 'must be a number'),
+                             (float('inf'), 'minutes must be between'), (1e9, 'minutes must be between')]:
+        with pytest.raises(ValueError, match=message):
+            configs_from_form(64, 2, 2, 8, minutes, 32, 1e-3)
+
+
+# --- 6, 7. one limit for all model work, a few queued requests per session ------------------------------
+
+MODEL_EVENTS = {'predict', 'refresh', 'inspect', 'compare', 'look_from_patch'}
+
+
+def test_every_event_that_runs_a_model_shares_one_limit(weights_dir):
+    demo = app.create_demo(ModelCache(weights_dir=weights_dir), policy=ServerPolicy())
+    fns = {fn.name: fn for fn in demo.fns.values()}
+    assert MODEL_EVENTS <= set(fns)
+    for name in MODEL_EVENTS:  # the private ones too: they answer raw HTTP calls by index
+        assert (fns[name].concurrency_id, fns[name].concurrency_limit) == ('model', 2), name
+
+
+class Concurrency:
+    """Counts how many wrapped calls run at once; each is held for `seconds` first."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.now = self.most = 0
+        self.lock = threading.Lock()
+
+    def wrap(self, real):
+        def call(*args, **kwargs):
+            with self.lock:
+                self.now += 1
+                self.most = max(self.most, self.now)
+            try:
+                time.sleep(self.seconds)
+                return real(*args, **kwargs)
+            finally:
+                with self.lock:
+                    self.now -= 1
+        return call
+
+
+def test_predict_inspect_and_compare_together_run_two_at_a_time(weights_dir, tmp_path, monkeypatch):
+    running = Concurrency(0.4)
+    for name in ('predict_view', 'inspect_view', 'compare_view'):
+        monkeypatch.setattr(app, name, running.wrap(getattr(app, name)))
+    demo, port = launch(app.create_demo(ModelCache(weights_dir=weights_dir), policy=ServerPolicy()), ServerPolicy())
+    try:
+        image = handle_file(CAT)
+        jobs = [connect(port, tmp_path).submit(image, 'scratch/vit_cifar10', api_name='/predict') for _ in range(3)]
+        jobs += [connect(port, tmp_path).submit(image, 'scratch/vit_cifar10', api_name='/inspect') for _ in range(2)]
+        jobs += [connect(port, tmp_path).submit(image, 'scratch/vit_cifar10', 'scratch/vit_cifar10',
+                                                api_name='/compare') for _ in range(2)]
+        for job in jobs:
+            job.result(timeout=120)
+    finally:
+        demo.close()
+    assert running.most == 2
+
+
+def test_one_session_flooding_the_queue_is_refused_alone(weights_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(app, 'predict_view', Concurrency(0.5).wrap(app.predict_view))
+    policy = ServerPolicy(queued_per_session=2)
+    demo, port = launch(app.create_demo(ModelCache(weights_dir=weights_dir), policy=policy), policy)
+    try:
+        flooder = connect(port, tmp_path)
+        flood = [flooder.submit(handle_file(CAT), 'scratch/vit_cifar10', api_name='/predict') for _ in range(8)]
+        time.sleep(0.3)
+        labels, _, _ = connect(port, tmp_path).predict(handle_file(CAT), 'scratch/vit_cifar10', api_name='/predict')
+        assert labels['confidences']  # another visitor is answered meanwhile
+        outcomes = []
+        for job in flood:
+            try:
+                outcomes.append(bool(job.result(timeout=60)))
+            except Exception as e:
+                outcomes.append(str(e))
+    finally:
+        demo.close()
+    answered = [o for o in outcomes if o is True]
+    refused = [o for o in outcomes if o is not True]
+    assert 2 <= len(answered) < 8 and refused, outcomes
+
+
+def test_deep_images_are_shrunk_before_they_are_scaled(monkeypatch):
+    """A 16-bit image is scaled to 8 bits only once it is at most 1024 pixels a side, and one above the
+    lower pixel limit for deep images is refused from its header."""
+    import numpy as np
+    import vitdemo.images as images
+    seen = []
+    real = images._to_uint8
+    monkeypatch.setattr(images, '_to_uint8', lambda a: seen.append(a.size) or real(a))
+
+    def tiff(w, h):
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((h, w), 40000, np.uint16)).save(buffer, 'TIFF')
+        return buffer.getvalue()
+    picture = images.load_image(tiff(4000, 3000))
+    assert picture.size == (1024, 768) and max(seen) <= 1024 * 768
+    assert abs(int(np.asarray(picture)[0, 0, 0]) - round(40000 / 65535 * 255)) <= 1
+    with pytest.raises(images.ImageError, match='limit for 16-bit and float images is 16 megapixels'):
+        images.load_image(tiff(5000, 4000))
+
+
+# --- 8. uploads without a request -----------------------------------------------------------------------
+
+def test_uploads_past_the_folders_budget_are_refused(weights_dir, tmp_path):
+    demo = app.create_demo(ModelCache(weights_dir=weights_dir), policy=ServerPolicy())  # copies its examples
+    # room for 1 MB more than the folder (shared with the other tests of this run) holds now
+    held = sum(p.stat().st_size for p in Path(os.environ['GRADIO_TEMP_DIR']).rglob('*') if p.is_file())
+    policy = ServerPolicy(uploads_max_mb=held / MB + 1)
+    demo, port = launch(demo, policy)
+    blob = os.urandom(700_000)
+    codes = []
+    try:
+        for i in range(3):
+            response = httpx.post(f'http://127.0.0.1:{port}/gradio_api/upload',
+                                  files={'files': (f'junk{i}.png', blob, 'image/png')}, timeout=30)
+            codes.append(response.status_code)
+            time.sleep(1.1)  # the folder's size is recounted at most once a second
+        assert codes[:2] == [200, 200] and codes[2] == 507 and 'too many uploaded files' in response.text
+        delete_files_created_by_app(demo, None)  # Gradio's sweep (every 5 minutes in public mode) ...
+        time.sleep(1.1)
+        # ... makes room again: an upload with a prediction is answered
+        labels, _, _ = connect(port, tmp_path).predict(handle_file(CAT), 'scratch/vit_cifar10', api_name='/predict')
+    finally:
+        demo.close()
+    assert labels['confidences'] is not None
+
+
+# --- 9. a failed run gives its memory back --------------------------------------------------------------
+
+@pytest.mark.skipif(not STATUS.exists(), reason='reads the resident set size from Linux /proc')
+def test_memory_comes_back_after_a_failed_run(tmp_path, weights_dir, monkeypatch):
+    import vitdemo.training_job as training_job
+    real_train = training_job.train
+
+    def runs_out(*args, **kwargs):
+        activations = torch.ones(150_000_000)  # 600 MB held by the run's frame when it fails
+        raise RuntimeError(f'DefaultCPUAllocator: not enough memory (after {activations.numel()} floats)')
+    monkeypatch.setattr(training_job, 'train', runs_out)
+    job = TrainingJob('unused', ModelStore(weights_dir, runs_dir=tmp_path / 'runs'), update_seconds=0.0)
+    before = resident_mb()
+    with pytest.raises(TrainingFailed, match='not enough memory') as failure:
+        list(job.run(CONFIG, EPOCH, 'doomed', data=colour_data(256)))
+    after = resident_mb()
+    print(f'resident memory {before:.0f} MB before the failed run, {after:.0f} MB after')
+    assert after - before < 100 and failure.value.__cause__ is None and not job.busy
+    monkeypatch.setattr(training_job, 'train', real_train)
+    assert list(job.run(CONFIG, EPOCH, 'next', data=colour_data(256)))[-1].checkpoint.exists()
+
+
+# --- 10. output files are never rewritten while served --------------------------------------------------
+
+def test_an_output_drawn_again_is_not_rewritten_in_place(tmp_path):
+    picture = Image.new('RGB', (64, 64), (10, 200, 30))
+    first = Path(publish_image(picture))
+    stat = first.stat()
+    stop = threading.Event()
+    short_reads = []
+
+    def download():
+        while not stop.is_set():
+            if len(first.read_bytes()) != stat.st_size:
+                short_reads.append(1)
+    readers = [threading.Thread(target=download) for _ in range(4)]
+    for reader in readers:
+        reader.start()
+    for _ in range(200):
+        assert Path(publish_image(picture)) == first
+    stop.set()
+    for reader in readers:
+        reader.join()
+    assert first.stat().st_ino == stat.st_ino and first.stat().st_size == stat.st_size and not short_reads
+    assert not [p for p in first.parent.iterdir() if p != first]  # no temporary file left beside it
+
+
+def test_two_identical_predictions_share_files_and_rewrite_none(client):
+    _, gallery, _ = client.predict(handle_file(CAT), 'scratch/vit_cifar10', api_name='/predict')
+    # the server's copies of the gallery in Gradio's cache, by inode and modification time
+    files = {p: (p.stat().st_ino, p.stat().st_mtime_ns)
+             for p in Path(os.environ['GRADIO_TEMP_DIR']).rglob('image.jpeg')}
+    assert len(files) >= len(gallery) == 4
+    client.predict(handle_file(CAT), 'scratch/vit_cifar10', api_name='/predict')
+    assert all((p.stat().st_ino, p.stat().st_mtime_ns) == files[p] for p in files)
+
+
+# --- 11. orphan temporary files -------------------------------------------------------------------------
+
+def test_orphans_of_a_killed_save_are_removed_at_start(tmp_path, weights_dir):
+    weights = tmp_path / 'weights'
+    weights.mkdir()
+    (weights / 'vit_cifar10.safetensors').write_bytes((weights_dir / 'vit_cifar10.safetensors').read_bytes())
+    runs = weights / 'trained' / 'abc'
+    runs.mkdir(parents=True)
+    old = [weights / '.vit_cifar10.safetensors.x1.tmp', runs / '.my_vit.safetensors.x2.tmp']
+    young = runs / '.my_vit.safetensors.x3.tmp'  # a save in progress elsewhere: left alone
+    for path in old + [young]:
+        path.write_bytes(b'\0' * 1000)
+    for path in old:
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
+    app.create_demo(ModelCache(store=ModelStore(weights)), policy=ServerPolicy())
+    assert not any(p.exists() for p in old) and young.exists()
+    assert (weights / 'vit_cifar10.safetensors').exists()
+
+
+# --- 13. clear messages, one log line -------------------------------------------------------------------
+
+def raw_call(port: int, api_name: str, data: str) -> str:
+    """A call as a hostile client sends it, over HTTP with hand-written JSON (NaN included, which no
+    JSON library emits); returns the event stream's text."""
+    base = f'http://127.0.0.1:{port}/gradio_api'
+    with open(CAT, 'rb') as f:
+        uploaded = httpx.post(f'{base}/upload', files={'files': ('cat.jpg', f, 'image/jpeg')}).json()[0]
+    image = json.dumps({'path': uploaded, 'meta': {'_type': 'gradio.FileData'}})
+    event = httpx.post(f'{base}/call/{api_name}', content=f'{{"data": [{image}, {data}]}}',
+                       headers={'content-type': 'application/json'}).json()['event_id']
+    return httpx.get(f'{base}/call/{api_name}/{event}', timeout=60).text
+
+
+def test_bad_numbers_from_raw_calls_get_clear_messages_and_one_log_line(port, caplog):
+    caplog.set_level(logging.INFO, logger='vitdemo.server')
+    form = ['"scratch/vit_cifar10"', '5', '"mean"', '0', '0.6', '0.9']  # model, top-k, fusion, head, opacity, ...
+    for changes, message in [({1: 'null'}, 'top-k must be a number, got None'),
+                             ({1: '"five"'}, "top-k must be a number, got 'five'"),
+                             ({4: 'NaN'}, 'overlay opacity must be between 0 and 1'),
+                             ({5: 'NaN'}, 'rollout discard ratio must be between'),
+                             ({2: '"one head"', 3: '"two"'}, "head must be a number, got 'two'")]:
+        answer = raw_call(port, 'predict', ', '.join(changes.get(i, v) for i, v in enumerate(form)))
+        assert 'event: error' in answer and message in answer, answer
+    refusals = [r for r in caplog.records if r.getMessage().startswith('refused predict')]
+    assert len(refusals) == 5 and all(r.exc_info is None and '\n' not in r.getMessage() for r in refusals)
+    # and the server goes on
+    assert 'event: complete' in raw_call(port, 'predict', ', '.join(form))
+
+
+@pytest.fixture(scope='module')
+def port(weights_dir):
+    demo, port = launch(app.create_demo(ModelCache(weights_dir=weights_dir), policy=ServerPolicy()), ServerPolicy())
+    try:
+        yield port
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope='module')
+def client(port, tmp_path_factory):
+    return connect(port, tmp_path_factory.mktemp('downloads'))

@@ -1,0 +1,112 @@
+"""What a public Gradio server needs beyond Gradio's own limits: no output file rewritten while it is
+served, a few queued requests per browser session, and a bound on the upload folder.
+
+Each piece is small and tested through a real server (`tests/test_public.py`). Two of them reach into
+Gradio 6's queue and upload route by name; those tests fail if a Gradio release moves them.
+"""
+import hashlib
+import io
+import logging
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from PIL import Image
+from starlette.responses import PlainTextResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+log = logging.getLogger('vitdemo.server')
+
+
+def cache_folder() -> Path:
+    """Gradio's folder for uploads and outputs ($GRADIO_TEMP_DIR, else the system's temp folder)."""
+    from gradio.utils import get_upload_folder
+    return Path(get_upload_folder())
+
+
+def publish_image(image: Image.Image, fmt: str = 'jpeg', quality: int = 90) -> str:
+    """Encode an output image into Gradio's cache, as Gradio would (a folder named by the content's hash),
+    but write it under a temporary name and rename it into place, and never rewrite a file already there.
+    Gradio's own `save_pil_to_cache` rewrites the file in place on every request that draws the same
+    picture, so a client still downloading the earlier copy gets a short read ("Too little data for
+    declared Content-Length"). The path returned lies in the cache, so Gradio serves it as it is and its
+    `delete_cache` sweep removes it."""
+    buffer = io.BytesIO()
+    image.save(buffer, fmt.upper(), **({'quality': quality} if fmt.lower() in ('jpeg', 'jpg', 'webp') else {}))
+    data = buffer.getvalue()
+    folder = cache_folder() / hashlib.sha256(data).hexdigest()
+    path = folder / f'image.{fmt.lower()}'
+    if path.exists():
+        # the sweep ages files by ctime: a copy handed out again starts a new life (setting the times
+        # to what they are renews ctime alone; the file's bytes and mtime stay as a download sees them)
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        return str(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.image.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return str(path)
+
+
+def limit_queue_per_session(demo, limit: int) -> None:
+    """Let one browser session hold at most `limit` requests, waiting or running; past that, that session
+    alone is answered "busy" (HTTP 503), and everyone else's requests still get their turn in the queue.
+    Wraps the queue's `push`, where Gradio itself refuses requests when the whole queue is full."""
+    queue = demo._queue
+    push = queue.push
+
+    def held_by(session_hash: str) -> int:
+        waiting = sum(e.session_hash == session_hash
+                      for q in queue.event_queue_per_concurrency_id.values() for e in q.queue)
+        running = sum(e.session_hash == session_hash for job in queue.active_jobs if job for e in job)
+        return waiting + running
+
+    async def push_within_limit(body, request, username):
+        if body.session_hash and held_by(body.session_hash) >= limit:
+            log.info('refused a request: session already holds %d requests', limit)
+            return False, (f'you already have {limit} requests waiting or running; wait for them to finish '
+                           'before sending more'), 'queue_full'
+        return await push(body, request, username)
+
+    queue.push = push_within_limit
+
+
+class UploadQuota:
+    """ASGI middleware: refuse uploads (HTTP 507) while Gradio's upload folder holds more than `max_bytes`.
+    Gradio takes uploads that no request ever uses and keeps them until its `delete_cache` sweep; this
+    bounds the disk they can take meanwhile. The folder's size is recounted at most every `recount` seconds."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, folder: Path | None = None, recount: float = 1.0):
+        self.app = app
+        self.max_bytes = max_bytes
+        self.folder = folder
+        self.recount = recount
+        self._size, self._counted = 0, float('-inf')
+        self._lock = threading.Lock()
+
+    def used(self) -> int:
+        with self._lock:
+            if time.monotonic() - self._counted > self.recount:
+                folder = self.folder or cache_folder()
+                self._size = sum(p.stat().st_size for p in folder.rglob('*') if p.is_file()) if folder.is_dir() else 0
+                self._counted = time.monotonic()
+            return self._size
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope['type'] == 'http' and scope['method'] == 'POST' and scope['path'].endswith('/upload')
+                and self.used() > self.max_bytes):
+            log.info('refused an upload: the upload folder is over its %d MB', self.max_bytes // 2 ** 20)
+            response = PlainTextResponse('the server holds too many uploaded files right now; '
+                                         'try again in a few minutes', status_code=507)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
