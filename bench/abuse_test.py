@@ -80,7 +80,7 @@ def failed_run(url: str, pid: int) -> None:
                   if line.startswith('VmSize:')).split()[1]) * 1024
     resource.prlimit(pid, resource.RLIMIT_AS, (vm + 3 * 2 ** 30, hard))  # 3 GB more address space, no more
     try:
-        client.predict(512, 8, 8, 2, 5, 4096, 1e-3, 'too_big', api_name='/train')
+        client.predict(256, 8, 8, 2, 5, 4096, 1e-3, 'too_big', api_name='/train')  # 6.4 M parameters
         outcome = 'it did not fail'
     except Exception as e:
         outcome = str(e).splitlines()[0][:150]

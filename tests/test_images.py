@@ -119,3 +119,22 @@ def test_missing_inputs_are_refused():
         load_image('/nonexistent/image.png')
     with pytest.raises(ImageError, match='cannot read an image from a int'):
         load_image(42)
+
+
+@pytest.mark.parametrize('name,content', [
+    ('drawing.eps', b'%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto 10 10 lineto stroke\nshowpage\n'),
+    ('icon.ico', None),
+    ('picture.pcx', None),
+])
+def test_only_the_listed_formats_are_decoded(name, content, monkeypatch):
+    """Formats PIL knows but the README does not list are refused unopened: an EPS never reaches
+    Ghostscript, which would run the uploader's PostScript."""
+    from PIL import EpsImagePlugin
+    monkeypatch.setattr(EpsImagePlugin, 'Ghostscript', lambda *a, **k: pytest.fail('Ghostscript was called'))
+    if content is None:
+        buffer = io.BytesIO()
+        Image.new('RGB', (16, 16), 'red').save(buffer, name.rsplit('.', 1)[1].upper())
+        content = buffer.getvalue()
+        Image.open(io.BytesIO(content)).load()  # a file PIL itself reads
+    with pytest.raises(ImageError, match='not an image format this app can read'):
+        load_image(content)

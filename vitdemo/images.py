@@ -11,11 +11,14 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .policy import trim_heap
+
 MAX_PIXELS = 50_000_000  # refuse above this (a 6000x4000 photo is 24 MP): decompression bombs
 # 16-bit and float images take 2-4 bytes a sample decoded, and scaling them to 8 bits wants float copies
 DEEP_MAX_PIXELS = 16_000_000
 DEEP_MODES = ('I', 'I;16', 'I;16L', 'I;16B', 'I;16N', 'F')
 MAX_SIDE = 1024  # shrink to this before anything else; models see at most 224-448 pixels
+TRIM_PIXELS = 4_000_000  # after decoding more than this, hand the freed memory back to the system
 # the decoders the README lists (JPEG's also opens cameras' multi-picture files); no others run, so an EPS upload
 # never reaches Ghostscript, nor any other decoder PIL knows of
 FORMATS = ('PNG', 'JPEG', 'WEBP', 'GIF', 'BMP', 'TIFF')
@@ -44,6 +47,7 @@ def load_image(source) -> Image.Image:
     else:
         raise ImageError(f'cannot read an image from a {type(source).__name__}')
     _check_size(image.size, image.mode)
+    decoded = image.width * image.height
     try:
         image = ImageOps.exif_transpose(image)
         if image.mode in DEEP_MODES:  # shrink first: the scaling to 8 bits then works on a million pixels
@@ -53,6 +57,8 @@ def load_image(source) -> Image.Image:
     except (OSError, ValueError) as e:  # truncated data surfaces when the pixels are decoded
         raise ImageError(f'the image data is corrupt or truncated ({e})') from None
     image.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
+    if decoded > TRIM_PIXELS:
+        trim_heap()
     return image
 
 

@@ -168,9 +168,15 @@ def check_training(policy: ServerPolicy, model_config: ViTConfig | ResNetConfig,
 
 
 def release_memory() -> None:
-    """Hand freed memory back to the operating system: collect cycles, then ask glibc to return the
-    free pages of its heaps (which it otherwise keeps for later allocations)."""
+    """Hand freed memory back to the operating system: collect reference cycles, then trim the heap."""
     gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Ask glibc to return the free pages of its heaps. After a large block is freed, glibc raises its
+    threshold for serving large blocks from the heap, and keeps what such blocks leave behind for later:
+    decoding big uploads would otherwise leave the server gigabytes larger."""
     try:
         ctypes.CDLL('libc.so.6').malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
