@@ -119,7 +119,8 @@ def main() -> None:
             if training:
                 status = training.result()[0]
                 print(f'training run: {status.splitlines()[-1]}')
-                (ROOT / 'weights' / 'load_test_run.safetensors').unlink(missing_ok=True)
+                for path in (ROOT / 'weights' / 'trained').glob('load_test_run*.safetensors'):
+                    path.unlink()
         finally:
             server.terminate()
             server.wait(timeout=30)

@@ -360,11 +360,11 @@ def test_memory_comes_back_after_a_failed_run(tmp_path, weights_dir, monkeypatch
 
     def runs_out(*args, **kwargs):
         activations = torch.ones(150_000_000)  # 600 MB held by the run's frame when it fails
-        raise RuntimeError(f'DefaultCPUAllocator: not enough memory (after {activations.numel()} floats)')
+        raise RuntimeError(f"DefaultCPUAllocator: can't allocate memory: you tried to allocate {activations.numel()}")
     monkeypatch.setattr(training_job, 'train', runs_out)
     job = TrainingJob('unused', ModelStore(weights_dir, runs_dir=tmp_path / 'runs'), update_seconds=0.0)
     before = resident_mb()
-    with pytest.raises(TrainingFailed, match='not enough memory') as failure:
+    with pytest.raises(TrainingFailed, match='out of memory: lower the batch size') as failure:
         list(job.run(CONFIG, EPOCH, 'doomed', data=colour_data(256)))
     after = resident_mb()
     print(f'resident memory {before:.0f} MB before the failed run, {after:.0f} MB after')

@@ -210,7 +210,9 @@ class TrainingJob:
                 # keep the message only: the exception's traceback holds the run's frames, and with them
                 # the model, its optimiser state and the batch's activations
                 outcome['error'] = f'{type(e).__name__}: {e}'
-                log.warning('training run %s failed: %s', out.stem, outcome['error'])
+                if isinstance(e, MemoryError) or "can't allocate memory" in str(e):
+                    outcome['error'] = 'out of memory: lower the batch size or the model size'
+                log.warning('training run %s failed: %s: %s', out.stem, type(e).__name__, str(e)[:300])
             events.put(None)
 
         worker = threading.Thread(target=work, name='vitdemo-train', daemon=True)
