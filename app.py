@@ -104,9 +104,7 @@ def launch_options(policy: ServerPolicy) -> dict:
 def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None,
                 policy: ServerPolicy | None = None) -> gr.Blocks:
     policy = policy or ServerPolicy.from_env()
-    cache = cache or ModelCache(store=ModelStore(
-        WEIGHTS_DIR, public=policy.public, max_files=policy.store_max_files,
-        max_bytes=int(policy.store_max_mb * MB) if policy.store_max_mb else None))
+    cache = cache or ModelCache(store=ModelStore.from_policy(WEIGHTS_DIR, policy))
     cache.store.clean_partials()  # what a killed save left behind
     job = job or TrainingJob(default_data_path(), cache.store, policy)
     names = cache.names()

@@ -123,7 +123,8 @@ def test_a_run_too_large_for_memory_is_refused_before_any_work(tmp_path, weights
     preset_config, preset_cfg = configs_from_form(**TRAIN_PRESETS['10-minute CPU demo'])
     check_training(ServerPolicy(), preset_config, preset_cfg.minutes, preset_cfg.batch_size)
     with pytest.raises(ValueError, match='more than the 200 MB'):
-        check_training(ServerPolicy(train_memory_mb=200), preset_config, preset_cfg.minutes, preset_cfg.batch_size)
+        check_training(ServerPolicy.from_env({'VITDEMO_TRAIN_MEMORY_MB': '200'}), preset_config, preset_cfg.minutes,
+                       preset_cfg.batch_size)
 
 
 def test_public_mode_caps_the_model_size():
@@ -137,7 +138,8 @@ def test_public_mode_caps_the_model_size():
 # --- 2. disk --------------------------------------------------------------------------------------------
 
 def test_the_store_evicts_the_oldest_visitors_checkpoints_never_the_shipped_ones(tmp_path, weights_dir):
-    store = public_store(weights_dir, tmp_path, max_files=3)
+    policy = ServerPolicy.from_env({'VITDEMO_PUBLIC': '1', 'VITDEMO_STORE_MAX_FILES': '3'})
+    store = ModelStore.from_policy(weights_dir, policy, runs_dir=tmp_path / 'runs')
     job = TrainingJob('unused', store, update_seconds=0.0)
     shipped = {p: p.stat().st_mtime_ns for p in weights_dir.iterdir()}
     written = []

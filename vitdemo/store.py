@@ -19,6 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
+from .policy import ServerPolicy
 from .weights import CheckpointError, read_metadata
 
 SUFFIX = '.safetensors'
@@ -47,6 +48,12 @@ class ModelStore:
         self.public = public
         self.max_files = max_files
         self.max_bytes = max_bytes
+
+    @classmethod
+    def from_policy(cls, weights_dir: str | Path, policy: ServerPolicy, runs_dir: str | Path | None = None):
+        """The store a server with `policy` keeps: per-session folders in public mode, the policy's caps."""
+        return cls(weights_dir, runs_dir, public=policy.public, max_files=policy.store_max_files,
+                   max_bytes=int(policy.store_max_mb * 2 ** 20) if policy.store_max_mb else None)
 
     def folder(self, owner: str | None) -> Path | None:
         """The owner's folder of trained models; None for a public visitor without a session."""
