@@ -32,7 +32,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = sorted(p for p in (ROOT / 'examples').glob('*.*') if p.suffix != '.md')
 STORE_CAP = 5
-TINY_RUN = (64, 2, 2, 8, 0.05, 64, 1e-3)  # dim, depth, heads, patch, minutes, batch, lr: a 3-second run
+TINY_RUN = dict(embed_dim=64, depth=2, num_heads=2, patch_size=8, minutes=0.05, batch_size=64)  # 3 seconds
 
 
 def free_port() -> int:
@@ -72,7 +72,7 @@ def start_app(port: int, temp: Path, memory_mb: str) -> subprocess.Popen:
 
 def failed_run(url: str, pid: int) -> None:
     client = Client(url, verbose=False, download_files=False)
-    client.predict(*TINY_RUN, 'warm_up', api_name='/train')  # the training code's own allocations settle
+    client.predict('warm_up', **TINY_RUN, api_name='/train')  # the training code's own allocations settle
     time.sleep(2)
     before = resident_mb(pid)
     soft, hard = resource.prlimit(pid, resource.RLIMIT_AS)
@@ -80,7 +80,8 @@ def failed_run(url: str, pid: int) -> None:
                   if line.startswith('VmSize:')).split()[1]) * 1024
     resource.prlimit(pid, resource.RLIMIT_AS, (vm + 3 * 2 ** 30, hard))  # 3 GB more address space, no more
     try:
-        client.predict(256, 8, 8, 2, 5, 4096, 1e-3, 'too_big', api_name='/train')  # 6.4 M parameters
+        client.predict('too_big', embed_dim=256, depth=8, num_heads=8, patch_size=2, minutes=5, batch_size=4096,
+                       stem='patch', api_name='/train')  # 6.4 M parameters
         outcome = 'it did not fail'
     except Exception as e:
         outcome = str(e).splitlines()[0][:150]
@@ -88,14 +89,14 @@ def failed_run(url: str, pid: int) -> None:
         resource.prlimit(pid, resource.RLIMIT_AS, (soft, hard))
     time.sleep(2)
     after = resident_mb(pid)
-    status = client.predict(*TINY_RUN, 'after_failure', api_name='/train')[0].splitlines()[-1]
+    status = client.predict('after_failure', **TINY_RUN, api_name='/train')[0].splitlines()[-1]
     print(f'1. failed run: "{outcome}"\n   resident memory {before:.0f} MB before, {after:.0f} MB after '
           f'({after - before:+.0f} MB); the next small run: {status}')
 
 
 def predictions_during_training(url: str, clients: int = 8, each: int = 40) -> None:
-    trainer = Client(url, verbose=False, download_files=False).submit(96, 3, 3, 4, 3.0, 128, 2e-3, 'busy_run',
-                                                                      api_name='/train')
+    trainer = Client(url, verbose=False, download_files=False).submit(
+        'busy_run', embed_dim=96, depth=3, num_heads=3, minutes=3.0, api_name='/train')
     time.sleep(3)
     latencies, failures = [], []
     lock = threading.Lock()
@@ -155,7 +156,7 @@ def flood(url: str, calls: int = 30, answers: int = 10) -> None:
 def many_runs(url: str, runs_dir: Path, count: int = 20) -> None:
     stored = []
     for i in range(count):
-        Client(url, verbose=False, download_files=False).predict(*TINY_RUN, f'run{i}', api_name='/train')
+        Client(url, verbose=False, download_files=False).predict(f'run{i}', **TINY_RUN, api_name='/train')
         stored.append(len(list(runs_dir.rglob('*.safetensors'))))
     print(f'4. {count} runs from {count} sessions: checkpoints stored after each {stored} (cap {STORE_CAP})')
 

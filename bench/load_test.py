@@ -78,9 +78,9 @@ def main() -> None:
 
             training = None
             if args.train_minutes:
-                # the Train endpoint's fields: embed dim, depth, heads, patch, minutes, batch, lr, name, arch
                 training = Client(url, verbose=False, download_files=False).submit(
-                    96, 3, 3, 4, args.train_minutes, 256, 2e-3, 'load_test_run', 'vit', api_name='/train')
+                    'load_test_run', embed_dim=96, depth=3, num_heads=3, minutes=args.train_minutes, batch_size=256,
+                    api_name='/train')
 
             latencies: list[float] = []
             failures: list[str] = []

@@ -83,7 +83,7 @@ def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(client, tmp_p
     fake.write_text('this is not a jpeg')
     with pytest.raises(Exception, match='not an image format this app can read'):
         client.predict(handle_file(str(fake)), 'scratch/vit_cifar10', api_name='/predict')
-    with pytest.raises(Exception, match='choose a head from 0 to 3'):
+    with pytest.raises(Exception, match='choose a head from 1 to 4'):
         client.predict(handle_file(str(ROOT / 'examples' / 'cat.jpg')), 'scratch/vit_cifar10', 5, 'one head', 9,
                        api_name='/predict')
     with pytest.raises(Exception, match='Hugging Face Hub'):
@@ -163,9 +163,10 @@ def test_train_tab_through_the_api_then_predict_with_the_new_model(tmp_path, wei
     try:
         client = connect(port, tmp_path / 'downloads')
         with pytest.raises(Exception, match='divisible by num_heads'):
-            client.predict(100, 2, 3, 4, 0.05, 32, 1e-3, 'bad', api_name='/train')
-        status, loss, accuracy, picture, *_ = client.predict(64, 2, 2, 8, 0.05, 32, 1e-3, 'tiny_run',
-                                                                 api_name='/train')
+            client.predict('bad', embed_dim=100, depth=2, num_heads=3, patch_size=4, minutes=0.05, batch_size=32,
+                           api_name='/train')
+        status, loss, accuracy, picture, *_ = client.predict(
+            'tiny_run', embed_dim=64, depth=2, num_heads=2, patch_size=8, minutes=0.05, batch_size=32, api_name='/train')
         assert 'finished after' in status and 'saved as trained/tiny_run' in status
         assert (tmp_path / 'weights' / 'trained' / 'tiny_run.safetensors').exists()
         assert loss['columns'] == ['epoch', 'value', 'split'] and loss['data'] and picture

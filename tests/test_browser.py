@@ -100,7 +100,7 @@ def test_predict_upload_pick_a_model_and_see_labels_and_attention(page):
     pick(page, 'Model', 'timm/vit_tiny_patch16_224')
     page.get_by_role('button', name='Predict', exact=True).click()
     expect(page.get_by_text('rollout over all 12 layers')).to_be_visible()
-    expect(page.get_by_text('layer 12: CLS attention')).to_be_visible()
+    expect(page.get_by_text('layer 12: CLS attention, mean over 3 heads')).to_be_visible()
     expect(page.get_by_text("timm's vit_tiny_patch16_224 with ImageNet-1k weights")).to_be_visible()
     page.screenshot(path=SHOTS / '2_predict_timm.png', full_page=True)
 

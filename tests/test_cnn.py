@@ -12,7 +12,8 @@ from vitdemo.cnn import CifarResNet, ResNetConfig
 from vitdemo.compare import compare_view
 from vitdemo.figures import inspect_view
 from vitdemo.train import TrainConfig, train
-from vitdemo.training_job import TRAIN_PRESETS, attention_snapshot, configs_from_form
+from vitdemo.train import TRAIN_PRESETS, TrainForm
+from vitdemo.training_job import attention_snapshot
 from vitdemo.views import predict_view
 from vitdemo.weights import CheckpointError, load_checkpoint, read_metadata
 
@@ -102,11 +103,10 @@ def test_inspect_explains_it_shows_vits_only(trained, weights_dir):
 
 
 def test_the_train_tab_offers_the_cnn_and_draws_its_snapshot(trained):
-    p = TRAIN_PRESETS['10-minute CNN baseline (ResNet-18)']
-    model_config, _ = configs_from_form(**p)
+    model_config, _ = TRAIN_PRESETS['10-minute CNN baseline (ResNet-18)'].configs()
     assert model_config == ResNetConfig(img_size=32)
     with pytest.raises(ValueError, match='model must be one of'):
-        configs_from_form(96, 4, 3, 4, 10, 256, 1e-3, arch='vgg')
+        TrainForm(arch='vgg').configs()
     result, _ = trained
     picture = attention_snapshot(result.model, colour_data(n=4).images[0], [0.5] * 3, [0.25] * 3)
     assert picture.size == (192, 192) and result.model.training is False

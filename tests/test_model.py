@@ -2,7 +2,7 @@ import pytest
 import timm
 import torch
 
-from conftest import TINY_CIFAR, randomize_
+from conftest import ROOT, TINY_CIFAR, randomize_
 from vitdemo.backends import TimmAttention
 from vitdemo.model import PRESETS, ViTConfig, VisionTransformer, preset, sincos_pos_embed
 from vitdemo.weights import from_timm
@@ -141,10 +141,22 @@ def test_sincos_position_embedding_is_fixed_and_distinct():
 @pytest.mark.parametrize('kwargs,message', [(dict(embed_dim=100, num_heads=3), 'divisible by num_heads'),
                                             (dict(img_size=30, patch_size=4), 'divisible by patch_size'),
                                             (dict(global_pool='max'), 'global_pool'),
-                                            (dict(img_size=36, patch_size=6, stem='conv'), 'power of 2')])
+                                            (dict(img_size=36, patch_size=6, stem='conv'), 'power of 2'),
+                                            (dict(embed_dim=90, num_heads=3, pos_embed='sincos'), 'divisible by 4'),
+                                            (dict(num_heads=0), 'must be positive')])
 def test_config_refuses_impossible_shapes(kwargs, message):
-    with pytest.raises(AssertionError, match=message):
+    with pytest.raises(ValueError, match=message):
         ViTConfig(**kwargs)
+
+
+def test_config_checks_hold_under_python_O():
+    """User input is checked with exceptions, not asserts, which `python -O` strips."""
+    import subprocess
+    import sys
+    code = ('import sys; sys.path.insert(0, "."); from vitdemo.model import ViTConfig\n'
+            'try:\n    ViTConfig(embed_dim=100, num_heads=3)\nexcept ValueError as e:\n    print("refused:", e)')
+    out = subprocess.run([sys.executable, '-O', '-c', code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert 'refused: embed_dim (100) must be divisible by num_heads (3)' in out.stdout
 
 
 def test_wrong_input_size_is_refused():

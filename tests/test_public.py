@@ -20,6 +20,7 @@ from gradio_client import handle_file
 from PIL import Image
 
 import app
+from vitdemo.ui import compare_tab, inspect_tab, predict_tab
 from conftest import ROOT, TINY_CIFAR
 from test_app import connect, free_port
 from test_memory import STATUS, resident_mb
@@ -30,14 +31,15 @@ from vitdemo.model import ViTConfig
 from vitdemo.policy import MB, ServerPolicy, check_training, estimate_training_memory
 from vitdemo.serving import publish_image
 from vitdemo.store import ModelStore
-from vitdemo.train import TrainConfig
-from vitdemo.training_job import TRAIN_PRESETS, TrainingBusy, TrainingFailed, TrainingJob, configs_from_form
+from vitdemo.train import TRAIN_PRESETS, TrainConfig, TrainForm
+from vitdemo.training_job import TrainingFailed, TrainingJob
 from vitdemo.weights import load_checkpoint
 
 CAT = str(ROOT / 'examples' / 'cat.jpg')
 EPOCH = TrainConfig(epochs=1, minutes=None, batch_size=64, val_size=64)
 LONG = TrainConfig(epochs=500, minutes=None, batch_size=32, val_size=64)
-HUGE_FORM = (1024, 24, 16, 2, 10, 4096, 1e-3)  # the form that took a 24 GB server down
+# the form that took a 24 GB server down
+HUGE_FORM = TrainForm(embed_dim=1024, depth=24, num_heads=16, patch_size=2, batch_size=4096, stem='patch')
 
 
 def launch(demo: gr.Blocks, policy: ServerPolicy) -> tuple[gr.Blocks, int]:
@@ -113,14 +115,14 @@ def test_the_memory_estimate_bounds_a_measured_training_step(config, batch):
 
 def test_a_run_too_large_for_memory_is_refused_before_any_work(tmp_path, weights_dir):
     job = TrainingJob(tmp_path / 'no-data-here', ModelStore(weights_dir, runs_dir=tmp_path / 'runs'))
-    model_config, cfg = configs_from_form(*HUGE_FORM, stem='patch')
+    model_config, cfg = HUGE_FORM.configs()
     before = resident_mb()
     with pytest.raises(ValueError, match=r'would need about [\d,.]+ (GB|MB) .* more than the'):
         next(job.run(model_config, cfg, 'huge'))
     # refused from the estimate alone: no data read (there is none), no model built, nothing written
     assert resident_mb() - before < 50 and not job.busy and not (tmp_path / 'runs').exists()
     # the budget follows the machine unless set: a small one refuses even the 10-minute preset
-    preset_config, preset_cfg = configs_from_form(**TRAIN_PRESETS['10-minute CPU demo'])
+    preset_config, preset_cfg = TRAIN_PRESETS['10-minute CPU demo'].configs()
     check_training(ServerPolicy(), preset_config, preset_cfg.minutes, preset_cfg.batch_size)
     with pytest.raises(ValueError, match='more than the 200 MB'):
         check_training(ServerPolicy.from_env({'VITDEMO_TRAIN_MEMORY_MB': '200'}), preset_config, preset_cfg.minutes,
@@ -221,19 +223,19 @@ def test_run_locally_one_user_owns_everything(tmp_path, weights_dir):
 def test_public_mode_caps_the_minutes_and_checks_the_form(tmp_path, weights_dir):
     job = TrainingJob('unused', public_store(weights_dir, tmp_path),
                       ServerPolicy(public=True, max_train_minutes=30))
-    model_config, cfg = configs_from_form(64, 2, 2, 8, 100_000, 32, 1e-3)
+    model_config, cfg = TrainForm(embed_dim=64, depth=2, num_heads=2, patch_size=8, minutes=100_000).configs()
     with pytest.raises(ValueError, match='at most 30 minutes a run, not 100000 minutes'):
         next(job.run(model_config, cfg, 'forever', owner='someone', data=colour_data(256)))
     assert not job.busy
     for minutes, message in [(None, 'minutes must be a number, got None'), ('ten', 'must be a number'),
                              (float('inf'), 'minutes must be between'), (1e9, 'minutes must be between')]:
         with pytest.raises(ValueError, match=message):
-            configs_from_form(64, 2, 2, 8, minutes, 32, 1e-3)
+            TrainForm(minutes=minutes).configs()
 
 
 # --- 6, 7. one limit for all model work, a few queued requests per session ------------------------------
 
-MODEL_EVENTS = {'predict', 'refresh', 'inspect', 'compare', 'look_from_patch'}
+MODEL_EVENTS = {'predict', 'redraw', 'inspect', 'compare', 'look_from_patch'}
 
 
 def test_every_event_that_runs_a_model_shares_one_limit(weights_dir):
@@ -268,8 +270,8 @@ class Concurrency:
 
 def test_predict_inspect_and_compare_together_run_two_at_a_time(weights_dir, tmp_path, monkeypatch):
     running = Concurrency(0.4)
-    for name in ('predict_view', 'inspect_view', 'compare_view'):
-        monkeypatch.setattr(app, name, running.wrap(getattr(app, name)))
+    for tab, name in ((predict_tab, 'predict_view'), (inspect_tab, 'inspect_view'), (compare_tab, 'compare_view')):
+        monkeypatch.setattr(tab, name, running.wrap(getattr(tab, name)))
     demo, port = launch(app.create_demo(ModelCache(weights_dir=weights_dir), policy=ServerPolicy()), ServerPolicy())
     try:
         image = handle_file(CAT)
@@ -285,7 +287,7 @@ def test_predict_inspect_and_compare_together_run_two_at_a_time(weights_dir, tmp
 
 
 def test_one_session_flooding_the_queue_is_refused_alone(weights_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(app, 'predict_view', Concurrency(0.5).wrap(app.predict_view))
+    monkeypatch.setattr(predict_tab, 'predict_view', Concurrency(0.5).wrap(predict_tab.predict_view))
     policy = ServerPolicy(queued_per_session=2)
     demo, port = launch(app.create_demo(ModelCache(weights_dir=weights_dir), policy=policy), policy)
     try:

@@ -3,20 +3,28 @@ import torch
 
 from test_train import CONFIG, colour_data
 from vitdemo.cnn import ResNetConfig
-from vitdemo.train import TrainConfig
-from vitdemo.training_job import (TRAIN_PRESETS, TrainingBusy, TrainingJob, checkpoint_name, configs_from_form)
+from vitdemo.train import TRAIN_PRESETS, TrainConfig, TrainForm
+from vitdemo.training_job import TrainingBusy, TrainingJob, checkpoint_name
 from vitdemo.views import progress_text, training_curves
 from vitdemo.store import ModelStore
 from vitdemo.weights import load_checkpoint
 
 
-def test_every_preset_is_a_valid_configuration():
+KEYS = ('embed_dim', 'depth', 'num_heads', 'patch_size', 'minutes', 'batch_size', 'lr')
+
+
+def form(*values, **extra) -> TrainForm:
+    return TrainForm(**dict(zip(KEYS, values)), **extra)
+
+
+def test_every_preset_is_a_valid_configuration_and_the_defaults_are_the_first():
+    assert next(iter(TRAIN_PRESETS.values())) == TrainForm()
     for name, p in TRAIN_PRESETS.items():
-        model_config, train_config = configs_from_form(**p)
-        assert model_config.img_size == 32 and train_config.minutes == p['minutes'], name
-        assert train_config.crop_padding == p['crop_padding'], name
-        if p['arch'] == 'vit':
-            assert (model_config.pos_embed, model_config.stem) == (p['pos_embed'], p['stem']), name
+        model_config, train_config = p.configs()
+        assert model_config.img_size == 32 and train_config.minutes == p.minutes, name
+        assert train_config.crop_padding == p.crop_padding, name
+        if p.arch == 'vit':
+            assert (model_config.pos_embed, model_config.stem) == (p.pos_embed, p.stem), name
 
 
 @pytest.mark.parametrize('extra,message', [
@@ -26,10 +34,10 @@ def test_every_preset_is_a_valid_configuration():
 ])
 def test_bad_augmentation_and_model_choices_are_refused(extra, message):
     with pytest.raises(ValueError, match=message):
-        configs_from_form(96, 4, 3, 4, 10, 256, 1e-3, **extra)
+        form(96, 4, 3, 4, 10, 256, 1e-3, **extra).configs()
 
 
-@pytest.mark.parametrize('form,message', [
+@pytest.mark.parametrize('values,message', [
     ((100, 4, 3, 4, 10, 256, 1e-3), 'divisible by num_heads'),
     ((96, 4, 3, 5, 10, 256, 1e-3), 'divisible by patch_size'),
     ((96, 0, 3, 4, 10, 256, 1e-3), 'depth must be between 1 and 24'),
@@ -42,19 +50,19 @@ def test_bad_augmentation_and_model_choices_are_refused(extra, message):
     ((96, 4, 3, 4, 10, 2.5, 1e-3), 'batch size must be a whole number'),
     ((4096, 4, 4, 4, 10, 256, 1e-3), 'embed dim must be between 1 and 1024'),
 ])
-def test_bad_training_forms_are_refused_before_any_work(form, message):
+def test_bad_training_forms_are_refused_before_any_work(values, message):
     with pytest.raises(ValueError, match=message):
-        configs_from_form(*form)
+        form(*values).configs()
 
 
 def test_the_cnn_ignores_the_hidden_vit_fields_but_not_its_own():
     # heads that do not divide the dim would stop a ViT; the form hides them for the CNN
-    model_config, train_config = configs_from_form(100, 4, 3, 5, 10, 64, 1e-3, arch='resnet18', crop_padding=2)
+    model_config, train_config = form(100, 4, 3, 5, 10, 64, 1e-3, arch='resnet18', crop_padding=2).configs()
     assert isinstance(model_config, ResNetConfig) and train_config.batch_size == 64
     with pytest.raises(ValueError, match='divisible by num_heads'):
-        configs_from_form(100, 4, 3, 4, 10, 64, 1e-3, arch='vit')
+        form(100, 4, 3, 4, 10, 64, 1e-3, arch='vit').configs()
     with pytest.raises(ValueError, match='batch size must be between 1 and 4096'):
-        configs_from_form(100, 4, 3, 5, 10, 0, 1e-3, arch='resnet18')
+        form(100, 4, 3, 5, 10, 0, 1e-3, arch='resnet18').configs()
 
 
 def test_checkpoint_names_are_safe():

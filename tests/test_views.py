@@ -7,9 +7,10 @@ from vitdemo.views import attention_gallery, parse_fusion, predict_view
 
 def test_parse_fusion_checks_the_head_against_the_model():
     assert parse_fusion('max', 5, num_heads=3) == 'max'
-    assert parse_fusion('one head', 2.0, num_heads=3) == 2
-    with pytest.raises(ValueError, match='choose a head from 0 to 2'):
-        parse_fusion('one head', 3, num_heads=3)
+    assert parse_fusion('one head', 3.0, num_heads=3) == 2  # people count heads from 1
+    for outside in (0, 4):
+        with pytest.raises(ValueError, match='choose a head from 1 to 3'):
+            parse_fusion('one head', outside, num_heads=3)
     with pytest.raises(ValueError, match='head fusion must be one of'):
         parse_fusion('median', 0, num_heads=3)
 
@@ -22,7 +23,7 @@ def test_predict_view_gives_labels_a_gallery_per_layer_and_a_description(weights
     depth = model.module.config.depth
     assert len(gallery) == depth + 2  # input, one per layer, rollout
     captions = [c for _, c in gallery]
-    assert captions[0].startswith('input') and captions[1] == 'layer 1: CLS attention'
+    assert captions[0].startswith('input') and captions[1] == 'layer 1: CLS attention, head 1 of 4'
     assert captions[-1].startswith(f'rollout over all {depth} layers')
     assert all(img.size == (448, 149) for img, _ in gallery)  # the input's own aspect ratio, display size
     assert '4x4 patches' in text and '17 tokens' in text

@@ -10,6 +10,7 @@ Three kinds of name:
 Pretrained weights come from the Hugging Face Hub through timm (cached after the first download), or,
 offline, from `weights/ARCH.safetensors` when that file exists.
 """
+import functools
 import math
 import os
 import socket
@@ -31,7 +32,8 @@ from .attention import Fusion, cls_attention, rollout
 from .cnn import CifarResNet
 from .images import load_image
 from .store import ModelStore
-from .weights import from_timm, load_checkpoint
+from .model import VisionTransformer
+from .weights import from_timm, load_checkpoint, read_metadata
 
 WEIGHTS_DIR = Path(os.environ.get('VITDEMO_WEIGHTS', Path(__file__).resolve().parent.parent / 'weights'))
 # timm architectures offered with pretrained ImageNet-1k weights (timm's default tag for each); DeiT's
@@ -164,7 +166,8 @@ def imagenet_classes() -> list[str]:
     return [info.index_to_description(i).split(',')[0] for i in range(info.num_classes())]
 
 
-def list_models(weights_dir: Path | None = None, owner: str | None = None, store: ModelStore | None = None) -> list[str]:
+def list_models(weights_dir: Path | None = None, owner: str | None = None,
+                store: ModelStore | None = None) -> list[str]:
     """Names for the model dropdown: checkpoints (the default first, then `scratch/`, then the owner's
     `trained/`), then the pretrained models."""
     store = store or ModelStore(Path(weights_dir or WEIGHTS_DIR))
@@ -211,6 +214,28 @@ def load_model(name_or_path: str | Path, weights_dir: Path | None = None, device
                      f'the CNN baseline, ResNet-18 for small images, {about}')
     return Model(name, module, meta['classes'], data_config, module.forward_with_attention,
                  module.num_prefix_tokens, f'our ViT {about}')
+
+
+@functools.lru_cache(maxsize=16)
+def _timm_shape(arch: str) -> tuple[int, int]:
+    with torch.device('meta'):  # shapes only: no memory, no download
+        module = timm.create_model(arch, pretrained=False)
+    return len(module.blocks), module.blocks[0].attn.num_heads
+
+
+def model_shape(name: str, store: ModelStore, owner: str | None = None) -> tuple[int, int]:
+    """(layers, heads) of a listed model, from its config alone, without loading weights; a CNN has four
+    stages and no heads: (4, 0). For the UI's layer and head controls."""
+    kind, _, arch = name.partition('/')
+    if kind in ('timm', 'ours') and arch in TIMM_ARCHS:
+        return _timm_shape(arch)
+    path = store.path(name, owner)
+    if path is None:
+        raise ModelUnavailable(f'unknown model {name!r}: choose one from the list')
+    meta = read_metadata(path)
+    if meta['arch'] != VisionTransformer.arch:
+        return 4, 0
+    return meta['config']['depth'], meta['config']['num_heads']
 
 
 def local_weights(arch: str, weights_dir: Path) -> Path | None:

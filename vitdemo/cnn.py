@@ -21,8 +21,10 @@ class ResNetConfig:
     num_classes: int = 10
 
     def __post_init__(self):
-        assert self.img_size >= 8, f'img_size must be at least 8 (three stride-2 stages), got {self.img_size}'
-        assert self.num_classes >= 1 and self.in_chans >= 1, 'num_classes and in_chans must be positive'
+        if self.img_size < 8:
+            raise ValueError(f'img_size must be at least 8 (three stride-2 stages), got {self.img_size}')
+        if self.num_classes < 1 or self.in_chans < 1:
+            raise ValueError('num_classes and in_chans must be positive')
 
     def to_dict(self) -> dict:
         return asdict(self)

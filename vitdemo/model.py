@@ -38,15 +38,23 @@ class ViTConfig:
     stem: Literal['patch', 'conv'] = 'patch'  # 'conv': small 3x3 convolutions make the tokens (ConvStem)
 
     def __post_init__(self):
-        assert self.embed_dim % self.num_heads == 0, \
-            f'embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})'
-        assert self.img_size % self.patch_size == 0, \
-            f'img_size ({self.img_size}) must be divisible by patch_size ({self.patch_size})'
-        assert self.global_pool in ('token', 'avg'), f'global_pool must be token or avg, not {self.global_pool!r}'
-        assert self.pos_embed in ('learn', 'sincos'), f'pos_embed must be learn or sincos, not {self.pos_embed!r}'
-        assert self.stem in ('patch', 'conv'), f'stem must be patch or conv, not {self.stem!r}'
-        assert self.stem == 'patch' or self.patch_size & (self.patch_size - 1) == 0, \
-            f'a conv stem halves the image per conv, so patch_size must be a power of 2, not {self.patch_size}'
+        # raised, not asserted: these check what people type, and must hold under `python -O` too
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+        check(min(self.embed_dim, self.num_heads, self.patch_size, self.depth) >= 1,
+              'embed_dim, num_heads, patch_size and depth must be positive')
+        check(self.embed_dim % self.num_heads == 0,
+              f'embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})')
+        check(self.img_size % self.patch_size == 0,
+              f'img_size ({self.img_size}) must be divisible by patch_size ({self.patch_size})')
+        check(self.global_pool in ('token', 'avg'), f'global_pool must be token or avg, not {self.global_pool!r}')
+        check(self.pos_embed in ('learn', 'sincos'), f'pos_embed must be learn or sincos, not {self.pos_embed!r}')
+        check(self.pos_embed == 'learn' or self.embed_dim % 4 == 0,
+              f'sin-cos position embeddings need embed_dim divisible by 4, not {self.embed_dim}')
+        check(self.stem in ('patch', 'conv'), f'stem must be patch or conv, not {self.stem!r}')
+        check(self.stem == 'patch' or self.patch_size & (self.patch_size - 1) == 0,
+              f'a conv stem halves the image per conv, so patch_size must be a power of 2, not {self.patch_size}')
 
     @property
     def grid_size(self) -> int:

@@ -23,30 +23,12 @@ from .backends import TIMM_ARCHS
 from .data import ImageData, load_dataset, normalize
 from .cnn import CifarResNet, ResNetConfig
 from .model import ViTConfig
-from .policy import CIFAR10_IMAGES, ServerPolicy, check_training, checked_number, release_memory
+from .policy import CIFAR10_IMAGES, ServerPolicy, check_training, release_memory
 from .store import NAME_PATTERN, ModelStore
 from .train import TrainConfig, TrainEvent, split, train
 from .weights import Classifier
 
 log = logging.getLogger(__name__)
-
-# Presets for the Train tab: (model settings, budget). Sized for a 2-core CPU.
-TRAIN_PRESETS: dict[str, dict] = {
-    # measured: 10-13 epochs, 75.5-76.2% validation with the conv stem (68.3-69.5% with a patch projection), with
-    # flips and 2-pixel crops; with 4-pixel crops and learned position embeddings at batch 256, 67.2%: a
-    # run this short underfits, so it wants less augmentation
-    '10-minute CPU demo': dict(arch='vit', embed_dim=128, depth=4, num_heads=4, patch_size=4, minutes=10.0,
-                               batch_size=128, lr=2e-3, pos_embed='sincos', stem='conv', crop_padding=2),
-    '2-minute quick look': dict(arch='vit', embed_dim=96, depth=3, num_heads=3, patch_size=4, minutes=2.0,
-                                batch_size=128, lr=2e-3, pos_embed='sincos', stem='conv', crop_padding=0),
-    '30-minute, larger model': dict(arch='vit', embed_dim=192, depth=6, num_heads=3, patch_size=4, minutes=30.0,
-                                    batch_size=256, lr=2e-3, pos_embed='learn', stem='conv', crop_padding=4),
-    # ResNet-18 does ~8x the arithmetic per image of the 10-minute ViT: about one epoch in ten minutes
-    '10-minute CNN baseline (ResNet-18)': dict(arch='resnet18', embed_dim=128, depth=4, num_heads=4, patch_size=4,
-                                               minutes=10.0, batch_size=128, lr=2e-3, pos_embed='learn', stem='conv',
-                                               crop_padding=4),
-}
-ARCHS = ['vit', 'resnet18']
 
 
 class TrainingBusy(RuntimeError):
@@ -65,37 +47,6 @@ class Snapshot:
     attention: Image.Image | None = None  # CLS attention of the fixed image, after the last epoch
     checkpoint: Path | None = None  # set on the final snapshot when a checkpoint was written
     done: bool = False
-
-
-def configs_from_form(embed_dim: int, depth: int, num_heads: int, patch_size: int, minutes: float,
-                      batch_size: int, lr: float, mlp_ratio: float = 2.0, seed: int = 0, img_size: int = 32,
-                      arch: str = 'vit', pos_embed: str = 'learn', stem: str = 'conv',
-                      crop_padding: int = 4) -> tuple[ViTConfig | ResNetConfig, TrainConfig]:
-    """The Train tab's fields as configs, every value checked before any work starts. The ViT's own
-    fields (dim, depth, heads, patch, positions, stem) count only for `arch='vit'`: the form hides them
-    for the CNN."""
-    if arch not in ARCHS:
-        raise ValueError(f'model must be one of {", ".join(ARCHS)}, not {arch!r}')
-    batch_size = checked_number(batch_size, 'batch size', 1, 4096, integer=True)
-    if arch == 'vit':
-        embed_dim = checked_number(embed_dim, 'embed dim', 1, 1024, integer=True)
-        depth = checked_number(depth, 'depth', 1, 24, integer=True)
-        num_heads = checked_number(num_heads, 'heads', 1, 64, integer=True)
-        patch_size = checked_number(patch_size, 'patch size', 1, img_size, integer=True)
-    minutes = checked_number(minutes, 'minutes', 0, 10 ** 6)
-    lr = checked_number(lr, 'learning rate', 0, 1)
-    crop_padding = checked_number(crop_padding, 'crop padding', -10 ** 6, 10 ** 6, integer=True)
-    if arch == 'resnet18':
-        model_config = ResNetConfig(img_size=img_size)
-    else:
-        try:
-            model_config = ViTConfig(img_size=img_size, patch_size=int(patch_size), num_classes=10,
-                                     embed_dim=int(embed_dim), depth=int(depth), num_heads=int(num_heads),
-                                     mlp_ratio=float(mlp_ratio), pos_embed=pos_embed, stem=stem)
-        except AssertionError as e:
-            raise ValueError(str(e)) from None
-    return model_config, TrainConfig(minutes=float(minutes), batch_size=int(batch_size), lr=float(lr),
-                                     crop_padding=int(crop_padding), seed=int(seed))
 
 
 def checkpoint_name(name: str, reserved: set[str] = frozenset()) -> str:

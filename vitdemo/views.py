@@ -13,12 +13,13 @@ DISPLAY_SIDE = 448  # overlays are drawn at this size: sharp in the gallery, qui
 
 
 def parse_fusion(fusion: str, head: int | float | None, num_heads: int) -> Fusion:
-    """The UI's fusion choice as `attention.Fusion`: a mode name, or a head index checked against the model."""
+    """The UI's fusion choice as `attention.Fusion`: a mode name, or a head checked against the model.
+    Heads are numbered from 1, as people count, in every tab; `attention` indexes them from 0."""
     if fusion == 'one head':
-        head = checked_number(head if head is not None else 0, 'head', -10 ** 6, 10 ** 6, integer=True)
-        if not 0 <= head < num_heads:
-            raise ValueError(f'this model has {num_heads} heads: choose a head from 0 to {num_heads - 1}')
-        return head
+        head = checked_number(head if head is not None else 1, 'head', -10 ** 6, 10 ** 6, integer=True)
+        if not 1 <= head <= num_heads:
+            raise ValueError(f'this model has {num_heads} heads: choose a head from 1 to {num_heads}')
+        return head - 1
     if fusion not in FUSIONS:
         raise ValueError(f'head fusion must be one of {", ".join(FUSIONS)}, not {fusion!r}')
     return fusion
@@ -37,7 +38,10 @@ def attention_gallery(pred: Prediction, fusion: Fusion = 'mean', opacity: float 
     if pred.is_cnn:
         return items + [(overlay(image, m, box, opacity), f'stage {i + 1}: Grad-CAM of the top class, '
                                                           f'{m.shape[0]}x{m.shape[1]}') for i, m in enumerate(layers)]
-    items += [(overlay(image, layer, box, opacity), f'layer {i + 1}: CLS attention') for i, layer in enumerate(layers)]
+    heads = pred.attentions.shape[1]
+    how = f'head {fusion + 1} of {heads}' if isinstance(fusion, int) else f'{fusion} over {heads} heads'
+    items += [(overlay(image, layer, box, opacity), f'layer {i + 1}: CLS attention, {how}')
+              for i, layer in enumerate(layers)]
     items.append((overlay(image, pred.overall_map(fusion, discard_ratio), box, opacity),
                   f'rollout over all {len(layers)} layers (discard {discard_ratio:.0%})'))
     return items
@@ -55,7 +59,7 @@ def describe(model: Model, pred: Prediction, seconds: float) -> str:
             f'Answered in {seconds:.2f} s.')
 
 
-def predict_view(model: Model, image, top_k: int = 5, fusion: str = 'mean', head: int = 0,
+def predict_view(model: Model, image, top_k: int = 5, fusion: str = 'mean', head: int = 1,
                  opacity: float = 0.6, discard_ratio: float = 0.9):
     """Everything the Predict tab shows: {label: probability}, the attention gallery, and a description."""
     start = time.perf_counter()

@@ -89,7 +89,7 @@ def load_checkpoint(path: str | Path) -> tuple[Classifier, dict]:
     try:
         config_cls, model_cls = ARCHITECTURES[meta['arch']]
         model = model_cls(config_cls(**meta['config']))
-    except (TypeError, AssertionError) as e:
+    except (TypeError, ValueError) as e:
         raise CheckpointError(f'{Path(path).name} has an invalid model config: {e}') from None
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))

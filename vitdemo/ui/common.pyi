@@ -1,0 +1,182 @@
+"""What every tab shares: the server (models, the training run, the policy), the model lists a visitor
+gets, how errors reach people, and components that leave the checking of values to the package."""
+import functools
+import html
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from inspect import isgeneratorfunction
+from pathlib import Path
+
+import gradio as gr
+import huggingface_hub
+
+from ..backends import DEFAULT_SCRATCH, Model, ModelCache, ModelUnavailable, model_shape, needs_download
+from ..images import ImageError
+from ..policy import ServerPolicy
+from ..serving import publish_image
+from ..training_job import TrainingBusy, TrainingFailed, TrainingJob
+from ..weights import CheckpointError
+
+USER_ERRORS = (ImageError, ModelUnavailable, CheckpointError, TrainingBusy, TrainingFailed, FileNotFoundError,
+               ValueError, TypeError)
+MODEL_WORK = dict(concurrency_id='model', concurrency_limit=2)  # every event that runs a model: 2 cores
+EXAMPLES = sorted((str(p) for p in (Path(__file__).resolve().parents[2] / 'examples').glob('*.*')
+                   if p.suffix != '.md'), key=lambda p: 'cifar' not in p)  # CIFAR-10 photos first
+log = logging.getLogger('vitdemo.server')
+
+
+@dataclass
+class Server:
+    """One server's state, shared by every tab and session."""
+    cache: ModelCache
+    job: TrainingJob
+    policy: ServerPolicy
+    errors: OrderedDict = field(default_factory=OrderedDict)  # the last refusal per session, for the page
+
+    def owner(self, request: gr.Request | None) -> str | None:
+        """Whose models and run these are: the browser session in public mode; locally, one user owns all."""
+        return request.session_hash if self.policy.public and request is not None else None
+
+    def model(self, name, request: gr.Request | None, progress: gr.Progress | None = None) -> Model:
+        if not isinstance(name, str):
+            raise ValueError(f'the model must be a name from the list, got {name!r}')
+        if progress is not None and not self.cache.has(name, self.owner(request)):
+            progress(0, desc=f'Loading {name}')
+        return self.cache.get(name, self.owner(request))
+
+    def shape(self, name, request: gr.Request | None) -> tuple[int, int]:
+        """(layers, heads) of a listed model, or (1, 1) for a name that is not one."""
+        try:
+            return model_shape(name, self.cache.store, self.owner(request))
+        except (ModelUnavailable, CheckpointError, TypeError):
+            return 1, 1
+
+    def choices(self, request: gr.Request | None = None) -> list[tuple[str, str]]:
+        """The model list as (label, name): models that need a download say so, and offline they say
+        that they cannot be used here."""
+        missing = set(needs_download(self.cache.weights_dir))
+        offline = huggingface_hub.constants.HF_HUB_OFFLINE
+        labelled = []
+        for name in self.cache.names(self.owner(request)):
+            arch = name.split('/', 1)[1]
+            if name.split('/')[0] in ('timm', 'ours') and arch in missing:
+                name_label = f'{name}  (needs a download: not available offline)' if offline else \
+                    f'{name}  (downloads on first use)'
+            else:
+                name_label = name
+            labelled.append((name_label, name))
+        return labelled
+
+    def usable(self, request: gr.Request | None = None) -> list[str]:
+        """Names that answer here and now: checkpoints, and pretrained models whose weights are on disk
+        (online, every model is)."""
+        missing = set(needs_download(self.cache.weights_dir))
+        offline = huggingface_hub.constants.HF_HUB_OFFLINE
+        return [value for _, value in self.choices(request)
+                if not (offline and value.split('/', 1)[1] in missing and value.split('/')[0] in ('timm', 'ours'))]
+
+    def defaults(self, request: gr.Request | None = None) -> tuple[str, str]:
+        """A model for every tab, and a second one for Compare: the shipped scratch model first, then
+        a pretrained one that works here, then anything that does."""
+        usable = self.usable(request) or [value for _, value in self.choices(request)]
+        first = DEFAULT_SCRATCH if DEFAULT_SCRATCH in usable else usable[0]
+        others = [n for n in usable if n != first]
+        second = next((n for n in others if n.startswith('timm/')), others[0] if others else first)
+        return first, second
+
+    def remember_error(self, request: gr.Request | None, message: str) -> None:
+        if request is not None:
+            self.errors[request.session_hash] = message
+            while len(self.errors) > 1000:
+                self.errors.popitem(last=False)
+
+    def error_note(self, request: gr.Request) -> str:
+        """The last refusal of this session, kept in the output area (a toast fades)."""
+        message = self.errors.pop(request.session_hash, 'the request failed')
+        return f'**Could not answer:** {message}'
+
+
+def shows_user_errors(server: Server):
+    """Known input problems reach the browser as their own clear message (escaped: it is shown as HTML),
+    are remembered for the page's output area, and give the server log one line; anything else stays
+    Gradio's generic error, with the details only in the server log."""
+    def decorate(fn):
+        def refuse(e: Exception, args, kwargs):
+            log.info('refused %s: %s', fn.__name__, e)
+            request = next((a for a in (*args, *kwargs.values()) if isinstance(a, gr.Request)), None)
+            server.remember_error(request, html.escape(str(e), quote=False))
+            raise gr.Error(html.escape(str(e), quote=False), print_exception=False) from None
+
+        if isgeneratorfunction(fn):
+            @functools.wraps(fn)
+            def stream(*args, **kwargs):
+                try:
+                    yield from fn(*args, **kwargs)
+                except USER_ERRORS as e:
+                    refuse(e, args, kwargs)
+            return stream
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except USER_ERRORS as e:
+                refuse(e, args, kwargs)
+        return call
+    return decorate
+
+from gradio.events import Dependency
+
+class Slider(gr.Slider):
+    """A slider that hands the handler whatever a raw API call sent (None, text, NaN), for the package's
+    checks to refuse with a clear message; Gradio's own check fails on those with a TypeError and a
+    traceback. `is_template`: the browser draws it as the slider it is."""
+    is_template = True
+
+    def preprocess(self, payload):
+        return payload
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+class Number(gr.Number):
+    """A number field that hands raw values to the handler, as `Slider` does."""
+    is_template = True
+
+    def preprocess(self, payload):
+        return payload
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+def image_box(label: str = 'Image') -> gr.File:
+    # bytes, decoded by `vitdemo.images` alone (gr.Image would decode uploads with every PIL plugin before
+    # any of our checks), and not a path: Gradio's file-path mode leaves an empty temporary file behind
+    return gr.File(label=label, file_types=['image'], type='binary')
+
+
+def example_picker(image: gr.File, label: str = 'Examples: click one') -> gr.Gallery:
+    """Example thumbnails; a click puts the example in `image`, whose change event does the rest."""
+    examples = gr.Gallery(EXAMPLES, label=label, columns=8, rows=1, height=110, allow_preview=False,
+                          object_fit='cover', buttons=[], interactive=False)
+
+    def pick(evt: gr.SelectData) -> str:
+        return EXAMPLES[evt.index]
+    examples.select(pick, None, image, api_visibility='private')
+    return examples
+
+
+def model_list(server: Server, label: str, value: str) -> gr.Dropdown:
+    # names outside the first choices are accepted (a visitor's newly trained model); the store checks them
+    return gr.Dropdown(server.choices(), value=value, label=label, allow_custom_value=True)
+
+
+def published(gallery: list) -> list[tuple[str, str]]:
+    return [(publish_image(picture), caption) for picture, caption in gallery]

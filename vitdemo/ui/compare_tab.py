@@ -1,0 +1,44 @@
+"""The Compare tab: one image, two models side by side, their layers paired by relative depth."""
+import gradio as gr
+
+from ..compare import compare_view
+from ..views import FUSIONS
+from .common import (MODEL_WORK, Server, example_picker, image_box, keeps_errors, model_list, published,
+                     shows_user_errors)
+
+
+def compare_tab(server: Server) -> list[gr.Dropdown]:
+    """Builds the tab and wires its events; returns its model lists, for the app to keep up to date."""
+    first, second = server.defaults()
+
+    @shows_user_errors(server)
+    def compare(image: bytes, model_a: str, model_b: str, fusion: str = 'mean', as_cifar10: bool = True,
+                request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
+        if fusion not in FUSIONS[:3]:
+            raise ValueError(f'head fusion must be one of {", ".join(FUSIONS[:3])}, not {fusion!r}')
+        a, b, gallery, text = compare_view(server.model(model_a, request, progress),
+                                           server.model(model_b, request, progress), image, fusion, bool(as_cifar10))
+        return a, b, published(gallery), text
+
+    gr.Markdown('One image, two models. Layers are paired by relative depth (a 6-layer and a 12-layer model line '
+                'up); each pair is scored by how much their attention overlaps. A CNN (ResNet-18, trained in the '
+                'Train tab) shows the Grad-CAM of each stage instead.')
+    with gr.Row():
+        with gr.Column(scale=1, min_width=300):
+            image = image_box()
+            example_picker(image)
+            model_a = model_list(server, 'Model A', first)
+            model_b = model_list(server, 'Model B', second)
+            run = gr.Button('Compare', variant='primary')
+            fusion = gr.Radio(FUSIONS[:3], value='mean', label='Fuse heads by')
+            as_cifar10 = gr.Checkbox(True, label='Read ImageNet predictions as CIFAR-10 classes')
+        with gr.Column(scale=2):
+            with gr.Row():
+                label_a = gr.Label(label='Model A')
+                label_b = gr.Label(label='Model B')
+            text = gr.Markdown()
+            gallery = gr.Gallery(label='A and B, layer by layer (aligned), then both rollouts', columns=4,
+                                 height='auto', object_fit='contain', format='jpeg')
+    keeps_errors(run.click(compare, [image, model_a, model_b, fusion, as_cifar10], [label_a, label_b, gallery, text],
+                           api_name='compare', **MODEL_WORK), server, text)
+    return [model_a, model_b]

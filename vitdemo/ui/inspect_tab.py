@@ -1,0 +1,73 @@
+"""The Inspect tab: the ViT paper's Fig. 7 computed live from the chosen model, and click-a-patch."""
+import gradio as gr
+
+from ..figures import inspect_view, patch_view
+from ..views import FUSIONS
+from ..serving import publish_image
+from .common import MODEL_WORK, Server, Slider, example_picker, image_box, keeps_errors, model_list, shows_user_errors
+
+
+def inspect_tab(server: Server) -> list[gr.Dropdown]:
+    """Builds the tab and wires its events; returns its model lists, for the app to keep up to date."""
+    first, _ = server.defaults()
+    layers, _ = server.shape(first, None)
+
+    @shows_user_errors(server)
+    def inspect(image: bytes, model: str, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
+        grid, *rest = inspect_view(server.model(model, request, progress), image)
+        return publish_image(grid), *rest
+
+    @shows_user_errors(server)
+    def look_from_patch(image: bytes, model: str, layer: int, fusion: str, point, request: gr.Request):
+        if image is None or point is None:  # nothing clicked yet
+            return gr.skip(), gr.skip()
+        if fusion not in FUSIONS[:3]:
+            raise ValueError(f'head fusion must be one of {", ".join(FUSIONS[:3])}, not {fusion!r}')
+        picture, caption = patch_view(server.model(model, request), image, tuple(point), layer, fusion)
+        return publish_image(picture), caption
+
+    def clicked(evt: gr.SelectData):
+        return evt.index
+
+    def bound_layer(model: str, layer, request: gr.Request):
+        layers, _ = server.shape(model, request)
+        return gr.Slider(minimum=1, maximum=layers, value=min(max(int(layer or 1), 1), layers))
+
+    gr.Markdown("The figures of the ViT paper (Fig. 7), computed live from the chosen model: how it cuts the image "
+                "into patches, what its position embeddings learned, what its first layer compares patches with, "
+                "and how far and how widely each head looks on your image.")
+    with gr.Row():
+        with gr.Column(scale=1, min_width=300):
+            image = image_box()
+            example_picker(image)
+            model = model_list(server, 'Model', first)
+            run = gr.Button('Inspect', variant='primary')
+        with gr.Column(scale=2):
+            note = gr.Markdown()
+            with gr.Row():
+                grid_image = gr.Image(label='The patches the model sees: click one', interactive=False, height=320)
+                with gr.Column():
+                    patch_image = gr.Image(label='Where the clicked patch looks', interactive=False, height=320)
+                    patch_caption = gr.Markdown('**Click a patch** in the grid to see where *that* patch looks.')
+                    patch_layer = Slider(1, layers, value=1, step=1, label='Layer')
+                    patch_fusion = gr.Radio(FUSIONS[:3], value='mean', label='Fuse heads by')
+            costs = gr.Dataframe(headers=['patch size', 'grid', 'tokens', 'attention pairs'],
+                                 label='Tokens and attention cost (tokens squared) at this input size',
+                                 interactive=False)
+            with gr.Row():
+                position_plot = gr.Plot(label='Position embeddings', show_label=False)
+                filters_plot = gr.Plot(label='Patch embedding filters', show_label=False)
+            with gr.Row():
+                distance_plot = gr.Plot(label='Mean attention distance', show_label=False)
+                entropy_plot = gr.Plot(label='Attention entropy', show_label=False)
+            deletion_plot = gr.Plot(label='Deletion test', show_label=False)
+    point = gr.State(None)
+    keeps_errors(run.click(inspect, [image, model], [grid_image, costs, position_plot, filters_plot, distance_plot,
+                                                      entropy_plot, deletion_plot], api_name='inspect', **MODEL_WORK),
+                 server, note)
+    grid_image.select(clicked, None, point, api_visibility='private')
+    keeps_errors(gr.on([point.change, patch_layer.release, patch_fusion.change], look_from_patch,
+                       [image, model, patch_layer, patch_fusion, point], [patch_image, patch_caption],
+                       api_visibility='private', trigger_mode='always_last', **MODEL_WORK), server, patch_caption)
+    model.change(bound_layer, [model, patch_layer], patch_layer, api_visibility='private')
+    return [model]

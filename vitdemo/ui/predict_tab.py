@@ -1,0 +1,60 @@
+"""The Predict tab: an image and a model in; the top classes and, layer by layer, where the CLS token looks."""
+import gradio as gr
+
+from ..views import FUSIONS, predict_view
+from .common import (MODEL_WORK, Server, Slider, example_picker, image_box, keeps_errors, model_list, published,
+                     shows_user_errors)
+
+
+def predict_tab(server: Server) -> list[gr.Dropdown]:
+    """Builds the tab and wires its events; returns its model lists, for the app to keep up to date."""
+    first, _ = server.defaults()
+    layers, heads = server.shape(first, None)
+
+    @shows_user_errors(server)
+    def predict(image: bytes, model: str, top_k: int = 5, fusion: str = 'mean', head: int = 1,
+                opacity: float = 0.6, discard_ratio: float = 0.9, request: gr.Request = None,
+                progress=gr.Progress(track_tqdm=True)):
+        labels, gallery, text = predict_view(server.model(model, request, progress), image, top_k, fusion, head,
+                                             opacity, discard_ratio)
+        return labels, published(gallery), text
+
+    def redraw(image, model, top_k, fusion, head, opacity, discard_ratio, request: gr.Request):
+        # a control changed: draw again, once there is an image to draw on
+        if image is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        return predict(image, model, top_k, fusion, head, opacity, discard_ratio, request)
+
+    def bound_head(model: str, head, request: gr.Request):
+        _, heads = server.shape(model, request)
+        return gr.Slider(minimum=1, maximum=max(heads, 1), value=min(max(int(head or 1), 1), max(heads, 1)),
+                         interactive=heads > 0)
+
+    with gr.Row():
+        with gr.Column(scale=1, min_width=300):
+            image = image_box()
+            example_picker(image, 'Examples (CIFAR-10 photos first): click one to predict')
+            model = model_list(server, 'Model', first)
+            run = gr.Button('Predict', variant='primary')
+            top_k = Slider(1, 10, value=5, step=1, label='Top-k predictions')
+            with gr.Accordion('Attention view', open=False):
+                fusion = gr.Radio(FUSIONS, value='mean', label='Fuse heads by')
+                head = Slider(1, max(heads, 1), value=1, step=1, label="Head (for 'one head')")
+                opacity = Slider(0.0, 1.0, value=0.6, step=0.05, label='Overlay opacity')
+                discard_ratio = Slider(0.0, 0.99, value=0.9, step=0.01,
+                                       label='Rollout: discard the weakest fraction of attention')
+        with gr.Column(scale=2):
+            label = gr.Label(label='Predictions')
+            info = gr.Markdown()
+            # JPEG: encoding eight overlays takes 3 ms, against 80 ms as WebP (Gradio's default)
+            gallery = gr.Gallery(label='Where the CLS token looks, layer by layer (brighter: more attention)',
+                                 columns=4, height='auto', object_fit='contain', format='jpeg')
+
+    inputs = [image, model, top_k, fusion, head, opacity, discard_ratio]
+    outputs = [label, gallery, info]
+    keeps_errors(run.click(predict, inputs, outputs, api_name='predict', **MODEL_WORK), server, info)
+    keeps_errors(gr.on([image.change, model.change, fusion.change, head.release, opacity.release,
+                        discard_ratio.release], redraw, inputs, outputs, api_visibility='private',
+                       trigger_mode='always_last', **MODEL_WORK), server, info)
+    model.change(bound_head, [model, head], head, api_visibility='private')
+    return [model]
