@@ -15,7 +15,7 @@ from vitdemo.policy import MB, ServerPolicy
 from vitdemo.serving import UploadQuota, limit_queue_per_session
 from vitdemo.store import ModelStore
 from vitdemo.training_job import TrainingJob
-from vitdemo.ui.common import Server
+from vitdemo.ui.common import CSS, Server
 from vitdemo.ui.compare_tab import compare_tab
 from vitdemo.ui.inspect_tab import inspect_tab
 from vitdemo.ui.predict_tab import predict_tab
@@ -50,7 +50,7 @@ def notes(server: Server) -> str:
 
 def launch_options(policy: ServerPolicy) -> dict:
     """`demo.launch` settings that follow the policy: the upload size, and a bound on the upload folder."""
-    options = dict(max_file_size=MAX_UPLOAD)
+    options = dict(max_file_size=MAX_UPLOAD, css=CSS)
     if policy.uploads_max_mb:
         options['app_kwargs'] = dict(middleware=[Middleware(UploadQuota, max_bytes=int(policy.uploads_max_mb * MB))])
     return options

@@ -65,19 +65,26 @@ def app_url(weights_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def page(app_url):
+def browser():
     SHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={'width': 1400, 'height': 1000})
-        page.set_default_timeout(90_000)
-        page.goto(app_url)
-        yield page
+        yield browser
         browser.close()
 
 
+@pytest.fixture(scope='module')
+def page(browser, app_url):
+    page = browser.new_page(viewport={'width': 1440, 'height': 1000})
+    page.set_default_timeout(90_000)
+    page.goto(app_url)
+    yield page
+    page.close()
+
+
 def pick(page, label: str, option: str) -> None:
-    page.get_by_label(label).first.click()
+    tab = page.locator('[role=tabpanel]:visible').first
+    tab.get_by_label(label, exact=True).first.click()
     page.get_by_role('option', name=option, exact=True).click()
 
 
@@ -94,15 +101,42 @@ def test_predict_upload_pick_a_model_and_see_labels_and_attention(page):
     upload(page, ROOT / 'examples' / 'cat.jpg')
     top = page.get_by_test_id('label-output-value').first
     expect(top).not_to_be_empty()  # an upload predicts at once, with the default scratch model
-    expect(page.get_by_text('rollout over all 2 layers')).to_be_visible()
+    expect(page.get_by_text('rollout · all 2 layers')).to_be_visible()
+    expect(page.get_by_text('It knows 10 classes only').first).to_be_visible()
     page.screenshot(path=SHOTS / '1_predict_scratch.png', full_page=True)
 
     pick(page, 'Model', 'timm/vit_tiny_patch16_224')
     page.get_by_role('button', name='Predict', exact=True).click()
-    expect(page.get_by_text('rollout over all 12 layers')).to_be_visible()
-    expect(page.get_by_text('layer 12: CLS attention, mean over 3 heads')).to_be_visible()
+    expect(page.get_by_text('rollout · all 12 layers')).to_be_visible()
+    expect(page.get_by_text('layer 12 · mean of 3 heads')).to_be_visible()
     expect(page.get_by_text("timm's vit_tiny_patch16_224 with ImageNet-1k weights")).to_be_visible()
     page.screenshot(path=SHOTS / '2_predict_timm.png', full_page=True)
+
+
+def test_an_example_thumbnail_predicts_when_clicked(page):
+    page.get_by_role('tab', name='Predict').click()
+    pick(page, 'Model', 'scratch/vit_cifar10')
+    tab = page.locator('[role=tabpanel]:visible').first
+    tab.locator('.block', has_text='Examples (CIFAR-10 photos first)').locator('img').first.click()
+    expect(page.get_by_text('rollout · all 2 layers')).to_be_visible()
+
+
+def test_the_head_slider_follows_the_model(page):
+    page.get_by_role('tab', name='Predict').click()
+    page.get_by_text('Attention view').click()
+    pick(page, 'Model', 'timm/vit_tiny_patch16_224')
+    page.wait_for_function("() => [...document.querySelectorAll('input[type=range]')].some(e => e.max === '3')")
+    pick(page, 'Model', 'scratch/vit_cifar10')  # 4 heads
+    page.wait_for_function("() => [...document.querySelectorAll('input[type=range]')].some(e => e.max === '4')")
+
+
+def test_offline_the_pretrained_models_that_need_a_download_are_marked(page):
+    page.get_by_role('tab', name='Predict').click()
+    tab = page.locator('[role=tabpanel]:visible').first
+    tab.get_by_label('Model', exact=True).first.click()
+    expect(page.get_by_role('option', name='timm/vit_base_patch16_224  (needs a download: not available offline)',
+                            exact=True)).to_be_visible()
+    page.keyboard.press('Escape')
 
 
 def test_bad_upload_shows_a_message_not_a_trace(page, tmp_path):
@@ -110,16 +144,17 @@ def test_bad_upload_shows_a_message_not_a_trace(page, tmp_path):
     fake = tmp_path / 'holiday.jpg'
     fake.write_text('this is text, not a photo')
     upload(page, fake)
-    expect(page.get_by_text('not an image format this app can read').first).to_be_visible()
+    expect(page.get_by_text('Could not answer: the uploaded file is not an image format').first).to_be_visible()
     assert 'Traceback' not in page.content()
     page.screenshot(path=SHOTS / '3_bad_upload.png', full_page=True)
 
 
-def test_switch_tabs_compare_and_inspect(page):
+def test_compare_answers_with_its_defaults_and_inspect_draws(page):
     page.get_by_role('tab', name='Compare').click()
     upload(page, ROOT / 'examples' / 'cifar_ship.jpg')
-    page.get_by_role('button', name='Compare', exact=True).click()
+    page.get_by_role('button', name='Compare', exact=True).click()  # defaults: models that work here
     expect(page.get_by_text('A rollout').first).to_be_visible()
+    assert not page.locator('[role=tabpanel]:visible').first.get_by_text('Could not answer').count()
     page.screenshot(path=SHOTS / '4_compare.png', full_page=True)
 
     page.get_by_role('tab', name='Inspect').click()
@@ -132,6 +167,7 @@ def test_switch_tabs_compare_and_inspect(page):
 
 def test_the_cnn_model_hides_the_vit_settings(page):
     page.get_by_role('tab', name='Train').click()
+    page.get_by_text('Model and recipe').click()
     expect(page.get_by_label('Embed dim')).to_be_visible()
     page.get_by_label('ResNet-18, the CNN baseline').check()
     expect(page.get_by_label('Embed dim')).to_be_hidden()
@@ -140,7 +176,7 @@ def test_the_cnn_model_hides_the_vit_settings(page):
     expect(page.get_by_label('Embed dim')).to_be_visible()
 
 
-def test_start_and_stop_a_short_training_run(page):
+def test_a_trained_model_is_kept_across_a_reload_and_for_other_clients(page, app_url, tmp_path):
     page.get_by_role('tab', name='Train').click()
     page.get_by_label('Minutes').fill('5')
     page.get_by_label('Save as').fill('browser_run')
@@ -154,6 +190,32 @@ def test_start_and_stop_a_short_training_run(page):
     page.screenshot(path=SHOTS / '7_stopped.png', full_page=True)
 
     page.get_by_role('tab', name='Predict').click()  # the new model is offered without a restart
-    page.get_by_label('Model').first.click()
-    expect(page.get_by_role('option', name='trained/browser_run', exact=True)).to_be_visible()
-    page.keyboard.press('Escape')
+    pick(page, 'Model', 'trained/browser_run')
+    page.reload()  # and after a reload
+    page.get_by_role('tab', name='Predict').click()
+    pick(page, 'Model', 'trained/browser_run')
+    from gradio_client import Client, handle_file
+    labels, _, _ = Client(app_url, verbose=False, download_files=str(tmp_path)).predict(
+        handle_file(str(ROOT / 'examples' / 'cat.jpg')), 'trained/browser_run', api_name='/predict')
+    assert {c['label'] for c in labels['confidences']} <= {f'class{i}' for i in range(10)}
+
+
+@pytest.mark.parametrize('width,height', [(1440, 1000), (390, 844)])
+def test_every_tab_at_desktop_and_phone_width(browser, app_url, width, height):
+    page = browser.new_page(viewport={'width': width, 'height': height})
+    page.set_default_timeout(90_000)
+    page.goto(app_url)
+    for number, tab in enumerate(['Predict', 'Train', 'Compare', 'Inspect'], 1):
+        page.get_by_role('tab', name=tab).click()
+        panel = page.locator('[role=tabpanel]:visible').first
+        done = {'Predict': 'rollout · all', 'Compare': 'A rollout'}  # text once answered
+        if tab != 'Train':
+            panel.locator('input[type=file]').first.set_input_files(str(ROOT / 'examples' / 'cifar_horse.jpg'))
+            if tab != 'Predict':
+                panel.get_by_role('button', name=tab, exact=True).click()
+            if tab == 'Inspect':
+                expect(panel.locator('img[src^="data:image"]').first).to_be_visible()  # a figure drawn
+            else:
+                expect(panel.get_by_text(done[tab]).first).to_be_visible()
+        page.screenshot(path=SHOTS / f'w{width}_{number}_{tab.lower()}.png', full_page=True)
+    page.close()

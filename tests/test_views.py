@@ -23,8 +23,8 @@ def test_predict_view_gives_labels_a_gallery_per_layer_and_a_description(weights
     depth = model.module.config.depth
     assert len(gallery) == depth + 2  # input, one per layer, rollout
     captions = [c for _, c in gallery]
-    assert captions[0].startswith('input') and captions[1] == 'layer 1: CLS attention, head 1 of 4'
-    assert captions[-1].startswith(f'rollout over all {depth} layers')
+    assert captions[0].startswith('input') and captions[1] == 'layer 1 · head 1 of 4'
+    assert captions[-1] == f'rollout · all {depth} layers'
     assert all(img.size == (448, 149) for img, _ in gallery)  # the input's own aspect ratio, display size
     assert '4x4 patches' in text and '17 tokens' in text
 

@@ -34,20 +34,32 @@ def attention_gallery(pred: Prediction, fusion: Fusion = 'mean', opacity: float 
     rows, cols = pred.grid
     seen = 'pixels through four stages' if pred.is_cnn else f'{rows}x{cols} patches'
     # opacity 0 draws no heat, only dims what lies outside the model's view
-    items = [(overlay(image, layers[0], box, opacity=0.0), f'input: the model sees the bright square, as {seen}')]
+    # captions short enough to be read whole under a thumbnail; the description says the rest
+    items = [(overlay(image, layers[0], box, opacity=0.0), 'input (bright: what it sees)')]
     if pred.is_cnn:
-        return items + [(overlay(image, m, box, opacity), f'stage {i + 1}: Grad-CAM of the top class, '
-                                                          f'{m.shape[0]}x{m.shape[1]}') for i, m in enumerate(layers)]
+        return items + [(overlay(image, m, box, opacity), f'stage {i + 1} · Grad-CAM {m.shape[0]}x{m.shape[1]}')
+                        for i, m in enumerate(layers)]
     heads = pred.attentions.shape[1]
-    how = f'head {fusion + 1} of {heads}' if isinstance(fusion, int) else f'{fusion} over {heads} heads'
-    items += [(overlay(image, layer, box, opacity), f'layer {i + 1}: CLS attention, {how}')
-              for i, layer in enumerate(layers)]
+    how = f'head {fusion + 1} of {heads}' if isinstance(fusion, int) else f'{fusion} of {heads} heads'
+    items += [(overlay(image, layer, box, opacity), f'layer {i + 1} · {how}') for i, layer in enumerate(layers)]
     items.append((overlay(image, pred.overall_map(fusion, discard_ratio), box, opacity),
-                  f'rollout over all {len(layers)} layers (discard {discard_ratio:.0%})'))
+                  f'rollout · all {len(layers)} layers'))
     return items
 
 
 def describe(model: Model, pred: Prediction, seconds: float) -> str:
+    return _describe(model, pred, seconds) + _classes_note(model)
+
+
+def _classes_note(model: Model) -> str:
+    """A small model's classes, and what that means for an image of anything else."""
+    if len(model.classes) > 20:
+        return ''
+    return (f'\n\nIt knows {len(model.classes)} classes only: {", ".join(model.classes)}. An image of anything '
+            'else (a rocket, a face) is still given one of them, often with confidence.')
+
+
+def _describe(model: Model, pred: Prediction, seconds: float) -> str:
     size = model.data_config['input_size'][1]
     if pred.is_cnn:
         return (f'**{model.name}**: {model.description}. Input {size}x{size}; a CNN has no attention, so each map '
@@ -55,8 +67,9 @@ def describe(model: Model, pred: Prediction, seconds: float) -> str:
                 f'Answered in {seconds:.2f} s.')
     layers, heads, tokens, _ = pred.attentions.shape
     return (f'**{model.name}**: {model.description}. Input {size}x{size}, {pred.grid[0]}x{pred.grid[1]} patches, '
-            f'{tokens} tokens ({pred.num_prefix_tokens} before the patches), {layers} layers x {heads} heads. '
-            f'Answered in {seconds:.2f} s.')
+            f'{tokens} tokens ({pred.num_prefix_tokens} before the patches), {layers} layers x {heads} heads. The '
+            'maps: your image, dimmed outside what the model sees; each layer\'s CLS attention; the rollout '
+            f'through all layers. Answered in {seconds:.2f} s.')
 
 
 def predict_view(model: Model, image, top_k: int = 5, fusion: str = 'mean', head: int = 1,

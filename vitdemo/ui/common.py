@@ -24,6 +24,18 @@ MODEL_WORK = dict(concurrency_id='model', concurrency_limit=2)  # every event th
 EXAMPLES = sorted((str(p) for p in (Path(__file__).resolve().parents[2] / 'examples').glob('*.*')
                    if p.suffix != '.md'), key=lambda p: 'cifar' not in p)  # CIFAR-10 photos first
 log = logging.getLogger('vitdemo.server')
+# galleries: as many rows as they need, no empty band below them; maps in two columns on a phone; example
+# thumbnails four across and small everywhere, so that they do not push the results down a phone's page
+CSS = """
+.maps .grid-container, .examples .grid-container {
+  grid-template-rows: none !important; grid-auto-rows: auto !important; }
+.examples .grid-container { grid-template-columns: repeat(4, minmax(0, 1fr)) !important; }
+.examples .thumbnail-item { aspect-ratio: 1; }
+.examples .fixed-height { min-height: 0 !important; }
+@media (max-width: 640px) {
+  .maps .grid-container { grid-template-columns: repeat(2, minmax(0, 1fr)) !important; }
+}
+"""
 
 
 @dataclass
@@ -158,8 +170,8 @@ def image_box(label: str = 'Image') -> gr.File:
 
 def example_picker(image: gr.File, label: str = 'Examples: click one') -> gr.Gallery:
     """Example thumbnails; a click puts the example in `image`, whose change event does the rest."""
-    examples = gr.Gallery(EXAMPLES, label=label, columns=8, rows=1, height=110, allow_preview=False,
-                          object_fit='cover', buttons=[], interactive=False)
+    examples = gr.Gallery(EXAMPLES, label=label, columns=3, height='auto', allow_preview=False, object_fit='cover',
+                          buttons=[], interactive=False, elem_classes=['examples'])
 
     def pick(evt: gr.SelectData) -> str:
         return EXAMPLES[evt.index]

@@ -38,7 +38,8 @@ def compare_tab(server: Server) -> list[gr.Dropdown]:
                 label_b = gr.Label(label='Model B')
             text = gr.Markdown()
             gallery = gr.Gallery(label='A and B, layer by layer (aligned), then both rollouts', columns=4,
-                                 height='auto', object_fit='contain', format='jpeg')
+                                 height='auto', object_fit='contain', format='jpeg',
+                                 elem_classes=['maps'])
     keeps_errors(run.click(compare, [image, model_a, model_b, fusion, as_cifar10], [label_a, label_b, gallery, text],
                            api_name='compare', **MODEL_WORK), server, text)
     return [model_a, model_b]
