@@ -36,7 +36,7 @@ def client(weights_dir, tmp_path_factory):
                 max_file_size=MAX_UPLOAD)
     try:
         client = connect(port, tmp_path_factory.mktemp('downloads'))
-        client.demo = demo
+        client.demo, client.demo_weights = demo, weights_dir
         yield client
     finally:
         demo.close()
@@ -86,9 +86,11 @@ def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(client, tmp_p
     with pytest.raises(Exception, match='choose a head from 1 to 4'):
         client.predict(handle_file(str(ROOT / 'examples' / 'cat.jpg')), 'scratch/vit_cifar10', 5, 'one head', 9,
                        api_name='/predict')
-    with pytest.raises(Exception, match='Hugging Face Hub'):
+    with pytest.raises(Exception, match='Hugging Face Hub') as missing:
         client.predict(handle_file(str(ROOT / 'examples' / 'cat.jpg')), 'timm/vit_base_patch16_224',
                        api_name='/predict')
+    assert 'weights/vit_base_patch16_224.safetensors' in str(missing.value)
+    assert str(client.demo_weights) not in str(missing.value)  # no server paths in messages
     labels, _, _ = client.predict(handle_file(str(ROOT / 'examples' / 'cifar_ship.jpg')), 'scratch/vit_cifar10',
                                   api_name='/predict')
     assert labels['confidences']
@@ -195,3 +197,16 @@ def test_online_the_page_says_which_models_download_on_first_use(tmp_path, weigh
              if isinstance(b, gr.Markdown)]
     note = next(t for t in texts if 'the first time you pick one' in t)
     assert 'vit_base_patch16_224' in note and 'vit_tiny_patch16_224' not in note  # tiny is saved locally
+
+
+def test_messages_are_escaped_not_read_as_html(weights_dir):
+    """A message that contains <...> (urllib's '<urlopen error ...>') reaches the page whole."""
+    from vitdemo.ui.common import Server, shows_user_errors
+    server = Server(ModelCache(weights_dir=weights_dir), None, None)
+
+    @shows_user_errors(server)
+    def fails():
+        raise ValueError('downloading failed (<urlopen error [Errno -3] Temporary failure>)')
+    with pytest.raises(gr.Error) as refused:
+        fails()
+    assert refused.value.message == 'downloading failed (&lt;urlopen error [Errno -3] Temporary failure&gt;)'

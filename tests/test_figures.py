@@ -139,3 +139,10 @@ def test_inspect_view_of_a_conv_stem_model_shows_its_first_convolution(tmp_path)
     first_conv = module.patch_embed.backbone[0].out_channels  # as many components as it has filters
     assert sum(ax.has_data() for ax in figures[1].axes) == first_conv
     assert costs[0][:3] == [4, '8x8', 65]
+
+
+def test_the_deletion_test_ends_with_a_verdict_in_words():
+    from vitdemo.figures import deletion_verdict
+    assert 'marks what the prediction rests on' in deletion_verdict(0.20, 0.34)
+    assert 'does no better than random' in deletion_verdict(0.35, 0.34)
+    assert 'random removal hurts more' in deletion_verdict(0.45, 0.34)

@@ -212,6 +212,10 @@ def test_in_public_mode_runs_and_models_belong_to_their_session(tmp_path, weight
 
 def test_run_locally_one_user_owns_everything(tmp_path, weights_dir):
     job = TrainingJob('unused', ModelStore(weights_dir, runs_dir=tmp_path / 'runs'), update_seconds=0.0)
+    first = list(job.run(CONFIG, EPOCH, 'my_vit', data=colour_data(256)))[-1]
+    second = list(job.run(CONFIG, EPOCH, 'my_vit', data=colour_data(256)))[-1]  # the default name again
+    assert first.checkpoint.exists() and second.checkpoint.name == 'my_vit-2.safetensors'
+    assert 'saved as trained/my_vit-2' in second.status  # said, not silent
     run = job.run(CONFIG, LONG, 'mine', data=colour_data())
     next(run), next(run)
     assert job.stop()

@@ -260,7 +260,7 @@ def timm_pretrained(arch: str, weights_dir: Path) -> torch.nn.Module:
         raise ModelUnavailable(
             f'{arch} needs a one-time download of its pretrained weights from the Hugging Face Hub '
             f'({hub_id}), which cannot be reached from here. Download model.safetensors from there and '
-            f'save it as {weights_dir / f"{arch}.safetensors"}, or run with internet access.')
+            f'save it as weights/{arch}.safetensors, or run with internet access.')
     if local is not None:
         try:
             return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(local)))
@@ -271,7 +271,7 @@ def timm_pretrained(arch: str, weights_dir: Path) -> torch.nn.Module:
     except Exception as e:  # the hub client raises many types: DNS, HTTP, disk, ...
         raise ModelUnavailable(f'downloading the pretrained weights of {arch} from {hub_id} failed '
                                f'({type(e).__name__}: {e}). Try again, or save model.safetensors from there '
-                               f'as {weights_dir / f"{arch}.safetensors"}.') from None
+                               f'as weights/{arch}.safetensors.') from None
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

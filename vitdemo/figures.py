@@ -189,21 +189,32 @@ def deletion_curve(model: Model, pred: Prediction, order: torch.Tensor, steps: i
     return fractions, probs.tolist()
 
 
+def deletion_verdict(attention_area: float, random_area: float) -> str:
+    """The deletion test in words: does removing the most attended patches first hurt more than chance?"""
+    if attention_area < 0.9 * random_area:
+        return 'on this image, attention marks what the prediction rests on (faster than random).'
+    if attention_area > 1.1 * random_area:
+        return 'on this image, attention does not mark the evidence: random removal hurts more.'
+    return 'on this image, attention order does no better than random: do not read the map as evidence.'
+
+
 def deletion_figure(model: Model, pred: Prediction, discard_ratio: float = 0.9, seed: int = 0) -> Figure:
     flow = rollout(pred.attentions, pred.grid, pred.num_prefix_tokens, 'mean', discard_ratio).flatten()
     attention_order = flow.argsort(descending=True)
     random_order = torch.randperm(len(flow), generator=torch.Generator().manual_seed(seed))
-    fig = Figure(figsize=(6.4, 3.6))
+    fig = Figure(figsize=(6.4, 3.8))
     ax = fig.subplots()
+    areas = []
     for order, label, style in ((attention_order, 'most attended first (rollout)', '-o'),
                                 (random_order, 'random order', '--s')):
         fractions, probs = deletion_curve(model, pred, order)
-        area = float(np.trapezoid(probs, fractions))
-        ax.plot(fractions, probs, style, markersize=3, label=f'{label}, area {area:.3f}')
+        areas.append(float(np.trapezoid(probs, fractions)))
+        ax.plot(fractions, probs, style, markersize=3, label=f'{label}, area {areas[-1]:.3f}')
     target = model.classes[int(pred.probs.argmax())]
     ax.set(xlabel='fraction of patches blanked', ylabel=f'probability of "{target}"', ylim=(0, None),
            title='Deletion test: if attention marks what matters, blanking the most attended patches\n'
-                 'first should drop the prediction faster than random (a smaller area)')
+                 'first should drop the prediction faster than random (a smaller area)\n'
+                 f'Verdict: {deletion_verdict(*areas)}')
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
