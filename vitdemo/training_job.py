@@ -117,7 +117,8 @@ class TrainingJob:
 
     def run(self, model_config: ViTConfig | ResNetConfig, cfg: TrainConfig, name: str, owner: str | None = None,
             data: ImageData | None = None) -> Iterator[Snapshot]:
-        reserved = set(TIMM_ARCHS) | {n.split('/')[1] for n in self.store.checkpoint_names()}
+        shipped = [n.split('/')[1] for n in self.store.checkpoint_names() if n.startswith('scratch/')]
+        reserved = set(TIMM_ARCHS) | set(shipped)
         name = checkpoint_name(name, reserved)
         estimate = check_training(self.policy, model_config, cfg.minutes, cfg.batch_size,
                                   len(data) if data is not None else CIFAR10_IMAGES)
