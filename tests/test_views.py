@@ -34,3 +34,30 @@ def test_gallery_dims_what_the_model_did_not_see(weights_dir):
     first = attention_gallery(pred, 'mean')[0][0]
     assert first.getpixel((10, 50))[0] < 100  # left of the centre square: dimmed
     assert first.getpixel((224, 56)) == (200, 200, 200)  # inside: untouched
+
+
+def test_one_colour_scale_for_all_layers(weights_dir, monkeypatch):
+    """'shared' colours every layer's map between the lowest and highest value of any layer (so a flatter
+    layer looks darker than a focused one); 'own' stretches each map to its own range."""
+    import numpy as np
+    import vitdemo.views as views
+    from vitdemo.attention import overlay
+    half = overlay(Image.new('RGB', (8, 8)), np.array([[0.0, 0.5]]), opacity=1.0, scale=(0.0, 1.0))
+    full = overlay(Image.new('RGB', (8, 8)), np.array([[0.0, 0.5]]), opacity=1.0)
+    assert np.asarray(half).sum(-1).max() < np.asarray(full).sum(-1).max()
+
+    pred = load_model(DEFAULT_SCRATCH, weights_dir).predict(Image.new('RGB', (64, 64), (120, 30, 60)))
+    maps = pred.layer_maps('mean')
+    scales = []
+    real = views.overlay
+    monkeypatch.setattr(views, 'overlay',
+                        lambda *a, scale=None, **k: scales.append(scale) or real(*a, scale=scale, **k))
+    views.attention_gallery(pred, 'mean', scale='shared')
+    expected = (min(float(m.min()) for m in maps), max(float(m.max()) for m in maps))
+    assert scales[1:-1] == [expected] * len(maps) and scales[-1] is None  # the rollout keeps its own range
+    scales.clear()
+    views.attention_gallery(pred, 'mean', scale='own')
+    assert scales == [None] * (len(maps) + 2)
+    with pytest.raises(ValueError, match='colour scale must be one of own, shared'):
+        views.attention_gallery(pred, 'mean', scale='log')
+    assert views.colour_bar().size == (640, 62)

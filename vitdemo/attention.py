@@ -81,15 +81,16 @@ def fit_for_display(image: Image.Image, box: tuple[float, float, float, float], 
 
 
 def overlay(image: Image.Image, heat: torch.Tensor | np.ndarray, box: tuple[float, float, float, float] | None = None,
-            opacity: float = 0.6, cmap: str = 'inferno') -> Image.Image:
+            opacity: float = 0.6, cmap: str = 'inferno', scale: tuple[float, float] | None = None) -> Image.Image:
     """Colour the region `box` (left, top, right, bottom; default the whole image) by `heat` (rows, cols).
 
-    The map is stretched to its own min..max, resized smoothly to the box and alpha-blended over the
-    image; outside the box (pixels the model never saw) the image is dimmed.
+    The map is stretched to `scale` (low, high), by default its own min..max, resized smoothly to the box
+    and alpha-blended over the image; outside the box (pixels the model never saw) the image is dimmed.
     """
     assert 0.0 <= opacity <= 1.0, f'opacity must be in [0, 1], got {opacity}'
     heat = np.asarray(heat, dtype=np.float32)
-    heat = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-12)
+    low, high = scale if scale is not None else (float(heat.min()), float(heat.max()))
+    heat = np.clip((heat - low) / max(high - low, 1e-12), 0.0, 1.0)
     left, top, right, bottom = (round(v) for v in (box or (0, 0, *image.size)))
     size = (max(right - left, 1), max(bottom - top, 1))
     heat_img = Image.fromarray((heat * 255).astype(np.uint8)).resize(size, Image.Resampling.BILINEAR)

@@ -1,5 +1,10 @@
 """What the Predict tab shows, as plain functions of a prediction: no UI code, tested without a browser."""
+import functools
+import io
 import time
+
+import numpy as np
+from matplotlib.figure import Figure
 
 import pandas as pd
 from PIL import Image
@@ -25,23 +30,33 @@ def parse_fusion(fusion: str, head: int | float | None, num_heads: int) -> Fusio
     return fusion
 
 
+SCALES = ['own', 'shared']  # each map stretched to its own range, or one scale for all layers
+
+
 def attention_gallery(pred: Prediction, fusion: Fusion = 'mean', opacity: float = 0.6,
-                      discard_ratio: float = 0.9) -> list[tuple[Image.Image, str]]:
+                      discard_ratio: float = 0.9, scale: str = 'own') -> list[tuple[Image.Image, str]]:
     """The input with the region the model saw, one CLS-attention overlay per layer, then the rollout
-    (for a CNN: one Grad-CAM per stage, the last being the whole network's)."""
+    (for a CNN: one Grad-CAM per stage, the last being the whole network's). With `scale='shared'` every
+    layer's map is coloured on one scale, from the lowest to the highest value of any layer: the way to
+    see attention go from scattered to focused through the depth (the rollout keeps its own range)."""
+    if scale not in SCALES:
+        raise ValueError(f'colour scale must be one of {", ".join(SCALES)}, not {scale!r}')
     image, box = fit_for_display(pred.image, pred.box, DISPLAY_SIDE)
     layers = pred.layer_maps(fusion)
+    shared = (min(float(m.min()) for m in layers), max(float(m.max()) for m in layers)) if scale == 'shared' else None
     rows, cols = pred.grid
     seen = 'pixels through four stages' if pred.is_cnn else f'{rows}x{cols} patches'
     # opacity 0 draws no heat, only dims what lies outside the model's view
     # captions short enough to be read whole under a thumbnail; the description says the rest
     items = [(overlay(image, layers[0], box, opacity=0.0), 'input (bright: what it sees)')]
     if pred.is_cnn:
-        return items + [(overlay(image, m, box, opacity), f'stage {i + 1} · Grad-CAM {m.shape[0]}x{m.shape[1]}')
+        return items + [(overlay(image, m, box, opacity, scale=shared), f'stage {i + 1} · Grad-CAM '
+                                                                       f'{m.shape[0]}x{m.shape[1]}')
                         for i, m in enumerate(layers)]
     heads = pred.attentions.shape[1]
     how = f'head {fusion + 1} of {heads}' if isinstance(fusion, int) else f'{fusion} of {heads} heads'
-    items += [(overlay(image, layer, box, opacity), f'layer {i + 1} · {how}') for i, layer in enumerate(layers)]
+    items += [(overlay(image, layer, box, opacity, scale=shared), f'layer {i + 1} · {how}')
+              for i, layer in enumerate(layers)]
     items.append((overlay(image, pred.overall_map(fusion, discard_ratio), box, opacity),
                   f'rollout · all {len(layers)} layers'))
     return items
@@ -73,7 +88,7 @@ def _describe(model: Model, pred: Prediction, seconds: float) -> str:
 
 
 def predict_view(model: Model, image, top_k: int = 5, fusion: str = 'mean', head: int = 1,
-                 opacity: float = 0.6, discard_ratio: float = 0.9):
+                 opacity: float = 0.6, discard_ratio: float = 0.9, scale: str = 'own'):
     """Everything the Predict tab shows: {label: probability}, the attention gallery, and a description."""
     start = time.perf_counter()
     top_k = checked_number(top_k, 'top-k', 1, 1000, integer=True)
@@ -81,7 +96,7 @@ def predict_view(model: Model, image, top_k: int = 5, fusion: str = 'mean', head
     discard_ratio = checked_number(discard_ratio, 'rollout discard ratio', 0, 0.99)
     pred = model.predict(image, top_k=top_k)
     chosen = 'mean' if pred.is_cnn else parse_fusion(fusion, head, pred.attentions.shape[1])
-    gallery = attention_gallery(pred, chosen, opacity, discard_ratio)
+    gallery = attention_gallery(pred, chosen, opacity, discard_ratio, scale)
     return dict(pred.top_k), gallery, describe(model, pred, time.perf_counter() - start)
 
 
@@ -98,3 +113,18 @@ def training_curves(history: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
 def progress_text(progress: float, status: str, width: int = 30) -> str:
     filled = round(progress * width)
     return f'`{"█" * filled}{"░" * (width - filled)}` **{progress:.0%}**  \n{status}'
+
+
+@functools.lru_cache(maxsize=4)
+def colour_bar(cmap: str = 'inferno', width: int = 640) -> Image.Image:
+    """The maps' colour scale as a strip, with what its ends mean."""
+    fig = Figure(figsize=(width / 100, 0.62), dpi=100)
+    ax = fig.add_axes((0.02, 0.52, 0.96, 0.4))
+    ax.imshow(np.linspace(0, 1, 256)[None, :], aspect='auto', cmap=cmap)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.text(0.02, 0.1, 'dark: less attention', ha='left', fontsize=9)
+    fig.text(0.98, 0.1, 'bright: more of the CLS token\'s attention', ha='right', fontsize=9)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format='png')
+    return Image.open(buffer).convert('RGB')

@@ -32,6 +32,8 @@ CSS = """
 .examples .grid-container { grid-template-columns: repeat(4, minmax(0, 1fr)) !important; }
 .examples .thumbnail-item { aspect-ratio: 1; }
 .examples .fixed-height { min-height: 0 !important; }
+.maps .fixed-height { min-height: 0 !important; max-height: none !important; }
+.maps .grid-wrap, .examples .grid-wrap { overflow-y: visible !important; }
 @media (max-width: 640px) {
   .maps .grid-container { grid-template-columns: repeat(2, minmax(0, 1fr)) !important; }
 }

@@ -1,7 +1,7 @@
 """The Predict tab: an image and a model in; the top classes and, layer by layer, where the CLS token looks."""
 import gradio as gr
 
-from ..views import FUSIONS, predict_view
+from ..views import FUSIONS, colour_bar, predict_view
 from .common import (MODEL_WORK, Server, Slider, example_picker, image_box, keeps_errors, model_list, published,
                      shows_user_errors)
 
@@ -13,17 +13,17 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
 
     @shows_user_errors(server)
     def predict(image: bytes, model: str, top_k: int = 5, fusion: str = 'mean', head: int = 1,
-                opacity: float = 0.6, discard_ratio: float = 0.9, request: gr.Request = None,
+                opacity: float = 0.6, discard_ratio: float = 0.9, scale: str = 'own', request: gr.Request = None,
                 progress=gr.Progress(track_tqdm=True)):
         labels, gallery, text = predict_view(server.model(model, request, progress), image, top_k, fusion, head,
-                                             opacity, discard_ratio)
+                                             opacity, discard_ratio, scale)
         return labels, published(gallery), text
 
-    def redraw(image, model, top_k, fusion, head, opacity, discard_ratio, request: gr.Request):
+    def redraw(image, model, top_k, fusion, head, opacity, discard_ratio, scale, request: gr.Request):
         # a control changed: draw again, once there is an image to draw on
         if image is None:
             return gr.skip(), gr.skip(), gr.skip()
-        return predict(image, model, top_k, fusion, head, opacity, discard_ratio, request)
+        return predict(image, model, top_k, fusion, head, opacity, discard_ratio, scale, request)
 
     def bound_head(model: str, head, request: gr.Request):
         _, heads = server.shape(model, request)
@@ -43,6 +43,9 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
                 opacity = Slider(0.0, 1.0, value=0.6, step=0.05, label='Overlay opacity')
                 discard_ratio = Slider(0.0, 0.99, value=0.9, step=0.01,
                                        label='Rollout: discard the weakest fraction of attention')
+                scale = gr.Radio([('each map its own range', 'own'), ('one scale for all layers', 'shared')],
+                                 value='own', label='Colour scale',
+                                 info='one scale shows attention go from scattered to focused with depth')
         with gr.Column(scale=2):
             label = gr.Label(label='Predictions')
             info = gr.Markdown()
@@ -50,12 +53,13 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
             gallery = gr.Gallery(label='Where the CLS token looks, layer by layer (brighter: more attention)',
                                  columns=3, height='auto', object_fit='contain', format='jpeg',
                                  elem_classes=['maps'])
+            gr.Image(colour_bar(), show_label=False, interactive=False, container=False, buttons=[])
 
-    inputs = [image, model, top_k, fusion, head, opacity, discard_ratio]
+    inputs = [image, model, top_k, fusion, head, opacity, discard_ratio, scale]
     outputs = [label, gallery, info]
     keeps_errors(run.click(predict, inputs, outputs, api_name='predict', **MODEL_WORK), server, info)
     keeps_errors(gr.on([image.change, model.change, fusion.change, head.release, opacity.release,
-                        discard_ratio.release], redraw, inputs, outputs, api_visibility='private',
+                        discard_ratio.release, scale.change], redraw, inputs, outputs, api_visibility='private',
                        trigger_mode='always_last', **MODEL_WORK), server, info)
     model.change(bound_head, [model, head], head, api_visibility='private')
     return [model]
