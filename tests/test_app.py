@@ -168,7 +168,8 @@ def test_train_tab_through_the_api_then_predict_with_the_new_model(tmp_path, wei
             client.predict('bad', embed_dim=100, depth=2, num_heads=3, patch_size=4, minutes=0.05, batch_size=32,
                            api_name='/train')
         status, loss, accuracy, picture, *_ = client.predict(
-            'tiny_run', embed_dim=64, depth=2, num_heads=2, patch_size=8, minutes=0.05, batch_size=32, api_name='/train')
+            'tiny_run', embed_dim=64, depth=2, num_heads=2, patch_size=8, minutes=0.05, batch_size=32,
+            api_name='/train')
         assert 'finished after' in status and 'saved as trained/tiny_run' in status
         assert (tmp_path / 'weights' / 'trained' / 'tiny_run.safetensors').exists()
         assert loss['columns'] == ['epoch', 'value', 'split'] and loss['data'] and picture

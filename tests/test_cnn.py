@@ -92,7 +92,7 @@ def test_predict_and_compare_show_grad_cam_for_the_cnn(trained, weights_dir):
     vit = ModelCache(weights_dir=weights_dir).get('scratch/vit_cifar10')  # 2 layers
     scores_a, scores_b, pairs, text = compare_view(vit, cnn, red)
     assert len(pairs) == 2 * 2 + 2 and set(scores_b) <= {'red', 'green', 'blue', 'yellow'}
-    assert [c.split(' (IoU')[0] for _, c in pairs[1::2]] == ['B stage 2', 'B stage 4', 'B last-stage Grad-CAM']
+    assert [c.split(' · ')[0] for _, c in pairs[1::2]] == ['B stage 2', 'B stage 4', 'B last-stage Grad-CAM']
     assert 'Grad-CAM' in text and '2 layers' in text and '4 stages' in text
 
 
@@ -108,5 +108,6 @@ def test_the_train_tab_offers_the_cnn_and_draws_its_snapshot(trained):
     with pytest.raises(ValueError, match='model must be one of'):
         TrainForm(arch='vgg').configs()
     result, _ = trained
-    picture = attention_snapshot(result.model, colour_data(n=4).images[0], [0.5] * 3, [0.25] * 3)
+    picture, predicted = attention_snapshot(result.model, colour_data(n=4).images[0], [0.5] * 3, [0.25] * 3)
+    assert predicted in range(4)
     assert picture.size == (192, 192) and result.model.training is False

@@ -4,8 +4,8 @@ import torch
 from PIL import Image
 
 from vitdemo.backends import DEFAULT_SCRATCH, imagenet_classes, load_model
-from vitdemo.compare import (IMAGENET_TO_CIFAR10, OTHER, agreement, align_layers, compare_view, image_space,
-                             imagenet_to_cifar10, top_mass)
+from vitdemo.compare import (IMAGENET_TO_CIFAR10, OTHER, agreement, agreement_words, align_layers, compare_view,
+                             image_space, imagenet_to_cifar10, left_out, top_mass)
 
 
 def test_the_imagenet_table_names_what_it_claims():
@@ -64,9 +64,18 @@ def test_compare_a_cifar_model_with_an_imagenet_model(weights_dir):
     scores_a, scores_b, gallery, text = compare_view(cifar, imagenet, Image.new('RGB', (300, 200), (200, 90, 20)))
     assert len(scores_a) == 5 and set(scores_a) <= set(cifar.classes)
     assert set(scores_b) == set(IMAGENET_TO_CIFAR10) | {OTHER}  # mapped onto CIFAR-10
-    assert [c for _, c in gallery][:2] == ['A layer 1 (IoU ' + text.split(': ')[1][:4] + ')',
-                                           'B layer 6 (IoU ' + text.split(': ')[1][:4] + ')']
+    first_iou = float(text.split('per pair: ')[1][:4])
+    assert [c for _, c in gallery][:2] == ['A layer 1', f'B layer 6 · {agreement_words(first_iou)}']
+    assert "Not shown: B's layers 1, 2, 3, 4, 5, 7, 8, 9, 10, 11 (no partner at their depth)." in text
     assert len(gallery) == 2 * 2 + 2 and gallery[-1][1].startswith('B rollout')
+
     assert 'summed into CIFAR-10 classes' in text
     _, plain_b, _, text = compare_view(cifar, imagenet, np.zeros((20, 20, 3), np.uint8), as_cifar10=False, top_k=3)
     assert len(plain_b) == 3 and 'summed' not in text
+
+
+def test_agreement_in_words_and_the_layers_left_out():
+    assert [agreement_words(v) for v in (0.05, 0.2, 0.4, 0.8)] == \
+        ['look elsewhere', 'overlap a little', 'overlap a lot', 'look at the same place']
+    assert left_out(12, [a for _, a in align_layers(6, 12)]) == [1, 3, 5, 7, 9, 11]
+    assert left_out(6, [a for a, _ in align_layers(6, 12)]) == []

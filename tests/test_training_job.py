@@ -84,10 +84,19 @@ def test_a_run_reports_progress_curves_and_attention_then_saves(tmp_path):
     last = snaps[-1]
     assert last.done and last.checkpoint == tmp_path / 'trained' / 'colours.safetensors'
     assert 'finished after 2 epochs' in last.status
-    assert [h['epoch'] for h in last.history] == [1, 2] and last.attention.size == (192, 192)
+    assert [h['epoch'] for h in last.history] == [1, 2] and [p.size for p, _ in last.strip] == [(192, 192)] * 2
+    assert last.subject in ['red', 'green', 'blue', 'yellow']
+    for i, (_, caption) in enumerate(last.strip):  # the class given after each epoch, ticked when right
+        given = caption.removeprefix(f'epoch {i + 1}: ').removesuffix(' ✓')
+        assert given in ['red', 'green', 'blue', 'yellow'] and caption.endswith(' ✓') == (given == last.subject)
+    # the curves move within an epoch: points at fractions of epochs, ~20 an epoch (an epoch here has 7 steps)
+    assert len(last.steps) >= 7 and 0 < last.steps[0]['epoch'] < 1
+    assert [s['epoch'] for s in last.steps] == sorted(s['epoch'] for s in last.steps)
     assert load_checkpoint(last.checkpoint)[1]['classes'] == ['red', 'green', 'blue', 'yellow']
     loss, accuracy = training_curves(last.history)
     assert len(loss) == 4 and set(loss['split']) == {'train', 'validation'}
+    moving, _ = training_curves(last.history, last.steps)
+    assert (moving['split'] == 'train').sum() == 2 + len(last.steps) and (moving['split'] == 'validation').sum() == 2
     assert accuracy['value'].between(0, 1).all()
     assert not job.busy
 

@@ -76,6 +76,22 @@ def agreement(pred_a: Prediction, heat_a: torch.Tensor, pred_b: Prediction, heat
     return float((a & b).sum() / max((a | b).sum(), 1))
 
 
+def agreement_words(iou: float) -> str:
+    """An IoU of the two most-attended regions, said in words."""
+    if iou >= 0.6:
+        return 'look at the same place'
+    if iou >= 0.35:
+        return 'overlap a lot'
+    if iou >= 0.15:
+        return 'overlap a little'
+    return 'look elsewhere'
+
+
+def left_out(depth: int, paired: list[int]) -> list[int]:
+    """1-based layers of a model that no pair shows (the deeper model has more than the pairs)."""
+    return [i + 1 for i in range(depth) if i not in set(paired)]
+
+
 def scores_for(model: Model, pred: Prediction, as_cifar10: bool) -> tuple[dict[str, float], bool]:
     """{label: probability} for display, and whether ImageNet classes were mapped onto CIFAR-10."""
     if as_cifar10 and len(model.classes) == 1000:
@@ -103,22 +119,29 @@ def compare_view(model_a: Model, model_b: Model, image, fusion: Fusion = 'mean',
     image_b, box_b = fit_for_display(pred_b.image, pred_b.box, display)
 
     def pair(heat_a, heat_b, caption_a, caption_b) -> float:
+        # one row per pair in a two-column gallery: A | B, their agreement in words under B
         iou = agreement(pred_a, heat_a, pred_b, heat_b)
-        gallery.append((overlay(image_a, heat_a, box_a, opacity), f'{caption_a} (IoU {iou:.2f})'))
-        gallery.append((overlay(image_b, heat_b, box_b, opacity), f'{caption_b} (IoU {iou:.2f})'))
+        gallery.append((overlay(image_a, heat_a, box_a, opacity), caption_a))
+        gallery.append((overlay(image_b, heat_b, box_b, opacity), f'{caption_b} · {agreement_words(iou)}'))
         return iou
 
     gallery: list[tuple[Image.Image, str]] = []
     depth_a, depth_b = depth_name(pred_a), depth_name(pred_b)
-    ious = [pair(maps_a[la], maps_b[lb], f'A {depth_a} {la + 1}', f'B {depth_b} {lb + 1}')
-            for la, lb in align_layers(len(maps_a), len(maps_b))]
+    pairs = align_layers(len(maps_a), len(maps_b))
+    ious = [pair(maps_a[la], maps_b[lb], f'A {depth_a} {la + 1}', f'B {depth_b} {lb + 1}') for la, lb in pairs]
     pair(pred_a.overall_map(fusion, discard_ratio), pred_b.overall_map(fusion, discard_ratio),
          f'A {overall_name(pred_a)}', f'B {overall_name(pred_b)}')
     note = (' ImageNet predictions are summed into CIFAR-10 classes (dog breeds into "dog", and so on; deer '
             "into ImageNet's antelopes, the nearest it has).") if mapped_a or mapped_b else ''
     cnn = (' A CNN has no attention: its maps are the Grad-CAM of its top class after each stage, and its last '
            'stage stands in for the rollout.') if pred_a.is_cnn or pred_b.is_cnn else ''
+    skipped = ''
+    for who, depth, count, paired in (('A', depth_a, len(maps_a), [a for a, _ in pairs]),
+                                      ('B', depth_b, len(maps_b), [b for _, b in pairs])):
+        if missing := left_out(count, paired):
+            skipped += f' Not shown: {who}\'s {depth}s {", ".join(map(str, missing))} (no partner at their depth).'
     text = (f'**A** {model_a.name} ({len(maps_a)} {depth_a}s) vs **B** {model_b.name} ({len(maps_b)} {depth_b}s), '
-            'paired by relative depth. Agreement per pair, as the IoU of the image regions holding the top 20% of '
-            f'each map: {", ".join(f"{v:.2f}" for v in ious)}.{cnn}{note}')
+            'paired by relative depth, one pair a row. Under each B, how much the two agree: the overlap (IoU) '
+            'of the image regions holding the top 20% of each map, per pair: '
+            f'{", ".join(f"{v:.2f}" for v in ious)}.{skipped}{cnn}{note}')
     return scores_a, scores_b, gallery, text

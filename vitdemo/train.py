@@ -157,6 +157,7 @@ class TrainEvent:
     eta_seconds: float
     val_loss: float | None = None
     val_accuracy: float | None = None
+    epoch_fraction: float = 1.0  # 'step': how far into its epoch this step is, 0..1
     model: Classifier | None = field(default=None, repr=False)  # on 'epoch' and 'done'
     normalization: tuple[list[float], list[float]] | None = None  # (mean, std) the model's inputs get
 
@@ -370,7 +371,7 @@ def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data:
             rate = seen / (time.perf_counter() - epoch_start)
             p = progress_now()
             emit('step', lr=lr, loss=loss.item(), accuracy=correct / seen, images_per_sec=rate,
-                 eta_seconds=elapsed * (1 - p) / max(p, 1e-9))
+                 eta_seconds=elapsed * (1 - p) / max(p, 1e-9), epoch_fraction=(i + 1) / steps_per_epoch)
         if seen == 0:
             break
         val_loss, val_acc = evaluate(model, val_data, mean, std, amp=cfg.amp) if val_data else (None, None)

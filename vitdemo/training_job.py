@@ -44,7 +44,9 @@ class Snapshot:
     progress: float  # 0..1 of the budget
     status: str  # one line for people
     history: list[dict] = field(default_factory=list)  # one row per finished epoch
-    attention: Image.Image | None = None  # CLS attention of the fixed image, after the last epoch
+    steps: list[dict] = field(default_factory=list)  # training loss and accuracy within epochs, ~20 an epoch
+    strip: list[tuple[Image.Image, str]] = field(default_factory=list)  # the fixed image's attention, an epoch each
+    subject: str = ''  # the fixed image's true class
     checkpoint: Path | None = None  # set on the final snapshot when a checkpoint was written
     done: bool = False
 
@@ -60,22 +62,23 @@ def checkpoint_name(name: str, reserved: set[str] = frozenset()) -> str:
 
 
 def attention_snapshot(model: Classifier, image: torch.Tensor, mean: list[float], std: list[float],
-                       display: int = 192) -> Image.Image:
+                       display: int = 192) -> tuple[Image.Image, int]:
     """Where the CLS token looks in the last layer (a CNN: its last stage's Grad-CAM), for one uint8
-    (3, H, W) image, drawn large."""
+    (3, H, W) image, drawn large; and the class the model gives it."""
     was_training = model.training
     model.eval()
     x = normalize(image[None], mean, std)
     with torch.no_grad():
         if isinstance(model, CifarResNet):
-            heat = model.forward_with_saliency(x)[1][-1][0]
+            logits, maps = model.forward_with_saliency(x)
+            heat = maps[-1][0]
         else:
-            attentions = model.forward_with_attention(x)[1]
+            logits, attentions = model.forward_with_attention(x)
             grid = (model.patch_embed.grid_size,) * 2
             heat = cls_attention(torch.stack([a[0] for a in attentions]).float(), grid)[-1]
     model.train(was_training)
     picture = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((display, display), Image.Resampling.NEAREST)
-    return overlay(picture, heat, opacity=0.55)
+    return overlay(picture, heat, opacity=0.55), int(logits[0].argmax())
 
 
 def format_eta(seconds: float) -> str:
@@ -137,14 +140,15 @@ class TrainingJob:
                 check_training(self.policy, model_config, cfg.minutes, cfg.batch_size, len(data))
             model_config = replace(model_config, num_classes=len(data.classes))  # the form's 10 is a guess
             train_data, val_data = split(data, cfg)
-            fixed = (val_data or train_data).images[0]  # one image: what changes is the model
-            yield from self._follow(model_config, cfg, data, fixed, out)
+            shown = val_data or train_data  # one image: what changes is the model
+            fixed, fixed_class = shown.images[0], data.classes[int(shown.labels[0])]
+            yield from self._follow(model_config, cfg, data, fixed, fixed_class, out)
         finally:
             self._stop.clear()
             self._owner = None
             self._running.release()
 
-    def _follow(self, model_config, cfg, data, fixed, out) -> Iterator[Snapshot]:
+    def _follow(self, model_config, cfg, data, fixed, fixed_class, out) -> Iterator[Snapshot]:
         events: queue.Queue = queue.Queue()
         outcome: dict = {}
 
@@ -152,7 +156,9 @@ class TrainingJob:
             # runs in the training thread, between steps: safe to look at the model here
             picture = None
             if event.kind == 'epoch':
-                picture = attention_snapshot(event.model, fixed, *event.normalization)
+                overlaid, predicted = attention_snapshot(event.model, fixed, *event.normalization)
+                right = ' ✓' if data.classes[predicted] == fixed_class else ''
+                picture = (overlaid, f'epoch {event.epoch}: {data.classes[predicted]}{right}')
             events.put((event, picture))
 
         def work() -> None:
@@ -170,18 +176,29 @@ class TrainingJob:
         worker = threading.Thread(target=work, name='vitdemo-train', daemon=True)
         worker.start()
         history: list[dict] = []
-        picture, progress, last_yield = None, 0.0, 0.0
+        steps: list[dict] = []  # a point of the training curves every 5% of an epoch, its batches' mean loss
+        strip: list[tuple[Image.Image, str]] = []
+        losses, progress, last_yield = [], 0.0, 0.0
         try:
             while (item := events.get()) is not None:
-                event, new_picture = item
-                picture, progress = new_picture or picture, event.progress
+                event, picture = item
+                progress = event.progress
+                if picture is not None:
+                    strip.append(picture)
+                if event.kind == 'step':
+                    losses.append(event.loss)
+                    if not steps or event.epoch - 1 + event.epoch_fraction - steps[-1]['epoch'] >= 0.05:
+                        steps.append(dict(epoch=event.epoch - 1 + event.epoch_fraction,
+                                          train_loss=sum(losses) / len(losses), train_accuracy=event.accuracy))
+                        losses.clear()
                 if event.kind == 'epoch':
                     history.append(dict(epoch=event.epoch, train_loss=event.loss, train_accuracy=event.accuracy,
                                         val_loss=event.val_loss, val_accuracy=event.val_accuracy))
                 elif event.kind == 'done' or time.monotonic() - last_yield < self.update_seconds:
                     continue
                 last_yield = time.monotonic()
-                yield Snapshot(event.progress, self._status(event), list(history), picture)
+                yield Snapshot(event.progress, self._status(event), list(history), list(steps), list(strip),
+                               fixed_class)
         finally:
             if worker.is_alive():  # the watcher left (browser closed): stop cleanly, keep what was learned
                 self._stop.set()
@@ -195,7 +212,8 @@ class TrainingJob:
         status = ('stopped' if result.stopped else 'finished') + f' after {len(result.history)} epochs'
         status += f': validation accuracy {val:.1%}' if val is not None else ''
         status += f'; saved as trained/{out.stem}' if result.path else '; nothing was saved (no epoch completed)'
-        yield Snapshot(progress, status, list(history), picture, checkpoint=result.path, done=True)
+        yield Snapshot(progress, status, list(history), list(steps), list(strip), fixed_class, checkpoint=result.path,
+                       done=True)
 
     @staticmethod
     def _status(event: TrainEvent) -> str:

@@ -100,13 +100,16 @@ def predict_view(model: Model, image, top_k: int = 5, fusion: str = 'mean', head
     return dict(pred.top_k), gallery, describe(model, pred, time.perf_counter() - start)
 
 
-def training_curves(history: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Long-form frames for the loss and accuracy plots: columns epoch, value, split (train / validation)."""
+def training_curves(history: list[dict], steps: list[dict] = ()) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Long-form frames for the loss and accuracy plots: columns epoch, value, split (train / validation).
+    Training points come from within epochs too (`steps`, fractional epochs), so the curves move while an
+    epoch runs; validation is measured at each epoch's end."""
     def frame(metric: str) -> pd.DataFrame:
         rows = [dict(epoch=h['epoch'], value=h[f'{split}_{metric}'], split=name)
                 for h in history for split, name in (('train', 'train'), ('val', 'validation'))
                 if h.get(f'{split}_{metric}') is not None]
-        return pd.DataFrame(rows, columns=['epoch', 'value', 'split'])
+        rows += [dict(epoch=p['epoch'], value=p[f'train_{metric}'], split='train') for p in steps]
+        return pd.DataFrame(sorted(rows, key=lambda r: (r['split'], r['epoch'])), columns=['epoch', 'value', 'split'])
     return frame('loss'), frame('accuracy')
 
 

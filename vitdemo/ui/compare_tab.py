@@ -37,7 +37,7 @@ def compare_tab(server: Server) -> list[gr.Dropdown]:
                 label_a = gr.Label(label='Model A')
                 label_b = gr.Label(label='Model B')
             text = gr.Markdown()
-            gallery = gr.Gallery(label='A and B, layer by layer (aligned), then both rollouts', columns=4,
+            gallery = gr.Gallery(label='A | B, one pair of layers a row, then both rollouts', columns=2,
                                  height='auto', object_fit='contain', format='jpeg',
                                  elem_classes=['maps'])
     keeps_errors(run.click(compare, [image, model_a, model_b, fusion, as_cifar10], [label_a, label_b, gallery, text],

@@ -13,6 +13,8 @@ from ..views import progress_text, training_curves
 from .common import Number, Server, keeps_errors, shows_user_errors
 
 FORM_FIELDS = [f.name for f in fields(TrainForm)]
+SNAPSHOT_LABEL = ('Where the last layer\'s CLS token looks (a CNN: last-stage Grad-CAM) on one validation image, '
+                  'after each epoch')
 
 
 def train_tab(server: Server) -> gr.State:
@@ -21,19 +23,23 @@ def train_tab(server: Server) -> gr.State:
     def start_training(name: str, *values):
         *values, request = values
         model_config, train_config = TrainForm(**dict(zip(FORM_FIELDS, values))).configs()
-        epochs = 0
+        epochs, points = 0, 0
         for snap in server.job.run(model_config, train_config, name, server.owner(request)):
-            # curves and picture only when an epoch ends: fewer bytes, and the plots first get data
-            # with both splits in it (an empty first frame leaves their colour legend empty)
+            # curves when they have new points, once the first epoch gave both splits (an empty first frame
+            # leaves the plots' colour legend empty); the strip of attention snapshots when an epoch ends
             new_epoch = len(snap.history) > epochs or snap.done
-            loss, accuracy = training_curves(snap.history) if new_epoch else (gr.skip(),) * 2
-            picture = publish_image(snap.attention) if new_epoch and snap.attention else gr.skip()
-            epochs = len(snap.history)
+            moved = snap.history and (new_epoch or len(snap.steps) > points)
+            loss, accuracy = training_curves(snap.history, snap.steps) if moved else (gr.skip(),) * 2
+            strip = gr.skip()
+            if new_epoch and snap.strip:
+                strip = gr.Gallery([(publish_image(p), c) for p, c in reversed(snap.strip)],
+                                   label=f'{SNAPSHOT_LABEL}: a {snap.subject}; the class it gives, newest first')
+            epochs, points = len(snap.history), len(snap.steps)
             saved = gr.skip()
             if snap.checkpoint:  # every model list picks the new model up
                 server.cache.forget(snap.checkpoint)
                 saved = str(snap.checkpoint)
-            yield progress_text(snap.progress, snap.status), loss, accuracy, picture, saved
+            yield progress_text(snap.progress, snap.status), loss, accuracy, strip, saved
 
     # the API's named parameters: the run's name, then the form's fields with the default preset's values
     start_training.__signature__ = inspect.Signature(
@@ -87,8 +93,8 @@ def train_tab(server: Server) -> gr.State:
                                         x_title='epoch', height=260)
                 accuracy_plot = gr.LinePlot(x='epoch', y='value', color='split', title='Accuracy',
                                             y_title='accuracy', x_title='epoch', height=260)
-            snapshot = gr.Image(label='CLS attention (last layer; a CNN: last-stage Grad-CAM) on a fixed '
-                                      'validation image, after each epoch', height=220, interactive=False)
+            snapshot = gr.Gallery(label=SNAPSHOT_LABEL, columns=5, fit_columns=False, height='auto',
+                                  object_fit='contain', format='jpeg', allow_preview=False, elem_classes=['maps'])
     saved = gr.State(None)
 
     inputs = [form[k] for k in FORM_FIELDS]  # the order of TrainForm: no other list to keep in step
