@@ -123,7 +123,7 @@ def test_an_example_thumbnail_predicts_when_clicked(page):
 
 def test_the_head_slider_follows_the_model(page):
     page.get_by_role('tab', name='Predict').click()
-    page.get_by_text('Attention view').click()
+    page.get_by_text('Options: top-k, heads').click()
     pick(page, 'Model', 'timm/vit_tiny_patch16_224')
     page.wait_for_function("() => [...document.querySelectorAll('input[type=range]')].some(e => e.max === '3')")
     pick(page, 'Model', 'scratch/vit_cifar10')  # 4 heads

@@ -239,7 +239,7 @@ def test_public_mode_caps_the_minutes_and_checks_the_form(tmp_path, weights_dir)
 
 # --- 6, 7. one limit for all model work, a few queued requests per session ------------------------------
 
-MODEL_EVENTS = {'predict', 'redraw', 'inspect', 'compare', 'look_from_patch'}
+MODEL_EVENTS = {'predict', 'redraw', 'inspect', 'compare', 'look_from_patch', 'show'}  # show: decodes a preview
 
 
 def test_every_event_that_runs_a_model_shares_one_limit(weights_dir):
@@ -247,6 +247,7 @@ def test_every_event_that_runs_a_model_shares_one_limit(weights_dir):
     fns = {fn.name: fn for fn in demo.fns.values()}
     assert MODEL_EVENTS <= set(fns)
     for name in MODEL_EVENTS:  # the private ones too: they answer raw HTTP calls by index
+        assert all(fn.concurrency_id == 'model' for fn in demo.fns.values() if fn.name == name), name
         assert (fns[name].concurrency_id, fns[name].concurrency_limit) == ('model', 2), name
 
 

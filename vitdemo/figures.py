@@ -4,6 +4,7 @@ The maths are pure functions of tensors; the `*_figure` functions draw them with
 title, axis labels and a colour bar, for the Inspect tab.
 """
 import math
+import textwrap
 
 import matplotlib
 import numpy as np
@@ -14,6 +15,12 @@ from PIL import Image, ImageDraw
 from .attention import Fusion, fit_for_display, fuse_heads, overlay, rollout
 from .backends import Model, Prediction
 from .policy import checked_number
+
+
+# Two figures share a row of the Inspect tab (~440 px at 1440 px): at this width (in inches, 100 dpi) they are
+# shown at about their own size, so that their text reads at 11 px and more
+FIG_WIDTH = 4.8
+TITLE_SIZE = 10
 
 
 def token_costs(img_size: int, patch_sizes: tuple[int, ...] = (4, 8, 16, 32), prefix: int = 1) -> list[dict]:
@@ -101,16 +108,16 @@ def mosaic(tiles: torch.Tensor) -> np.ndarray:
 def position_similarity_figure(model: Model) -> Figure:
     sim = position_similarity(model.module.pos_embed.detach().cpu(), model.grid, model.num_prefix_tokens)
     rows, cols = model.grid
-    fig = Figure(figsize=(6.4, 6.0))
+    fig = Figure(figsize=(FIG_WIDTH, 4.9))
     ax = fig.subplots()
     im = ax.imshow(mosaic(sim), vmin=-1, vmax=1, cmap='viridis')
     step = max(1, rows // 7)  # label a few tiles, not all 14
     ax.set_xticks([c * (cols + 1) + cols / 2 for c in range(0, cols, step)], [str(c + 1) for c in range(0, cols, step)])
     ax.set_yticks([r * (rows + 1) + rows / 2 for r in range(0, rows, step)], [str(r + 1) for r in range(0, rows, step)])
     ax.set(xlabel='input patch column', ylabel='input patch row',
-           title="Position embedding similarity: the tile at (row, col) shows the cosine similarity\n"
-                 "of that patch's position embedding with every other patch's")
-    ax.title.set_fontsize(9)
+           title="Position embeddings: the tile at (row, col) is the\n"
+                 "cosine similarity of that patch's embedding\nwith every other patch's")
+    ax.title.set_fontsize(TITLE_SIZE)
     fig.colorbar(im, ax=ax, shrink=0.8, label='cosine similarity')
     fig.tight_layout()
     return fig
@@ -122,7 +129,7 @@ def patch_filters_figure(model: Model, k: int = 28) -> Figure:
     filters = patch_filters((stem.backbone[0] if conv_stem else stem.proj).weight.detach().cpu(), k)
     cols = 7
     rows = math.ceil(len(filters) / cols)
-    fig = Figure(figsize=(6.4, 1.0 * rows + 1.0))
+    fig = Figure(figsize=(9.0, 1.3 * rows + 1.0))  # a row of its own: tiles large enough to see
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
@@ -130,25 +137,26 @@ def patch_filters_figure(model: Model, k: int = 28) -> Figure:
         tile = f - f.min()
         tile = (tile / tile.max().clamp(min=1e-12)).permute(1, 2, 0).numpy()  # each tile stretched to 0..1
         axes.flat[i].imshow(tile if tile.shape[2] == 3 else tile[..., 0], cmap=None if tile.shape[2] == 3 else 'gray')
-        axes.flat[i].set_title(f'PC {i + 1}', fontsize=7)
+        axes.flat[i].set_title(f'PC {i + 1}', fontsize=9)
     what = "the conv stem's first 3x3 filters" if conv_stem else 'the patch projection'
     fig.suptitle(f'Patch embedding filters: principal components of {what}, as RGB\n'
-                 '(what the pixels are first compared with; left to right, most variance first)', fontsize=9)
+                 '(what the pixels are first compared with; left to right, most variance first)',
+                 fontsize=TITLE_SIZE)
     return fig
 
 
 def head_scatter_figure(values: torch.Tensor, ylabel: str, title: str) -> Figure:
     """One dot per head, layers along x: the layout of the paper's Fig. 7 (right)."""
     layers, heads = values.shape
-    fig = Figure(figsize=(6.4, 3.6))
+    fig = Figure(figsize=(FIG_WIDTH, 3.6))
     ax = fig.subplots()
     colours = matplotlib.colormaps['tab20'].resampled(max(heads, 2))
     for h in range(heads):
         ax.scatter(np.arange(1, layers + 1), values[:, h].numpy(), color=colours(h), s=22, label=f'head {h + 1}')
     ax.set(xlabel='layer', ylabel=ylabel, title=title, xticks=range(1, layers + 1))
-    ax.title.set_fontsize(10)
+    ax.title.set_fontsize(TITLE_SIZE)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5), ncol=1 if heads <= 8 else 2)
+    ax.legend(fontsize=8, loc='center left', bbox_to_anchor=(1.01, 0.5), ncol=1 if heads <= 8 else 2)
     fig.tight_layout()
     return fig
 
@@ -202,7 +210,7 @@ def deletion_figure(model: Model, pred: Prediction, discard_ratio: float = 0.9, 
     flow = rollout(pred.attentions, pred.grid, pred.num_prefix_tokens, 'mean', discard_ratio).flatten()
     attention_order = flow.argsort(descending=True)
     random_order = torch.randperm(len(flow), generator=torch.Generator().manual_seed(seed))
-    fig = Figure(figsize=(6.4, 3.8))
+    fig = Figure(figsize=(FIG_WIDTH, 4.2))
     ax = fig.subplots()
     areas = []
     for order, label, style in ((attention_order, 'most attended first (rollout)', '-o'),
@@ -212,12 +220,12 @@ def deletion_figure(model: Model, pred: Prediction, discard_ratio: float = 0.9, 
         ax.plot(fractions, probs, style, markersize=3, label=f'{label}, area {areas[-1]:.3f}')
     target = model.classes[int(pred.probs.argmax())]
     ax.set(xlabel='fraction of patches blanked', ylabel=f'probability of "{target}"', ylim=(0, None),
-           title='Deletion test: if attention marks what matters, blanking the most attended patches\n'
-                 'first should drop the prediction faster than random (a smaller area)\n'
-                 f'Verdict: {deletion_verdict(*areas)}')
-    ax.title.set_fontsize(9)
+           title='Deletion test: blanking the most attended patches first\n'
+                 'should drop the prediction faster than random'
+                 f"\n{textwrap.fill('Verdict: ' + deletion_verdict(*areas), 58)}")
+    ax.title.set_fontsize(TITLE_SIZE)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -240,9 +248,9 @@ def inspect_view(model: Model, image, patch_sizes: tuple[int, ...] = (4, 8, 16, 
     return (patch_grid(pred), costs,
             position_similarity_figure(model), patch_filters_figure(model),
             head_scatter_figure(distance, 'mean attention distance (input pixels)',
-                                f'How far each head looks, on this image (input {size}x{size})'),
+                                f'How far each head looks, on this image\n(input {size}x{size})'),
             head_scatter_figure(entropy, 'attention entropy (nats)',
-                                'How spread each head\'s attention is, on this image'),
+                                'How spread each head\'s attention is,\non this image'),
             deletion_figure(model, pred))
 
 

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import gradio as gr
 import huggingface_hub
+from PIL import Image
 
 from ..backends import DEFAULT_SCRATCH, Model, ModelCache, ModelUnavailable, model_shape, needs_download
-from ..images import ImageError
+from ..images import ImageError, load_image
 from ..policy import ServerPolicy
 from ..serving import publish_image
 from ..training_job import TrainingBusy, TrainingFailed, TrainingJob
@@ -165,9 +166,26 @@ class Number(gr.Number):
 
 
 def image_box(label: str = 'Image') -> gr.File:
+    """The upload box, with a preview of the image under it once there is one."""
     # bytes, decoded by `vitdemo.images` alone (gr.Image would decode uploads with every PIL plugin before
     # any of our checks), and not a path: Gradio's file-path mode leaves an empty temporary file behind
-    return gr.File(label=label, file_types=['image'], type='binary')
+    box = gr.File(label=label, file_types=['image'], type='binary')
+    preview = gr.Image(label='Your image', interactive=False, height=200, visible=False, buttons=[])
+
+    def show(data: bytes | None):
+        try:
+            picture = load_image(data) if data is not None else None
+        except ImageError:  # the request that uses it says why
+            picture = None
+        if picture is None:
+            return gr.Image(value=None, visible=False)
+        picture.thumbnail((400, 400))
+        if max(picture.size) < 160:  # a CIFAR-10 photo: 32 pixels, shown as the blocks the model sees
+            factor = 160 // max(picture.size)
+            picture = picture.resize((picture.width * factor, picture.height * factor), Image.Resampling.NEAREST)
+        return gr.Image(value=publish_image(picture), visible=True)
+    box.change(show, box, preview, api_visibility='private', show_progress='hidden', **MODEL_WORK)
+    return box
 
 
 def example_picker(image: gr.File, label: str = 'Examples: click one') -> gr.Gallery:

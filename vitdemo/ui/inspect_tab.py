@@ -56,11 +56,11 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
                                  interactive=False)
             with gr.Row():
                 position_plot = gr.Plot(label='Position embeddings', show_label=False)
-                filters_plot = gr.Plot(label='Patch embedding filters', show_label=False)
+                deletion_plot = gr.Plot(label='Deletion test', show_label=False)
             with gr.Row():
                 distance_plot = gr.Plot(label='Mean attention distance', show_label=False)
                 entropy_plot = gr.Plot(label='Attention entropy', show_label=False)
-            deletion_plot = gr.Plot(label='Deletion test', show_label=False)
+            filters_plot = gr.Plot(label='Patch embedding filters', show_label=False)
     point = gr.State(None)
     keeps_errors(run.click(inspect, [image, model], [grid_image, costs, position_plot, filters_plot, distance_plot,
                                                       entropy_plot, deletion_plot], api_name='inspect', **MODEL_WORK),

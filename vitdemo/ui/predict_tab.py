@@ -36,8 +36,11 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
             example_picker(image, 'Examples (CIFAR-10 photos first): click one to predict')
             model = model_list(server, 'Model', first)
             run = gr.Button('Predict', variant='primary')
-            top_k = Slider(1, 10, value=5, step=1, label='Top-k predictions')
-            with gr.Accordion('Attention view', open=False):
+        with gr.Column(scale=2):  # on a phone this column follows the few controls above, not all of them
+            label = gr.Label(label='Predictions')
+            info = gr.Markdown()
+            with gr.Accordion('Options: top-k, heads, opacity, rollout, colour scale', open=False):
+                top_k = Slider(1, 10, value=5, step=1, label='Top-k predictions')
                 fusion = gr.Radio(FUSIONS, value='mean', label='Fuse heads by')
                 head = Slider(1, max(heads, 1), value=1, step=1, label="Head (for 'one head')")
                 opacity = Slider(0.0, 1.0, value=0.6, step=0.05, label='Overlay opacity')
@@ -46,9 +49,6 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
                 scale = gr.Radio([('each map its own range', 'own'), ('one scale for all layers', 'shared')],
                                  value='own', label='Colour scale',
                                  info='one scale shows attention go from scattered to focused with depth')
-        with gr.Column(scale=2):
-            label = gr.Label(label='Predictions')
-            info = gr.Markdown()
             # JPEG: encoding eight overlays takes 3 ms, against 80 ms as WebP (Gradio's default)
             gallery = gr.Gallery(label='Where the CLS token looks, layer by layer (brighter: more attention)',
                                  columns=3, height='auto', object_fit='contain', format='jpeg',
