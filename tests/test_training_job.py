@@ -5,7 +5,7 @@ from test_train import CONFIG, colour_data
 from vitdemo.cnn import ResNetConfig
 from vitdemo.train import TRAIN_PRESETS, TrainConfig, TrainForm
 from vitdemo.training_job import TrainingBusy, TrainingJob, checkpoint_name
-from vitdemo.views import progress_text, training_curves
+from vitdemo.views import progress_html, training_curves
 from vitdemo.store import ModelStore
 from vitdemo.weights import load_checkpoint
 
@@ -128,6 +128,8 @@ def test_a_watcher_that_leaves_stops_the_run_cleanly(tmp_path):
         load_checkpoint(f)
 
 
-def test_progress_text_draws_a_bar():
-    text = progress_text(0.5, 'epoch 3', width=10)
-    assert '█████░░░░░' in text and '50%' in text and 'epoch 3' in text
+def test_progress_is_a_bar_with_its_share_and_an_escaped_status():
+    text = progress_html(0.5, 'epoch 3 <of 6>')
+    assert 'width: 50.0%' in text and 'aria-valuenow="50"' in text and '<strong>50%</strong>' in text
+    assert 'epoch 3 &lt;of 6&gt;' in text
+    assert 'width: 100.0%' in progress_html(1.7, 'done')

@@ -1,5 +1,6 @@
 """What the Predict tab shows, as plain functions of a prediction: no UI code, tested without a browser."""
 import functools
+import html
 import io
 import time
 
@@ -111,13 +112,6 @@ def training_curves(history: list[dict], steps: list[dict] = ()) -> tuple[pd.Dat
         rows += [dict(epoch=p['epoch'], value=p[f'train_{metric}'], split='train') for p in steps]
         return pd.DataFrame(sorted(rows, key=lambda r: (r['split'], r['epoch'])), columns=['epoch', 'value', 'split'])
     return frame('loss'), frame('accuracy')
-
-
-def progress_text(progress: float, status: str, width: int = 30) -> str:
-    filled = round(progress * width)
-    return f'`{"█" * filled}{"░" * (width - filled)}` **{progress:.0%}**  \n{status}'
-
-
 @functools.lru_cache(maxsize=4)
 def colour_bar(cmap: str = 'inferno', width: int = 640) -> Image.Image:
     """The maps' colour scale as a strip, with what its ends mean."""
@@ -131,3 +125,11 @@ def colour_bar(cmap: str = 'inferno', width: int = 640) -> Image.Image:
     buffer = io.BytesIO()
     fig.savefig(buffer, format='png')
     return Image.open(buffer).convert('RGB')
+
+
+def progress_html(progress: float, status: str) -> str:
+    """A training run's progress as a bar (styled by the app's `.run-progress`), its share and its status line."""
+    share = min(max(float(progress), 0.0), 1.0)
+    return (f'<div class="run-progress" role="progressbar" aria-valuenow="{share * 100:.0f}" aria-valuemin="0" '
+            f'aria-valuemax="100"><div style="width: {share * 100:.1f}%"></div></div>'
+            f'<p><strong>{share:.0%}</strong> · {html.escape(status)}</p>')

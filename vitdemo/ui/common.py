@@ -35,6 +35,9 @@ CSS = """
 .examples .fixed-height { min-height: 0 !important; }
 .maps .fixed-height { min-height: 0 !important; max-height: none !important; }
 .maps .grid-wrap, .examples .grid-wrap { overflow-y: visible !important; }
+.run-progress { height: 12px; border-radius: 6px; background: var(--background-fill-secondary);
+  border: 1px solid var(--border-color-primary); overflow: hidden; }
+.run-progress > div { height: 100%; background: var(--color-accent); transition: width 0.5s; }
 @media (max-width: 640px) {
   .maps .grid-container { grid-template-columns: repeat(2, minmax(0, 1fr)) !important; }
 }
@@ -109,7 +112,7 @@ class Server:
     def error_note(self, request: gr.Request) -> str:
         """The last refusal of this session, kept in the output area (a toast fades)."""
         message = self.errors.pop(request.session_hash, 'the request failed')
-        return f'**Could not answer:** {message}'
+        return f'<strong>Could not answer:</strong> {message}'
 
 
 def shows_user_errors(server: Server):
@@ -142,7 +145,7 @@ def shows_user_errors(server: Server):
     return decorate
 
 
-def keeps_errors(event, server: Server, output: gr.Markdown) -> None:
+def keeps_errors(event, server: Server, output: gr.Markdown | gr.HTML) -> None:
     """When `event` is refused, its message stays in `output` (the toast fades)."""
     event.failure(server.error_note, None, output, api_visibility='private')
 

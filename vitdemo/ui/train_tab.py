@@ -9,7 +9,7 @@ import gradio as gr
 
 from ..serving import publish_image
 from ..train import TRAIN_PRESETS, TrainForm
-from ..views import progress_text, training_curves
+from ..views import progress_html, training_curves
 from .common import Number, Server, keeps_errors, shows_user_errors
 
 FORM_FIELDS = [f.name for f in fields(TrainForm)]
@@ -39,7 +39,7 @@ def train_tab(server: Server) -> gr.State:
             if snap.checkpoint:  # every model list picks the new model up
                 server.cache.forget(snap.checkpoint)
                 saved = str(snap.checkpoint)
-            yield progress_text(snap.progress, snap.status), loss, accuracy, strip, saved
+            yield progress_html(snap.progress, snap.status), loss, accuracy, strip, saved
 
     # the API's named parameters: the run's name, then the form's fields with the default preset's values
     start_training.__signature__ = inspect.Signature(
@@ -87,7 +87,7 @@ def train_tab(server: Server) -> gr.State:
                 form['crop_padding'] = Number(default.crop_padding, precision=0,
                                               label='Random crops: padding in pixels (0: flips only)')
         with gr.Column(scale=2):
-            status = gr.Markdown('Press Start.')
+            status = gr.HTML('<p>Press Start.</p>')
             with gr.Row():
                 loss_plot = gr.LinePlot(x='epoch', y='value', color='split', title='Loss', y_title='loss',
                                         x_title='epoch', height=260)
