@@ -25,8 +25,9 @@ MODEL_WORK = dict(concurrency_id='model', concurrency_limit=2)  # every event th
 EXAMPLES = sorted((str(p) for p in (Path(__file__).resolve().parents[2] / 'examples').glob('*.*')
                    if p.suffix != '.md'), key=lambda p: 'cifar' not in p)  # CIFAR-10 photos first
 log = logging.getLogger('vitdemo.server')
-# galleries: as many rows as they need, no empty band below them; maps in two columns on a phone; example
-# thumbnails four across and small everywhere, so that they do not push the results down a phone's page
+# galleries: as many rows as they need, no empty band below them, captions read whole; maps in two columns on
+# a phone; example thumbnails four across and small everywhere, so that they do not push the results down a
+# phone's page
 CSS = """
 .maps .grid-container, .examples .grid-container {
   grid-template-rows: none !important; grid-auto-rows: auto !important; }
@@ -35,6 +36,7 @@ CSS = """
 .examples .fixed-height { min-height: 0 !important; }
 .maps .fixed-height { min-height: 0 !important; max-height: none !important; }
 .maps .grid-wrap, .examples .grid-wrap { overflow-y: visible !important; }
+.maps .caption-label { max-width: calc(100% - 8px) !important; white-space: normal !important; }
 .run-progress { height: 12px; border-radius: 6px; background: var(--background-fill-secondary);
   border: 1px solid var(--border-color-primary); overflow: hidden; }
 .run-progress > div { height: 100%; background: var(--color-accent); transition: width 0.5s; }
