@@ -1,4 +1,5 @@
 import io
+from dataclasses import asdict
 import shutil
 import socket
 from pathlib import Path
@@ -14,7 +15,10 @@ from PIL import Image
 from app import MAX_UPLOAD, create_demo
 from conftest import GRADIO_TEMP_DIR, ROOT
 from vitdemo.backends import TIMM_ARCHS, ModelCache
+from vitdemo.policy import ServerPolicy
 from vitdemo.store import ModelStore
+from vitdemo.train import TrainForm
+from vitdemo.training_job import Snapshot, TrainingJob
 
 
 def connect(port: int, downloads: Path) -> Client:
@@ -211,3 +215,34 @@ def test_messages_are_escaped_not_read_as_html(weights_dir):
     with pytest.raises(gr.Error) as refused:
         fails()
     assert refused.value.message == 'downloading failed (&lt;urlopen error [Errno -3] Temporary failure&gt;)'
+
+
+class RecordingJob(TrainingJob):
+    """A training job that records what it is asked to run, and runs nothing."""
+
+    def run(self, model_config, cfg, name, owner=None, data=None):
+        self.asked = (model_config, cfg, name, owner)
+        yield Snapshot(1.0, 'finished after 0 epochs', done=True)
+
+
+@pytest.mark.parametrize('public', [False, True])
+def test_the_train_endpoint_passes_every_field_by_name_and_the_session(tmp_path, weights_dir, public):
+    policy = ServerPolicy(public=public)
+    job = RecordingJob('unused', ModelStore(weights_dir, runs_dir=tmp_path / 'runs', public=public), policy)
+    demo = create_demo(ModelCache(weights_dir=weights_dir), job=job, policy=policy)
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name='127.0.0.1', server_port=port, quiet=True)
+    try:
+        params = demo.get_api_info()['named_endpoints']['/train']['parameters']
+        assert [p['parameter_name'] for p in params] == ['name'] + list(asdict(TrainForm()))
+        assert {p['parameter_name']: p['parameter_default'] for p in params[1:]} == asdict(TrainForm())
+        client = connect(port, tmp_path / 'downloads')
+        client.predict('recorded', embed_dim=96, depth=3, num_heads=3, patch_size=8, pos_embed='learn', stem='patch',
+                       minutes=7, batch_size=64, lr=5e-4, crop_padding=5, api_name='/train')
+    finally:
+        demo.close()
+    model_config, cfg, name, owner = job.asked
+    assert (model_config.embed_dim, model_config.depth, model_config.num_heads, model_config.patch_size,
+            model_config.pos_embed, model_config.stem) == (96, 3, 3, 8, 'learn', 'patch')
+    assert (cfg.minutes, cfg.batch_size, cfg.lr, cfg.crop_padding, name) == (7, 64, 5e-4, 5, 'recorded')
+    assert (owner == client.session_hash) if public else owner is None

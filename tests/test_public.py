@@ -58,7 +58,7 @@ def public_store(weights_dir: Path, tmp_path: Path, **caps) -> ModelStore:
 def test_public_mode_follows_the_environment():
     assert not ServerPolicy.from_env({}).public and ServerPolicy.from_env({}).max_train_minutes is None
     space = ServerPolicy.from_env({'SPACE_ID': 'someone/vitdemo'})
-    assert space.public and space.max_train_minutes == 30 and space.queued_per_session == 3
+    assert space.public and space.max_train_minutes == 30 and space.queued_per_session == 6
     assert ServerPolicy.from_env({'VITDEMO_PUBLIC': '1', 'VITDEMO_MAX_TRAIN_MINUTES': '5'}).max_train_minutes == 5
     assert ServerPolicy.from_env({'VITDEMO_STORE_MAX_FILES': '7'}).store_max_files == 7  # caps apply locally too
     with pytest.raises(ValueError, match='VITDEMO_TRAIN_MEMORY_MB must be a number'):

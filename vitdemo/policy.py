@@ -48,7 +48,7 @@ class ServerPolicy:
                         serving_reserve_mb=('VITDEMO_SERVING_RESERVE_MB', 1500.0, 1500.0),
                         store_max_files=('VITDEMO_STORE_MAX_FILES', 40, None),
                         store_max_mb=('VITDEMO_STORE_MAX_MB', 1000.0, None),
-                        queued_per_session=('VITDEMO_QUEUED_PER_SESSION', 3, None),
+                        queued_per_session=('VITDEMO_QUEUED_PER_SESSION', 6, None),  # an upload alone fires 2
                         uploads_max_mb=('VITDEMO_UPLOADS_MAX_MB', 2000.0, None))
         values = {}
         for field_name, (var, public_default, local_default) in settings.items():

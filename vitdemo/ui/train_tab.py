@@ -22,6 +22,8 @@ def train_tab(server: Server) -> gr.State:
     @shows_user_errors(server)
     def start_training(name: str, *values):
         *values, request = values
+        if len(values) != len(FORM_FIELDS) or not isinstance(request, gr.Request | None):
+            raise RuntimeError('the /train handler got its arguments out of step with TrainForm')
         model_config, train_config = TrainForm(**dict(zip(FORM_FIELDS, values))).configs()
         epochs, points = 0, 0
         for snap in server.job.run(model_config, train_config, name, server.owner(request)):
@@ -41,12 +43,15 @@ def train_tab(server: Server) -> gr.State:
                 saved = str(snap.checkpoint)
             yield progress_html(snap.progress, snap.status), loss, accuracy, strip, saved
 
-    # the API's named parameters: the run's name, then the form's fields with the default preset's values
-    start_training.__signature__ = inspect.Signature(
-        [inspect.Parameter('name', inspect.Parameter.POSITIONAL_OR_KEYWORD, default='my_vit', annotation=str)] +
-        [inspect.Parameter(k, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=v, annotation=type(v))
-         for k, v in asdict(TrainForm()).items()] +
-        [inspect.Parameter('request', inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=gr.Request)])
+    # the API's named parameters: the run's name, then the form's fields with the default preset's values;
+    # Gradio reads the signature for the parameters and the annotations for the request it passes
+    parameters = [inspect.Parameter('name', inspect.Parameter.POSITIONAL_OR_KEYWORD, default='my_vit', annotation=str)]
+    parameters += [inspect.Parameter(k, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=v, annotation=type(v))
+                   for k, v in asdict(TrainForm()).items()]
+    parameters += [inspect.Parameter('request', inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                                     annotation=gr.Request)]
+    start_training.__signature__ = inspect.Signature(parameters)
+    start_training.__annotations__ = {p.name: p.annotation for p in parameters}
 
     def stop_training(request: gr.Request):
         if server.job.stop(server.owner(request)):
