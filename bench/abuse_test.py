@@ -15,6 +15,7 @@ everything in a temporary folder) and reports, phase by phase:
 """
 import argparse
 import os
+import re
 import resource
 import socket
 import statistics
@@ -89,7 +90,7 @@ def failed_run(url: str, pid: int) -> None:
         resource.prlimit(pid, resource.RLIMIT_AS, (soft, hard))
     time.sleep(2)
     after = resident_mb(pid)
-    status = client.predict('after_failure', **TINY_RUN, api_name='/train')[0].splitlines()[-1]
+    status = re.sub(r'<[^>]+>', '', client.predict('after_failure', **TINY_RUN, api_name='/train')[0])  # the bar's HTML
     print(f'1. failed run: "{outcome}"\n   resident memory {before:.0f} MB before, {after:.0f} MB after '
           f'({after - before:+.0f} MB); the next small run: {status}')
 
