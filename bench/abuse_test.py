@@ -17,7 +17,6 @@ import argparse
 import os
 import re
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,21 +29,10 @@ from pathlib import Path
 from gradio_client import Client, handle_file
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-IMAGES = sorted(p for p in (ROOT / 'examples').glob('*.*') if p.suffix != '.md')
+from load_test import IMAGES, ROOT, free_port, resident_mb  # its companion, beside it in bench/
+
 STORE_CAP = 5
 TINY_RUN = dict(embed_dim=64, depth=2, num_heads=2, patch_size=8, minutes=0.05, batch_size=64)  # 3 seconds
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def resident_mb(pid: int) -> float:
-    line = next(line for line in Path(f'/proc/{pid}/status').read_text().splitlines() if line.startswith('VmRSS:'))
-    return int(line.split()[1]) / 1024
 
 
 def make_data(folder: Path, per_class: int = 100) -> None:

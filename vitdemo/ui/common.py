@@ -72,29 +72,24 @@ class Server:
         except (ModelUnavailable, CheckpointError, TypeError):
             return 1, 1
 
+    def _download_needed(self, request: gr.Request | None) -> list[tuple[str, bool]]:
+        """Each listed name, and whether its pretrained weights would have to be downloaded first."""
+        missing = set(needs_download(self.cache.weights_dir))
+        return [(name, name.split('/')[0] in ('timm', 'ours') and name.split('/', 1)[1] in missing)
+                for name in self.cache.names(self.owner(request))]
+
     def choices(self, request: gr.Request | None = None) -> list[tuple[str, str]]:
         """The model list as (label, name): models that need a download say so, and offline they say
         that they cannot be used here."""
-        missing = set(needs_download(self.cache.weights_dir))
-        offline = huggingface_hub.constants.HF_HUB_OFFLINE
-        labelled = []
-        for name in self.cache.names(self.owner(request)):
-            arch = name.split('/', 1)[1]
-            if name.split('/')[0] in ('timm', 'ours') and arch in missing:
-                name_label = f'{name}  (needs a download: not available offline)' if offline else \
-                    f'{name}  (downloads on first use)'
-            else:
-                name_label = name
-            labelled.append((name_label, name))
-        return labelled
+        note = '  (needs a download: not available offline)' if huggingface_hub.constants.HF_HUB_OFFLINE else \
+            '  (downloads on first use)'
+        return [(name + note if download else name, name) for name, download in self._download_needed(request)]
 
     def usable(self, request: gr.Request | None = None) -> list[str]:
         """Names that answer here and now: checkpoints, and pretrained models whose weights are on disk
         (online, every model is)."""
-        missing = set(needs_download(self.cache.weights_dir))
         offline = huggingface_hub.constants.HF_HUB_OFFLINE
-        return [value for _, value in self.choices(request)
-                if not (offline and value.split('/', 1)[1] in missing and value.split('/')[0] in ('timm', 'ours'))]
+        return [name for name, download in self._download_needed(request) if not (offline and download)]
 
     def defaults(self, request: gr.Request | None = None) -> tuple[str, str]:
         """A model for every tab, and a second one for Compare: the shipped scratch model first, then
