@@ -13,7 +13,6 @@ from pathlib import Path
 import gradio as gr
 import httpx
 import pytest
-import timm
 import torch
 from gradio.route_utils import delete_files_created_by_app
 from gradio_client import handle_file
@@ -21,7 +20,7 @@ from PIL import Image
 
 import app
 from vitdemo.ui import compare_tab, inspect_tab, predict_tab
-from conftest import ROOT, TINY_CIFAR
+from conftest import ROOT
 from test_app import connect, free_port
 from test_memory import STATUS, resident_mb
 from test_train import CONFIG, colour_data

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from test_train import CONFIG, colour_data
 from vitdemo.cnn import ResNetConfig

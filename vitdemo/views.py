@@ -45,10 +45,8 @@ def attention_gallery(pred: Prediction, fusion: Fusion = 'mean', opacity: float 
     image, box = fit_for_display(pred.image, pred.box, DISPLAY_SIDE)
     layers = pred.layer_maps(fusion)
     shared = (min(float(m.min()) for m in layers), max(float(m.max()) for m in layers)) if scale == 'shared' else None
-    rows, cols = pred.grid
-    seen = 'pixels through four stages' if pred.is_cnn else f'{rows}x{cols} patches'
-    # opacity 0 draws no heat, only dims what lies outside the model's view
-    # captions short enough to be read whole under a thumbnail; the description says the rest
+    # opacity 0 draws no heat, only dims what lies outside the model's view; captions short enough to be
+    # read whole under a thumbnail, the description says the rest
     items = [(overlay(image, layers[0], box, opacity=0.0), 'input (bright: what it sees)')]
     if pred.is_cnn:
         return items + [(overlay(image, m, box, opacity, scale=shared), f'stage {i + 1} · Grad-CAM '
