@@ -11,6 +11,7 @@ run started through the Train endpoint at the same time completed.
 """
 import argparse
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -117,8 +118,8 @@ def main() -> None:
             for failure in failures[:5]:
                 print('  failure:', failure)
             if training:
-                status = training.result()[0]
-                print(f'training run: {status.splitlines()[-1]}')
+                status = re.sub(r'<[^>]+>', '', training.result()[0])  # the page's HTML bar, as text
+                print(f'training run: {status}')
                 for path in (ROOT / 'weights' / 'trained').glob('load_test_run*.safetensors'):
                     path.unlink()
         finally:
