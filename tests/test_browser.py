@@ -121,6 +121,19 @@ def test_an_example_thumbnail_predicts_when_clicked(page):
     expect(page.get_by_text('rollout · all 2 layers')).to_be_visible()
 
 
+def test_pick_a_class_and_a_method_and_see_its_relevance(page):
+    page.get_by_role('tab', name='Predict').click()
+    pick(page, 'Model', 'scratch/vit_cifar10')
+    upload(page, ROOT / 'examples' / 'cifar_ship.jpg')
+    expect(page.get_by_text('rollout · all 2 layers')).to_be_visible()
+    page.get_by_label('relevance for a class (Chefer et al. 2021)').check()
+    pick(page, 'Class to explain', 'truck')
+    expect(page.get_by_text('after layer 2 · truck')).to_be_visible()
+    expect(page.get_by_text('for the class truck').first).to_be_visible()
+    page.screenshot(path=SHOTS / '2b_relevance_for_a_class.png', full_page=True)
+    page.get_by_label('attention (the same for every class)').check()
+
+
 def test_the_head_slider_follows_the_model(page):
     page.get_by_role('tab', name='Predict').click()
     page.get_by_text('Options: top-k, heads').click()

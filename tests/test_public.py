@@ -451,7 +451,8 @@ def raw_call(port: int, api_name: str, data: str) -> str:
 
 def test_bad_numbers_from_raw_calls_get_clear_messages_and_one_log_line(port, caplog):
     caplog.set_level(logging.INFO, logger='vitdemo.server')
-    form = ['"scratch/vit_cifar10"', '5', '"mean"', '1', '0.6', '0.9', '"own"']  # model, top-k, fusion, head, ...
+    # model, top-k, fusion, head, opacity, discard ratio, colour scale, method, class
+    form = ['"scratch/vit_cifar10"', '5', '"mean"', '1', '0.6', '0.9', '"own"', '"attention"', '""']
     for changes, message in [({1: 'null'}, 'top-k must be a number, got None'),
                              ({1: '"five"'}, "top-k must be a number, got 'five'"),
                              ({4: 'NaN'}, 'overlay opacity must be between 0 and 1'),

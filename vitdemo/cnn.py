@@ -42,8 +42,10 @@ class CifarResNet(ResNet):
         self.maxpool = nn.Identity()
         nn.init.kaiming_normal_(self.conv1.weight, mode='fan_out', nonlinearity='relu')  # as ResNet does its own
 
-    def forward_with_saliency(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Logits, and after each stage the Grad-CAM of each image's top class (Selvaraju et al., 2017):
+    def forward_with_saliency(self, x: torch.Tensor,
+                              target: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits, and after each stage the Grad-CAM of each image's top class, or of `target` (one class
+        index per image) when given (Selvaraju et al., 2017):
         the stage's channels weighted by the mean gradient of the class score, summed, negatives dropped.
         Each map (B, rows, cols) sums to 1, like a row of attention, so the two kinds compare directly."""
         with torch.inference_mode(False), torch.enable_grad():  # Grad-CAM needs gradients, even in predict
@@ -53,7 +55,8 @@ class CifarResNet(ResNet):
                 h = stage(h)
                 features.append(h)
             logits = self.fc(torch.flatten(self.avgpool(h), 1))
-            score = logits.gather(1, logits.argmax(1, keepdim=True)).sum()  # images are independent in eval
+            classes = logits.argmax(1) if target is None else target.to(logits.device)
+            score = logits.gather(1, classes[:, None]).sum()  # images are independent in eval
             grads = torch.autograd.grad(score, features)
         maps = []
         for feature, grad in zip(features, grads):

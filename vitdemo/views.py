@@ -12,6 +12,7 @@ from PIL import Image
 
 from .attention import Fusion, fit_for_display, overlay
 from .backends import Model, Prediction
+from .explain import Explanation, explain, from_prediction
 from .policy import checked_number
 
 FUSIONS = ['mean', 'max', 'min', 'one head']
@@ -36,28 +37,35 @@ SCALES = ['own', 'shared']  # each map stretched to its own range, or one scale 
 
 def attention_gallery(pred: Prediction, fusion: Fusion = 'mean', opacity: float = 0.6,
                       discard_ratio: float = 0.9, scale: str = 'own') -> list[tuple[Image.Image, str]]:
-    """The input with the region the model saw, one CLS-attention overlay per layer, then the rollout
-    (for a CNN: one Grad-CAM per stage, the last being the whole network's). With `scale='shared'` every
-    layer's map is coloured on one scale, from the lowest to the highest value of any layer: the way to
-    see attention go from scattered to focused through the depth (the rollout keeps its own range)."""
+    """The gallery of what a prediction holds: a ViT's attention per layer and rollout, a CNN's Grad-CAM."""
+    return explanation_gallery(pred, from_prediction(pred, fusion, discard_ratio), fusion, opacity, scale)
+
+
+def explanation_gallery(pred: Prediction, explanation: Explanation, fusion: Fusion = 'mean', opacity: float = 0.6,
+                        scale: str = 'own') -> list[tuple[Image.Image, str]]:
+    """The input with the region the model saw, one overlay per depth, then the overall map. With
+    `scale='shared'` every depth's map is coloured on one scale, from the lowest to the highest value of
+    any of them: the way to see attention go from scattered to focused through the depth (the overall
+    map keeps its own range)."""
     if scale not in SCALES:
         raise ValueError(f'colour scale must be one of {", ".join(SCALES)}, not {scale!r}')
     image, box = fit_for_display(pred.image, pred.box, DISPLAY_SIDE)
-    layers = pred.layer_maps(fusion)
-    shared = (min(float(m.min()) for m in layers), max(float(m.max()) for m in layers)) if scale == 'shared' else None
+    maps = [m for _, m in explanation.maps]
+    shared = (min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)) if scale == 'shared' else None
     # opacity 0 draws no heat, only dims what lies outside the model's view; captions short enough to be
     # read whole under a thumbnail, the description says the rest
-    items = [(overlay(image, layers[0], box, opacity=0.0), 'input (bright: what it sees)')]
-    if pred.is_cnn:
-        return items + [(overlay(image, m, box, opacity, scale=shared), f'stage {i + 1} · Grad-CAM '
-                                                                       f'{m.shape[0]}x{m.shape[1]}')
-                        for i, m in enumerate(layers)]
-    heads = pred.attentions.shape[1]
-    how = f'head {fusion + 1} of {heads}' if isinstance(fusion, int) else f'{fusion} of {heads} heads'
-    items += [(overlay(image, layer, box, opacity, scale=shared), f'layer {i + 1} · {how}')
-              for i, layer in enumerate(layers)]
-    items.append((overlay(image, pred.overall_map(fusion, discard_ratio), box, opacity),
-                  f'rollout · all {len(layers)} layers'))
+    items = [(overlay(image, maps[0], box, opacity=0.0), 'input (bright: what it sees)')]
+    if explanation.method == 'gradcam':
+        how = lambda m: f' · Grad-CAM {m.shape[0]}x{m.shape[1]}'  # noqa: E731
+    elif explanation.method == 'attention':
+        heads = pred.attentions.shape[1]
+        fused = f'head {fusion + 1} of {heads}' if isinstance(fusion, int) else f'{fusion} of {heads} heads'
+        how = lambda m: f' · {fused}'  # noqa: E731
+    else:
+        how = lambda m: f' · {explanation.target}'  # noqa: E731
+    items += [(overlay(image, m, box, opacity, scale=shared), caption + how(m)) for caption, m in explanation.maps]
+    if explanation.method != 'gradcam':  # a CNN's last stage is its overall map, already shown
+        items.append((overlay(image, explanation.overall[1], box, opacity), explanation.overall[0]))
     return items
 
 
@@ -77,17 +85,17 @@ def _describe(model: Model, pred: Prediction, seconds: float) -> str:
     size = model.data_config['input_size'][1]
     if pred.is_cnn:
         return (f'**{model.name}**: {model.description}. Input {size}x{size}; a CNN has no attention, so each map '
-                'is the Grad-CAM of the top class after a stage: where the evidence for it lies. '
+                'is the Grad-CAM of the class explained after a stage: where the evidence for it lies. '
                 f'Answered in {seconds:.2f} s.')
     layers, heads, tokens, _ = pred.attentions.shape
     return (f'**{model.name}**: {model.description}. Input {size}x{size}, {pred.grid[0]}x{pred.grid[1]} patches, '
-            f'{tokens} tokens ({pred.num_prefix_tokens} before the patches), {layers} layers x {heads} heads. The '
-            'maps: your image, dimmed outside what the model sees; each layer\'s CLS attention; the rollout '
-            f'through all layers. Answered in {seconds:.2f} s.')
+            f'{tokens} tokens ({pred.num_prefix_tokens} before the patches), {layers} layers x {heads} heads. '
+            f'Answered in {seconds:.2f} s.')
 
 
 def predict_view(model: Model, image, top_k: int = 5, fusion: str = 'mean', head: int = 1,
-                 opacity: float = 0.6, discard_ratio: float = 0.9, scale: str = 'own'):
+                 opacity: float = 0.6, discard_ratio: float = 0.9, scale: str = 'own', method: str = 'attention',
+                 target: str | None = None):
     """Everything the Predict tab shows: {label: probability}, the attention gallery, and a description."""
     start = time.perf_counter()
     top_k = checked_number(top_k, 'top-k', 1, 1000, integer=True)
@@ -95,8 +103,15 @@ def predict_view(model: Model, image, top_k: int = 5, fusion: str = 'mean', head
     discard_ratio = checked_number(discard_ratio, 'rollout discard ratio', 0, 0.99)
     pred = model.predict(image, top_k=top_k)
     chosen = 'mean' if pred.is_cnn else parse_fusion(fusion, head, pred.attentions.shape[1])
-    gallery = attention_gallery(pred, chosen, opacity, discard_ratio, scale)
-    return dict(pred.top_k), gallery, describe(model, pred, time.perf_counter() - start)
+    if method == 'attention' and pred.is_cnn:
+        method = 'gradcam'  # a CNN has no attention: its own read-out
+    explanation = explain(model, pred, method, target or None, chosen, discard_ratio)
+    gallery = explanation_gallery(pred, explanation, chosen, opacity, scale)
+    said = f' for the class **{explanation.target}**' if explanation.target else ''
+    text = describe(model, pred, time.perf_counter() - start)
+    return dict(pred.top_k), gallery, (f'{text}\n\nThe first map is your image, dimmed outside what the model '
+                                       f'sees; the others{said}: {explanation.description}.')
+
 
 
 def training_curves(history: list[dict], steps: list[dict] = ()) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -12,12 +12,13 @@ import gradio as gr
 import huggingface_hub
 from PIL import Image
 
-from ..backends import DEFAULT_SCRATCH, Model, ModelCache, ModelUnavailable, model_shape, needs_download
+from ..backends import (DEFAULT_SCRATCH, Model, ModelCache, ModelUnavailable, imagenet_classes, model_shape,
+                        needs_download)
 from ..images import ImageError, load_image
 from ..policy import ServerPolicy
 from ..serving import publish_image
 from ..training_job import TrainingBusy, TrainingFailed, TrainingJob
-from ..weights import CheckpointError
+from ..weights import CheckpointError, read_metadata
 
 USER_ERRORS = (ImageError, ModelUnavailable, CheckpointError, TrainingBusy, TrainingFailed, FileNotFoundError,
                ValueError, TypeError)
@@ -71,6 +72,26 @@ class Server:
             return model_shape(name, self.cache.store, self.owner(request))
         except (ModelUnavailable, CheckpointError, TypeError):
             return 1, 1
+
+    def methods(self, name, request: gr.Request | None) -> list[tuple[str, str]]:
+        """The explanation methods a listed model offers, labelled, from its name and config alone."""
+        layers, heads = self.shape(name, request)
+        if heads == 0:
+            return [('Grad-CAM, for a class', 'gradcam')]
+        offered = [('attention (the same for every class)', 'attention')]
+        if isinstance(name, str) and not name.startswith('timm/'):  # relevance needs our ViT code's gradients
+            offered.append(('relevance for a class (Chefer et al. 2021)', 'relevance'))
+        return offered
+
+    def classes(self, name, request: gr.Request | None) -> list[str]:
+        """A listed model's classes, without loading its weights: a checkpoint's metadata, or ImageNet's."""
+        if isinstance(name, str) and name.split('/')[0] in ('timm', 'ours'):
+            return imagenet_classes()
+        try:
+            path = self.cache.store.path(name, self.owner(request))
+            return read_metadata(path)['classes'] if path is not None else []
+        except (CheckpointError, TypeError):
+            return []
 
     def _download_needed(self, request: gr.Request | None) -> list[tuple[str, bool]]:
         """Each listed name, and whether its pretrained weights would have to be downloaded first."""

@@ -13,28 +13,44 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
 
     @shows_user_errors(server)
     def predict(image: bytes, model: str, top_k: int = 5, fusion: str = 'mean', head: int = 1,
-                opacity: float = 0.6, discard_ratio: float = 0.9, scale: str = 'own', request: gr.Request = None,
-                progress=gr.Progress(track_tqdm=True)):
+                opacity: float = 0.6, discard_ratio: float = 0.9, scale: str = 'own', method: str = 'attention',
+                target: str = '', request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
         labels, gallery, text = predict_view(server.model(model, request, progress), image, top_k, fusion, head,
-                                             opacity, discard_ratio, scale)
+                                             opacity, discard_ratio, scale, method, target or None)
         return labels, published(gallery), text
 
-    def redraw(image, model, top_k, fusion, head, opacity, discard_ratio, scale, request: gr.Request):
+    def redraw(image, model, top_k, fusion, head, opacity, discard_ratio, scale, method, target,
+               request: gr.Request):
         # a control changed: draw again, once there is an image to draw on
         if image is None:
             return gr.skip(), gr.skip(), gr.skip()
-        return predict(image, model, top_k, fusion, head, opacity, discard_ratio, scale, request)
+        return predict(image, model, top_k, fusion, head, opacity, discard_ratio, scale, method, target, request)
 
-    def bound_head(model: str, head, request: gr.Request):
+    def follow_model(model: str, head, method: str, request: gr.Request):
+        # the head slider, the methods and the classes of the chosen model
         _, heads = server.shape(model, request)
-        return gr.Slider(minimum=1, maximum=max(heads, 1), value=min(max(int(head or 1), 1), max(heads, 1)),
-                         interactive=heads > 0)
+        methods = server.methods(model, request)
+        return (gr.Slider(minimum=1, maximum=max(heads, 1), value=min(max(int(head or 1), 1), max(heads, 1)),
+                          interactive=heads > 0),
+                gr.Radio(choices=methods, value=method if method in [v for _, v in methods] else methods[0][1]),
+                gr.Dropdown(choices=[''] + server.classes(model, request), value=''))
+
+    def explain_class(evt: gr.SelectData, method: str, model: str, request: gr.Request):
+        # a class clicked among the predictions: explain it, with a method that takes a class
+        methods = [v for _, v in server.methods(model, request)]
+        chosen = method if method != 'attention' else next((m for m in methods if m != 'attention'), method)
+        return evt.value if isinstance(evt.value, str) else str(evt.value), chosen
 
     with gr.Row():
         with gr.Column(scale=1, min_width=300):
             image = image_box()
             example_picker(image, 'Examples (CIFAR-10 photos first): click one to predict')
             model = model_list(server, 'Model', first)
+            method = gr.Radio(server.methods(first, None), value=server.methods(first, None)[0][1],
+                              label='Explain with')
+            target = gr.Dropdown([''] + server.classes(first, None), value='', label='Class to explain',
+                                 info='empty: the predicted class; or click a class among the predictions',
+                                 allow_custom_value=True, filterable=True)
             run = gr.Button('Predict', variant='primary')
         with gr.Column(scale=2):  # on a phone this column follows the few controls above, not all of them
             label = gr.Label(label='Predictions')
@@ -55,11 +71,13 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
                                  elem_classes=['maps'])
             gr.Image(colour_bar(), show_label=False, interactive=False, container=False, buttons=[])
 
-    inputs = [image, model, top_k, fusion, head, opacity, discard_ratio, scale]
+    inputs = [image, model, top_k, fusion, head, opacity, discard_ratio, scale, method, target]
     outputs = [label, gallery, info]
     keeps_errors(run.click(predict, inputs, outputs, api_name='predict', **MODEL_WORK), server, info)
     keeps_errors(gr.on([image.change, model.change, fusion.change, head.release, opacity.release,
-                        discard_ratio.release, scale.change], redraw, inputs, outputs, api_visibility='private',
+                        discard_ratio.release, scale.change, method.change, target.change], redraw, inputs, outputs,
+                       api_visibility='private',
                        trigger_mode='always_last', **MODEL_WORK), server, info)
-    model.change(bound_head, [model, head], head, api_visibility='private')
+    model.change(follow_model, [model, head, method], [head, method, target], api_visibility='private')
+    label.select(explain_class, [method, model], [target, method], api_visibility='private')
     return [model]
