@@ -98,19 +98,6 @@ def test_token_attention_is_that_patch_row_over_the_patches():
         token_attention(a, 0, 2, (2, 2))
 
 
-def test_deletion_curve_starts_at_the_prediction_and_ends_with_nothing_left(weights_dir):
-    from vitdemo.figures import deletion_curve
-    model = load_model(DEFAULT_SCRATCH, weights_dir)
-    pred = model.predict(Image.effect_noise((64, 64), 60).convert('RGB'))
-    n = pred.grid[0] * pred.grid[1]
-    fractions, by_order = deletion_curve(model, pred, torch.arange(n), steps=4)
-    _, reversed_order = deletion_curve(model, pred, torch.arange(n).flip(0), steps=4)
-    assert fractions == [0, 0.25, 0.5, 0.75, 1.0]
-    assert by_order[0] == pytest.approx(float(pred.probs.max()), abs=1e-4)
-    assert by_order[-1] == pytest.approx(reversed_order[-1], abs=1e-6)  # all blanked: the order no longer matters
-    assert by_order[2] != pytest.approx(reversed_order[2], abs=1e-6)  # half blanked: it does
-
-
 def test_patch_view_outlines_the_clicked_patch(weights_dir):
     from vitdemo.figures import patch_view
     model = load_model(DEFAULT_SCRATCH, weights_dir)  # 4x4 patches over a centred square
@@ -139,10 +126,3 @@ def test_inspect_view_of_a_conv_stem_model_shows_its_first_convolution(tmp_path)
     first_conv = module.patch_embed.backbone[0].out_channels  # as many components as it has filters
     assert sum(ax.has_data() for ax in figures[1].axes) == first_conv
     assert costs[0][:3] == [4, '8x8', 65]
-
-
-def test_the_deletion_test_ends_with_a_verdict_in_words():
-    from vitdemo.figures import deletion_verdict
-    assert 'marks what the prediction rests on' in deletion_verdict(0.20, 0.34)
-    assert 'does no better than random' in deletion_verdict(0.35, 0.34)
-    assert 'random removal hurts more' in deletion_verdict(0.45, 0.34)

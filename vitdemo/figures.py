@@ -12,8 +12,9 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
-from .attention import Fusion, fit_for_display, fuse_heads, overlay, rollout
+from .attention import Fusion, fit_for_display, fuse_heads, overlay
 from .backends import Model, Prediction
+from .faithfulness import faithfulness, verdict
 from .policy import checked_number
 
 
@@ -180,53 +181,30 @@ def token_attention(attentions: torch.Tensor, patch: int, layer: int, grid: tupl
 
 
 @torch.no_grad()
-def deletion_curve(model: Model, pred: Prediction, order: torch.Tensor, steps: int = 10) -> tuple[list, list]:
-    """Probability of the predicted class as patches are blanked in `order` (to the normalised mean, 0),
-    at fractions 0, 1/steps, ..., 1 of all patches. A faithful attention order makes it fall fast."""
-    x = model.transform(pred.image).unsqueeze(0)
-    rows, cols = pred.grid
-    p = x.shape[-1] // cols
-    target = int(pred.probs.argmax())
-    fractions = [i / steps for i in range(steps + 1)]
-    batch = x.repeat(len(fractions), 1, 1, 1)
-    for i, f in enumerate(fractions):
-        for patch in order[:round(f * rows * cols)].tolist():
-            r, c = divmod(patch, cols)
-            batch[i, :, r * p:(r + 1) * p, c * p:(c + 1) * p] = 0.0
-    probs = model.module(batch.to(model.device)).float().softmax(-1)[:, target].cpu()
-    return fractions, probs.tolist()
-
-
-def deletion_verdict(attention_area: float, random_area: float) -> str:
-    """The deletion test in words: does removing the most attended patches first hurt more than chance?"""
-    if attention_area < 0.9 * random_area:
-        return 'on this image, attention marks what the prediction rests on (faster than random).'
-    if attention_area > 1.1 * random_area:
-        return 'on this image, attention does not mark the evidence: random removal hurts more.'
-    return 'on this image, attention order does no better than random: do not read the map as evidence.'
-
-
-def deletion_figure(model: Model, pred: Prediction, discard_ratio: float = 0.9, seed: int = 0) -> Figure:
-    flow = rollout(pred.attentions, pred.grid, pred.num_prefix_tokens, 'mean', discard_ratio).flatten()
-    attention_order = flow.argsort(descending=True)
-    random_order = torch.randperm(len(flow), generator=torch.Generator().manual_seed(seed))
-    fig = Figure(figsize=(FIG_WIDTH, 4.2))
-    ax = fig.subplots()
-    areas = []
-    for order, label, style in ((attention_order, 'most attended first (rollout)', '-o'),
-                                (random_order, 'random order', '--s')):
-        fractions, probs = deletion_curve(model, pred, order)
-        areas.append(float(np.trapezoid(probs, fractions)))
-        ax.plot(fractions, probs, style, markersize=3, label=f'{label}, area {areas[-1]:.3f}')
+def faithfulness_figure(model: Model, pred: Prediction, seed: int = 0) -> Figure:
+    """Deletion and insertion curves of every map the model offers, beside a random order, with each
+    curve's area and a verdict in words (see `vitdemo.faithfulness`)."""
+    scores = faithfulness(model, pred, seed=seed)
+    fig = Figure(figsize=(FIG_WIDTH, 5.4))
+    deletion, insertion = fig.subplots(2, 1, sharex=True)
+    styles = ['--', '-o', '-s', '-^', '-v']
+    for score, style in zip(scores, styles):
+        deletion.plot(score.fractions, score.deletion, style, markersize=3,
+                      label=f'{score.name}: {score.deletion_auc:.2f}')
+        insertion.plot(score.fractions, score.insertion, style, markersize=3,
+                       label=f'{score.name}: {score.insertion_auc:.2f}')
     target = model.classes[int(pred.probs.argmax())]
-    ax.set(xlabel='fraction of patches blanked', ylabel=f'probability of "{target}"', ylim=(0, None),
-           title='Deletion test: blanking the most attended patches first\n'
-                 'should drop the prediction faster than random'
-                 f"\n{textwrap.fill('Verdict: ' + deletion_verdict(*areas), 58)}")
-    ax.title.set_fontsize(TITLE_SIZE)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=9)
-    fig.tight_layout()
+    deletion.set(ylabel=f'p("{target}")', ylim=(0, None),
+                 title='Can I trust a map? Its most relevant patches first:\nblanked (deletion: should fall fast, '
+                       'small area)')
+    insertion.set(xlabel='fraction of patches', ylabel=f'p("{target}")', ylim=(0, None),
+                  title='shown alone (insertion: should rise fast, large area)')
+    for ax in (deletion, insertion):
+        ax.title.set_fontsize(TITLE_SIZE)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, title='area', title_fontsize=8)
+    fig.suptitle(textwrap.fill('Verdict: ' + verdict(scores), 60), fontsize=TITLE_SIZE, y=0.02, va='bottom')
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     return fig
 
 
@@ -251,7 +229,7 @@ def inspect_view(model: Model, image, patch_sizes: tuple[int, ...] = (4, 8, 16, 
                                 f'How far each head looks, on this image\n(input {size}x{size})'),
             head_scatter_figure(entropy, 'attention entropy (nats)',
                                 'How spread each head\'s attention is,\non this image'),
-            deletion_figure(model, pred))
+            faithfulness_figure(model, pred))
 
 
 def patch_view(model: Model, image, point: tuple[float, float], layer: int, fusion: Fusion = 'mean',

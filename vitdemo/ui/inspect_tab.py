@@ -56,7 +56,7 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
                                  interactive=False)
             with gr.Row():
                 position_plot = gr.Plot(label='Position embeddings', show_label=False)
-                deletion_plot = gr.Plot(label='Deletion test', show_label=False)
+                deletion_plot = gr.Plot(label='Can I trust a map', show_label=False)
             with gr.Row():
                 distance_plot = gr.Plot(label='Mean attention distance', show_label=False)
                 entropy_plot = gr.Plot(label='Attention entropy', show_label=False)

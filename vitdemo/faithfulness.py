@@ -1,0 +1,92 @@
+"""Can I trust this map? Perturbation tests of every explanation on the image at hand.
+
+Deletion blanks the patches a map ranks highest first and watches the explained class's probability:
+a faithful map makes it fall fast (a small area under the curve). Insertion starts from a blank image and
+reveals those patches first: a faithful map makes it rise fast (a large area). Both are set beside a
+random order, which any map worth reading must beat.
+"""
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .backends import Model, Prediction
+from .explain import class_index, explain, methods_for
+
+
+@dataclass
+class Score:
+    name: str  # which map ranked the patches
+    fractions: list[float]
+    deletion: list[float]  # the class's probability as patches are blanked, most relevant first
+    insertion: list[float]  # ... as they are revealed on a blank image
+    seconds: float  # what the map itself cost
+
+    @property
+    def deletion_auc(self) -> float:
+        return auc(self.fractions, self.deletion)
+
+    @property
+    def insertion_auc(self) -> float:
+        return auc(self.fractions, self.insertion)
+
+
+def auc(x: list[float], y: list[float]) -> float:
+    return float(sum((x[i + 1] - x[i]) * (y[i] + y[i + 1]) / 2 for i in range(len(x) - 1)))
+
+
+def perturbation_curves(model: Model, pred: Prediction, order: torch.Tensor, target: int,
+                        steps: int = 10) -> tuple[list[float], list[float], list[float]]:
+    """(fractions, deletion, insertion): the probability of class `target` with the first fraction of
+    patches in `order` blanked (to the normalised mean, 0), and with only those patches shown."""
+    x = model.transform(pred.image).unsqueeze(0)
+    rows, cols = pred.grid
+    ph, pw = x.shape[-2] // rows, x.shape[-1] // cols
+    fractions = [i / steps for i in range(steps + 1)]
+    mask = torch.zeros(len(fractions), 1, rows, cols)  # 1 where a patch is among the first `fraction`
+    for i, f in enumerate(fractions):
+        chosen = order[:round(f * rows * cols)]
+        mask[i, 0].view(-1)[chosen] = 1.0
+    pixels = mask.repeat_interleave(ph, -2).repeat_interleave(pw, -1)
+    batch = torch.cat([x * (1 - pixels), x * pixels])  # deletion, then insertion
+    with torch.inference_mode():
+        probs = model.module(batch.to(model.device)).float().softmax(-1)[:, target].cpu().tolist()
+    return fractions, probs[:len(fractions)], probs[len(fractions):]
+
+
+def faithfulness(model: Model, image, target: int | str | None = None, steps: int = 10,
+                 seed: int = 0) -> list[Score]:
+    """Deletion and insertion for every map the model offers (a ViT: its last layer's raw CLS attention,
+    the rollout, and where our code runs it, relevance; a CNN: Grad-CAM), and a random order."""
+    pred = image if isinstance(image, Prediction) else model.predict(image)
+    maps: list[tuple[str, torch.Tensor, float]] = []
+    for method in methods_for(model):
+        start = time.perf_counter()
+        explanation = explain(model, pred, method, target)
+        spent = time.perf_counter() - start
+        if method == 'attention':
+            maps.append(('last-layer attention', explanation.maps[-1][1], spent))
+            maps.append(('rollout', explanation.overall[1], spent))
+        else:
+            maps.append((method if method != 'gradcam' else 'Grad-CAM', explanation.overall[1], spent))
+    rows, cols = pred.grid
+    random_order = torch.randperm(rows * cols, generator=torch.Generator().manual_seed(seed))
+    index = class_index(model, target, pred)
+    scores = [Score('random order', *perturbation_curves(model, pred, random_order, index, steps), 0.0)]
+    for name, heat, spent in maps:
+        order = torch.as_tensor(heat).flatten().argsort(descending=True)
+        scores.append(Score(name, *perturbation_curves(model, pred, order, index, steps), spent))
+    return scores
+
+
+def verdict(scores: list[Score]) -> str:
+    """Which map earned trust on this image, in words: beating random at both deletion and insertion."""
+    random = scores[0]
+    trusted = [s for s in scores[1:] if s.deletion_auc < 0.9 * random.deletion_auc
+               and s.insertion_auc > 1.1 * random.insertion_auc]
+    if not trusted:
+        return 'no map beats a random order at both deletion and insertion on this image: read none as evidence'
+    best = min(trusted, key=lambda s: s.deletion_auc - s.insertion_auc)
+    others = [s.name for s in trusted if s is not best]
+    return (f'{best.name} earns the most trust on this image (it beats random at deletion and insertion)'
+            + (f'; {", ".join(others)} beat random too' if others else ''))
