@@ -66,7 +66,7 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
                                  value='own', label='Colour scale',
                                  info='one scale shows attention go from scattered to focused with depth')
             # JPEG: encoding eight overlays takes 3 ms, against 80 ms as WebP (Gradio's default)
-            gallery = gr.Gallery(label='Where the CLS token looks, layer by layer (brighter: more attention)',
+            gallery = gr.Gallery(label='The maps, layer by layer (brighter: more attention, or more relevance)',
                                  columns=3, height='auto', object_fit='contain', format='jpeg',
                                  elem_classes=['maps'])
             gr.Image(colour_bar(), show_label=False, interactive=False, container=False, buttons=[])
