@@ -6,6 +6,7 @@ from PIL import Image
 
 from .attention import Fusion, fit_for_display, overlay
 from .backends import Model, Prediction
+from .explain import from_prediction
 
 # ImageNet-1k class indices for each CIFAR-10 class. CIFAR-10's own definitions: "automobile" is sedans,
 # SUVs and the like, "truck" only big trucks, and neither includes pickup trucks (717), so it is left out.
@@ -99,14 +100,6 @@ def scores_for(model: Model, pred: Prediction, as_cifar10: bool) -> tuple[dict[s
     return dict(pred.top_k), False
 
 
-def depth_name(pred: Prediction) -> str:
-    return 'stage' if pred.is_cnn else 'layer'
-
-
-def overall_name(pred: Prediction) -> str:
-    return 'last-stage Grad-CAM' if pred.is_cnn else 'rollout'
-
-
 def compare_view(model_a: Model, model_b: Model, image, fusion: Fusion = 'mean', as_cifar10: bool = True,
                  top_k: int = 5, opacity: float = 0.6, discard_ratio: float = 0.9, display: int = 320):
     """Everything the Compare tab shows: each model's scores, the aligned layer overlays with their
@@ -114,7 +107,9 @@ def compare_view(model_a: Model, model_b: Model, image, fusion: Fusion = 'mean',
     pred_a, pred_b = model_a.predict(image, top_k), model_b.predict(image, top_k)
     (scores_a, mapped_a), (scores_b, mapped_b) = scores_for(model_a, pred_a, as_cifar10), \
         scores_for(model_b, pred_b, as_cifar10)
-    maps_a, maps_b = pred_a.layer_maps(fusion), pred_b.layer_maps(fusion)
+    # what each prediction holds (a ViT's attention and rollout, a CNN's Grad-CAM), through the one interface
+    explained_a, explained_b = (from_prediction(p, fusion, discard_ratio) for p in (pred_a, pred_b))
+    maps_a, maps_b = explained_a.maps, explained_b.maps
     image_a, box_a = fit_for_display(pred_a.image, pred_a.box, display)
     image_b, box_b = fit_for_display(pred_b.image, pred_b.box, display)
 
@@ -126,15 +121,14 @@ def compare_view(model_a: Model, model_b: Model, image, fusion: Fusion = 'mean',
         return iou
 
     gallery: list[tuple[Image.Image, str]] = []
-    depth_a, depth_b = depth_name(pred_a), depth_name(pred_b)
+    depth_a, depth_b = (maps[0][0].split()[0] for maps in (maps_a, maps_b))  # 'layer' or 'stage'
     pairs = align_layers(len(maps_a), len(maps_b))
-    ious = [pair(maps_a[la], maps_b[lb], f'A {depth_a} {la + 1}', f'B {depth_b} {lb + 1}') for la, lb in pairs]
-    pair(pred_a.overall_map(fusion, discard_ratio), pred_b.overall_map(fusion, discard_ratio),
-         f'A {overall_name(pred_a)}', f'B {overall_name(pred_b)}')
+    ious = [pair(maps_a[la][1], maps_b[lb][1], f'A {maps_a[la][0]}', f'B {maps_b[lb][0]}') for la, lb in pairs]
+    pair(explained_a.overall[1], explained_b.overall[1], f'A {explained_a.overall[0]}', f'B {explained_b.overall[0]}')
     note = (' ImageNet predictions are summed into CIFAR-10 classes (dog breeds into "dog", and so on; deer '
             "into ImageNet's antelopes, the nearest it has).") if mapped_a or mapped_b else ''
     cnn = (' A CNN has no attention: its maps are the Grad-CAM of its top class after each stage, and its last '
-           'stage stands in for the rollout.') if pred_a.is_cnn or pred_b.is_cnn else ''
+           'stage stands in for the rollout.') if 'gradcam' in (explained_a.method, explained_b.method) else ''
     skipped = ''
     for who, depth, count, paired in (('A', depth_a, len(maps_a), [a for a, _ in pairs]),
                                       ('B', depth_b, len(maps_b), [b for _, b in pairs])):

@@ -47,7 +47,7 @@ def from_prediction(pred: Prediction, fusion: Fusion = 'mean', discard_ratio: fl
     CNN's Grad-CAM of its top class."""
     if pred.is_cnn:
         maps = [(f'stage {i + 1}', m) for i, m in enumerate(pred.saliency)]
-        return Explanation('gradcam', None, maps, ('last stage', maps[-1][1]), METHODS['gradcam'])
+        return Explanation('gradcam', None, maps, ('last-stage Grad-CAM', maps[-1][1]), METHODS['gradcam'])
     maps = pred.layer_maps(fusion)
     return Explanation('attention', None, [(f'layer {i + 1}', m) for i, m in enumerate(maps)],
                        (f'rollout · all {len(maps)} layers', pred.overall_map(fusion, discard_ratio)),
@@ -82,7 +82,8 @@ def explain(model: Model, image, method: str = 'attention', target: int | str | 
         if method == 'gradcam':
             _, stages = model.module.forward_with_saliency(x, torch.tensor([index]))
             maps = [(f'stage {i + 1}', m[0].cpu()) for i, m in enumerate(stages)]
-            return Explanation(method, model.classes[index], maps, ('last stage', maps[-1][1]), METHODS[method])
+            return Explanation(method, model.classes[index], maps, ('last-stage Grad-CAM', maps[-1][1]),
+                               METHODS[method])
         steps = relevance(model.module, x, index)
     rows, cols = pred.grid
     maps = [(f'after layer {i + 1}', r[pred.num_prefix_tokens:].reshape(rows, cols)) for i, r in enumerate(steps)]
