@@ -52,7 +52,8 @@ def test_api_contract_without_a_server(weights_dir):
     assert [p['parameter_name'] for p in params[:2]] == ['image', 'model']
     assert not params[0]['parameter_has_default']
     assert all(p['parameter_has_default'] for p in params[1:])
-    assert sorted(info['named_endpoints']) == ['/compare', '/inspect', '/predict', '/stop_training', '/train']
+    assert sorted(info['named_endpoints']) == ['/compare', '/inspect', '/predict', '/sanity', '/stop_training',
+                                               '/train']
     assert [p['parameter_name'] for p in info['named_endpoints']['/compare']['parameters'][:3]] == \
         ['image', 'model_a', 'model_b']
     assert [p['parameter_name'] for p in info['named_endpoints']['/inspect']['parameters']] == ['image', 'model']

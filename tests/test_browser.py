@@ -130,6 +130,8 @@ def test_pick_a_class_and_a_method_and_see_its_relevance(page):
     pick(page, 'Class to explain', 'truck')
     expect(page.get_by_text('after layer 2 · truck')).to_be_visible()
     expect(page.get_by_text('for the class truck').first).to_be_visible()
+    page.get_by_role('button', name='Sanity check: redraw the weights at random, does the map change?').click()
+    expect(page.get_by_text('rank correlation of the two maps').first).to_be_visible()
     page.screenshot(path=SHOTS / '2b_relevance_for_a_class.png', full_page=True)
     page.get_by_label('attention (the same for every class)').check()
 

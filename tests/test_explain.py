@@ -6,8 +6,8 @@ from PIL import Image
 from conftest import ROOT, randomize_
 from vitdemo.backends import DEFAULT_SCRATCH, load_model
 from vitdemo.cnn import CifarResNet, ResNetConfig
-from vitdemo.explain import explain, methods_for
-from vitdemo.views import predict_view
+from vitdemo.explain import explain, methods_for, rank_correlation, sanity_check
+from vitdemo.views import predict_view, sanity_view
 from vitdemo.weights import save_checkpoint
 
 CAT = ROOT / 'examples' / 'cat.jpg'
@@ -82,3 +82,16 @@ def test_the_predict_view_explains_the_chosen_class(weights_dir):
     assert [c for _, c in gallery][1:] == [f'after layer {i} · ship' for i in range(1, depth + 1)] + \
         [f'relevance · all {depth} layers']
     assert 'for the class **ship**' in text
+
+
+def test_the_sanity_check_redraws_the_weights_and_leaves_the_model_alone(weights_dir):
+    model = load_model(DEFAULT_SCRATCH, weights_dir)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    trained, randomized, correlation = sanity_check(model, str(CAT), 'relevance', 'ship')
+    assert trained.target == randomized.target == 'ship'
+    assert correlation < 0.9 and not torch.allclose(trained.overall[1], randomized.overall[1])
+    assert all(torch.equal(v, model.module.state_dict()[k]) for k, v in before.items())  # a copy was redrawn
+    assert rank_correlation(trained.overall[1], trained.overall[1]) == pytest.approx(1.0)
+    assert rank_correlation(trained.overall[1], -trained.overall[1]) == pytest.approx(-1.0)
+    gallery, text = sanity_view(model, str(CAT), 'relevance', 'ship')
+    assert [c for _, c in gallery][1].startswith('random weights') and 'rank correlation' in text

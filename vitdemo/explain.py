@@ -9,8 +9,10 @@ target)`, whatever the kind of model behind it.
   the CLS row of the last one as the overall map. Our ViT code (`scratch/`, `ours/`, `trained/`).
 - `gradcam`: the CNN's Grad-CAM after each of its four stages, for the chosen class.
 
-A new method is one function here and its test.
+A new method is one function here and its test. `sanity_check` redraws the weights and asks whether a
+map changes (Adebayo et al. 2018).
 """
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -104,3 +106,35 @@ def relevance(module: VisionTransformer, x: torch.Tensor, index: int) -> list[to
         r = r + cam @ r
         steps.append(r[0].clone())
     return steps
+
+
+def with_random_weights(model: Model, seed: int = 0) -> Model:
+    """The same model with every weight redrawn (Adebayo et al., NeurIPS 2018, "Sanity Checks for Saliency
+    Maps", cascading to all layers): a map that does not change then says nothing about what was learned."""
+    module = copy.deepcopy(model.module)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator).to(p) * 0.02 * (1 if p.ndim > 1 else 0.5))
+    attend = module.forward_with_saliency if model.is_cnn else module.forward_with_attention
+    return Model(f'{model.name} (random weights)', module, model.classes, model.data_config, attend,
+                 model.num_prefix_tokens, f'{model.description}, with its weights redrawn at random')
+
+
+def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's rank correlation of two maps of one shape."""
+    ra, rb = (m.flatten().argsort().argsort().float() for m in (a, b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / ((ra.norm() * rb.norm()).clamp_min(1e-12)))
+
+
+def sanity_check(model: Model, image, method: str, target: int | str | None = None,
+                 seed: int = 0) -> tuple[Explanation, Explanation, float]:
+    """The map with the trained weights, the map with random weights, and their rank correlation: a map
+    that depends on what the model learned changes (a correlation well below 1)."""
+    pred = image if isinstance(image, Prediction) else model.predict(image)
+    trained = explain(model, pred, method, target)
+    index = class_index(model, trained.target if trained.target is not None else target, pred)
+    randomized = with_random_weights(model, seed)
+    shuffled = explain(randomized, randomized.predict(pred.image), method, index)
+    return trained, shuffled, rank_correlation(trained.overall[1], shuffled.overall[1])

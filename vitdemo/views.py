@@ -12,7 +12,7 @@ from PIL import Image
 
 from .attention import Fusion, fit_for_display, overlay
 from .backends import Model, Prediction
-from .explain import Explanation, explain, from_prediction
+from .explain import Explanation, explain, from_prediction, sanity_check
 from .policy import checked_number
 
 FUSIONS = ['mean', 'max', 'min', 'one head']
@@ -112,6 +112,24 @@ def predict_view(model: Model, image, top_k: int = 5, fusion: str = 'mean', head
     return dict(pred.top_k), gallery, (f'{text}\n\nThe first map is your image, dimmed outside what the model '
                                        f'sees; the others{said}: {explanation.description}.')
 
+
+
+def sanity_view(model: Model, image, method: str = 'attention', target: str | None = None):
+    """The sanity check in pictures and words: the overall map with the trained weights and with weights
+    redrawn at random, and whether the map depends on what the model learned."""
+    if method == 'attention' and model.is_cnn:
+        method = 'gradcam'
+    pred = model.predict(image)
+    trained, randomized, correlation = sanity_check(model, pred, method, target or None)
+    shown, box = fit_for_display(pred.image, pred.box, DISPLAY_SIDE)
+    gallery = [(overlay(shown, trained.overall[1], box), f'trained: {trained.overall[0]}'),
+               (overlay(shown, randomized.overall[1], box), f'random weights: {randomized.overall[0]}')]
+    passed = correlation < 0.5
+    verdict = ('the map depends on what the model learned: it passes' if passed else
+               'the map hardly changes when the weights are random: it shows the architecture or the image, '
+               'not what was learned')
+    return gallery, (f'**Sanity check** (Adebayo et al. 2018), {method}: rank correlation of the two maps '
+                     f'{correlation:.2f}; {verdict}.')
 
 
 def training_curves(history: list[dict], steps: list[dict] = ()) -> tuple[pd.DataFrame, pd.DataFrame]:

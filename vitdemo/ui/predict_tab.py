@@ -1,7 +1,7 @@
 """The Predict tab: an image and a model in; the top classes and, layer by layer, where the CLS token looks."""
 import gradio as gr
 
-from ..views import FUSIONS, colour_bar, predict_view
+from ..views import FUSIONS, colour_bar, predict_view, sanity_view
 from .common import (MODEL_WORK, Server, Slider, example_picker, image_box, keeps_errors, model_list, published,
                      shows_user_errors)
 
@@ -18,6 +18,11 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
         labels, gallery, text = predict_view(server.model(model, request, progress), image, top_k, fusion, head,
                                              opacity, discard_ratio, scale, method, target or None)
         return labels, published(gallery), text
+
+    @shows_user_errors(server)
+    def sanity(image: bytes, model: str, method: str = 'attention', target: str = '', request: gr.Request = None):
+        gallery, text = sanity_view(server.model(model, request), image, method, target or None)
+        return published(gallery), text
 
     def redraw(image, model, top_k, fusion, head, opacity, discard_ratio, scale, method, target,
                request: gr.Request):
@@ -70,6 +75,10 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
                                  columns=3, height='auto', object_fit='contain', format='jpeg',
                                  elem_classes=['maps'])
             gr.Image(colour_bar(), show_label=False, interactive=False, container=False, buttons=[])
+            check = gr.Button('Sanity check: redraw the weights at random, does the map change?')
+            check_text = gr.Markdown()
+            check_gallery = gr.Gallery(show_label=False, columns=2, height='auto', object_fit='contain',
+                                       format='jpeg', elem_classes=['maps'])
 
     inputs = [image, model, top_k, fusion, head, opacity, discard_ratio, scale, method, target]
     outputs = [label, gallery, info]
@@ -78,6 +87,8 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
                         discard_ratio.release, scale.change, method.change, target.change], redraw, inputs, outputs,
                        api_visibility='private',
                        trigger_mode='always_last', **MODEL_WORK), server, info)
+    keeps_errors(check.click(sanity, [image, model, method, target], [check_gallery, check_text], api_name='sanity',
+                             **MODEL_WORK), server, check_text)
     model.change(follow_model, [model, head, method], [head, method, target], api_visibility='private')
     label.select(explain_class, [method, model], [target, method], api_visibility='private')
     return [model]
