@@ -82,6 +82,17 @@ def page(browser, app_url):
     page.close()
 
 
+def open_tab(page, name: str) -> None:
+    """Click a tab; at phone width Gradio may fold some under a "More tabs" menu, as plain buttons."""
+    tab, more = page.get_by_role('tab', name=name), page.get_by_role('button', name='More tabs')
+    tab.or_(more).first.wait_for(state='visible')
+    if tab.count() and tab.first.is_visible():
+        tab.first.click()
+        return
+    more.first.click()
+    page.get_by_role('button', name=name, exact=True).filter(visible=True).first.click()
+
+
 def pick(page, label: str, option: str) -> None:
     tab = page.locator('[role=tabpanel]:visible').first
     tab.get_by_label(label, exact=True).first.click()
@@ -114,7 +125,7 @@ def test_predict_upload_pick_a_model_and_see_labels_and_attention(page):
 
 
 def test_an_example_thumbnail_predicts_when_clicked(page):
-    page.get_by_role('tab', name='Predict').click()
+    open_tab(page, 'Predict')
     pick(page, 'Model', 'scratch/vit_cifar10')
     tab = page.locator('[role=tabpanel]:visible').first
     tab.locator('.block', has_text='Examples (CIFAR-10 photos first)').locator('img').first.click()
@@ -122,7 +133,7 @@ def test_an_example_thumbnail_predicts_when_clicked(page):
 
 
 def test_pick_a_class_and_a_method_and_see_its_relevance(page):
-    page.get_by_role('tab', name='Predict').click()
+    open_tab(page, 'Predict')
     pick(page, 'Model', 'scratch/vit_cifar10')
     upload(page, ROOT / 'examples' / 'cifar_ship.jpg')
     expect(page.get_by_text('rollout · all 2 layers')).to_be_visible()
@@ -137,7 +148,7 @@ def test_pick_a_class_and_a_method_and_see_its_relevance(page):
 
 
 def test_the_head_slider_follows_the_model(page):
-    page.get_by_role('tab', name='Predict').click()
+    open_tab(page, 'Predict')
     page.get_by_text('Options: top-k, heads').click()
     pick(page, 'Model', 'timm/vit_tiny_patch16_224')
     page.wait_for_function("() => [...document.querySelectorAll('input[type=range]')].some(e => e.max === '3')")
@@ -146,7 +157,7 @@ def test_the_head_slider_follows_the_model(page):
 
 
 def test_offline_the_pretrained_models_that_need_a_download_are_marked(page):
-    page.get_by_role('tab', name='Predict').click()
+    open_tab(page, 'Predict')
     tab = page.locator('[role=tabpanel]:visible').first
     tab.get_by_label('Model', exact=True).first.click()
     expect(page.get_by_role('option', name='timm/vit_base_patch16_224  (needs a download: not available offline)',
@@ -155,7 +166,7 @@ def test_offline_the_pretrained_models_that_need_a_download_are_marked(page):
 
 
 def test_bad_upload_shows_a_message_not_a_trace(page, tmp_path):
-    page.get_by_role('tab', name='Predict').click()
+    open_tab(page, 'Predict')
     fake = tmp_path / 'holiday.jpg'
     fake.write_text('this is text, not a photo')
     upload(page, fake)
@@ -165,14 +176,14 @@ def test_bad_upload_shows_a_message_not_a_trace(page, tmp_path):
 
 
 def test_compare_answers_with_its_defaults_and_inspect_draws(page):
-    page.get_by_role('tab', name='Compare').click()
+    open_tab(page, 'Compare')
     upload(page, ROOT / 'examples' / 'cifar_ship.jpg')
     page.get_by_role('button', name='Compare', exact=True).click()  # defaults: models that work here
     expect(page.get_by_text('A rollout').first).to_be_visible()
     assert not page.locator('[role=tabpanel]:visible').first.get_by_text('Could not answer').count()
     page.screenshot(path=SHOTS / '4_compare.png', full_page=True)
 
-    page.get_by_role('tab', name='Inspect').click()
+    open_tab(page, 'Inspect')
     upload(page, ROOT / 'examples' / 'rocket.jpg')
     page.get_by_role('button', name='Inspect', exact=True).click()
     expect(page.get_by_text('attention pairs')).to_be_visible()
@@ -181,7 +192,7 @@ def test_compare_answers_with_its_defaults_and_inspect_draws(page):
 
 
 def test_the_cnn_model_hides_the_vit_settings(page):
-    page.get_by_role('tab', name='Train').click()
+    open_tab(page, 'Train')
     page.get_by_text('Model and recipe').click()
     expect(page.get_by_label('Embed dim')).to_be_visible()
     page.get_by_label('ResNet-18, the CNN baseline').check()
@@ -204,7 +215,7 @@ def test_a_trained_model_is_kept_across_a_reload_and_for_other_clients(browser, 
     other = browser.new_page(viewport={'width': 1440, 'height': 1000})  # another tab, open before the run
     other.goto(app_url)
     expect(other.get_by_role('tab', name='Predict')).to_be_visible()
-    page.get_by_role('tab', name='Train').click()
+    open_tab(page, 'Train')
     if not page.get_by_label('Minutes').is_visible():
         page.get_by_text('Model and recipe').click()
     page.get_by_label('Minutes').fill('5')
@@ -218,10 +229,10 @@ def test_a_trained_model_is_kept_across_a_reload_and_for_other_clients(browser, 
     expect(page.get_by_text('saved as trained/browser_run').first).to_be_visible()
     page.screenshot(path=SHOTS / '7_stopped.png', full_page=True)
 
-    page.get_by_role('tab', name='Predict').click()  # the new model is offered without a restart
+    open_tab(page, 'Predict')  # the new model is offered without a restart
     pick(page, 'Model', 'trained/browser_run')
     page.reload()  # and after a reload
-    page.get_by_role('tab', name='Predict').click()
+    open_tab(page, 'Predict')
     pick(page, 'Model', 'trained/browser_run')
     other.bring_to_front()  # a background tab's timers are throttled by the browser
     deadline = time.monotonic() + 60  # the other tab's lists follow the store within 20 s, no reload
@@ -241,7 +252,7 @@ def test_every_tab_at_desktop_and_phone_width(browser, app_url, width, height):
     page.set_default_timeout(90_000)
     page.goto(app_url)
     for number, tab in enumerate(['Predict', 'Train', 'Compare', 'Inspect'], 1):
-        page.get_by_role('tab', name=tab).click()
+        open_tab(page, tab)
         panel = page.locator('[role=tabpanel]:visible').first
         done = {'Predict': 'rollout · all', 'Compare': 'A rollout'}  # text once answered
         if tab != 'Train':
