@@ -2,7 +2,7 @@ import pytest
 from PIL import Image
 
 from vitdemo.backends import DEFAULT_SCRATCH, load_model
-from vitdemo.views import attention_gallery, parse_fusion, predict_view
+from vitdemo.views import attention_gallery, fusion_mode, parse_fusion, predict_view
 
 
 def test_parse_fusion_checks_the_head_against_the_model():
@@ -13,6 +13,10 @@ def test_parse_fusion_checks_the_head_against_the_model():
             parse_fusion('one head', outside, num_heads=3)
     with pytest.raises(ValueError, match='head fusion must be one of'):
         parse_fusion('median', 0, num_heads=3)
+    assert fusion_mode('max') == 'max'
+    for bad in ('one head', 2):  # Compare and click-a-patch fuse by a mode, never one head
+        with pytest.raises(ValueError, match='head fusion must be one of mean, max, min'):
+            fusion_mode(bad)
 
 
 def test_predict_view_gives_labels_a_gallery_per_layer_and_a_description(weights_dir):

@@ -19,6 +19,13 @@ FUSIONS = ['mean', 'max', 'min', 'one head']
 DISPLAY_SIDE = 448  # overlays are drawn at this size: sharp in the gallery, quick to render
 
 
+def fusion_mode(fusion: str) -> Fusion:
+    """A fusion by mode name only (mean, max or min), as Compare and click-a-patch take it."""
+    if fusion not in FUSIONS[:3]:
+        raise ValueError(f'head fusion must be one of {", ".join(FUSIONS[:3])}, not {fusion!r}')
+    return fusion
+
+
 def parse_fusion(fusion: str, head: int | float | None, num_heads: int) -> Fusion:
     """The UI's fusion choice as `attention.Fusion`: a mode name, or a head checked against the model.
     Heads are numbered from 1, as people count, in every tab; `attention` indexes them from 0."""

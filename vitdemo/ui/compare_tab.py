@@ -2,7 +2,7 @@
 import gradio as gr
 
 from ..compare import compare_view
-from ..views import FUSIONS
+from ..views import FUSIONS, fusion_mode
 from .common import (MODEL_WORK, Server, example_picker, image_box, keeps_errors, model_list, published,
                      shows_user_errors)
 
@@ -14,8 +14,7 @@ def compare_tab(server: Server) -> list[gr.Dropdown]:
     @shows_user_errors(server)
     def compare(image: bytes, model_a: str, model_b: str, fusion: str = 'mean', as_cifar10: bool = True,
                 request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
-        if fusion not in FUSIONS[:3]:
-            raise ValueError(f'head fusion must be one of {", ".join(FUSIONS[:3])}, not {fusion!r}')
+        fusion = fusion_mode(fusion)  # checked before any model loads
         a, b, gallery, text = compare_view(server.model(model_a, request, progress),
                                            server.model(model_b, request, progress), image, fusion, bool(as_cifar10))
         return a, b, published(gallery), text

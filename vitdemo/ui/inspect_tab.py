@@ -2,7 +2,7 @@
 import gradio as gr
 
 from ..figures import inspect_view, patch_view
-from ..views import FUSIONS
+from ..views import FUSIONS, fusion_mode
 from ..serving import publish_image
 from .common import MODEL_WORK, Server, Slider, example_picker, image_box, keeps_errors, model_list, shows_user_errors
 
@@ -21,8 +21,7 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
     def look_from_patch(image: bytes, model: str, layer: int, fusion: str, point, request: gr.Request):
         if image is None or point is None:  # nothing clicked yet
             return gr.skip(), gr.skip()
-        if fusion not in FUSIONS[:3]:
-            raise ValueError(f'head fusion must be one of {", ".join(FUSIONS[:3])}, not {fusion!r}')
+        fusion = fusion_mode(fusion)
         picture, caption = patch_view(server.model(model, request), image, tuple(point), layer, fusion)
         return publish_image(picture), caption
 
