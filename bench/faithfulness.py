@@ -4,8 +4,9 @@
     python bench/faithfulness.py --images 20 --steps 10
     python bench/faithfulness.py --weights weights/my_run.safetensors --data ~/data/cifar10
 
-For each image it ranks the patches by each map the model offers (a random order; the last layer's raw
-CLS attention; the rollout; relevance for the predicted class, Chefer et al. 2021; a CNN's Grad-CAM),
+For each image it ranks the patches by the overall map of every method the model offers (see
+`vitdemo.explain`: the last layer's raw CLS attention and the rollout; relevance, Chefer et al. 2021; the
+CAMs; Integrated Gradients, Shapley values and occlusion) for the predicted class, and by a random order;
 blanks them most relevant first (deletion: lower is better) and reveals them on a blank image (insertion:
 higher is better), and prints the mean areas and each map's own cost per image. The images are the ones
 the checkpoint's run held out for validation: never trained on.
@@ -45,6 +46,8 @@ def main() -> None:
         picture = Image.fromarray(images.images[i].permute(1, 2, 0).numpy())
         for score in faithfulness(model, picture, steps=args.steps, seed=i):
             totals.setdefault(score.name, []).append((score.deletion_auc, score.insertion_auc, score.seconds))
+        if (i + 1) % 20 == 0:
+            print(f'{i + 1} images, {time.perf_counter() - start:.0f} s', file=sys.stderr, flush=True)
     n = len(next(iter(totals.values())))
     print(f'{Path(args.weights).name}: {n} held-out images, {args.steps + 1}-point curves, '
           f'{time.perf_counter() - start:.0f} s in all')

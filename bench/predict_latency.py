@@ -3,6 +3,7 @@ plain forward of the same network with the same weights, measured side by side i
 
     python bench/predict_latency.py            # all backends, 30 rounds
     python bench/predict_latency.py --rounds 10 --models timm/vit_tiny_patch16_224
+    python bench/predict_latency.py --explain  # each explanation method's cost, shipped model and ViT-B/16
 
 Speed does not depend on the weights' values, so the pretrained models run on random weights written to a
 temporary folder (no download needed); the scratch model is the shipped checkpoint when present.
@@ -21,6 +22,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from vitdemo.backends import OURS_ARCHS, TIMM_ARCHS, WEIGHTS_DIR, load_model  # noqa: E402
+from vitdemo.explain import METHODS, explain, methods_for  # noqa: E402
 from vitdemo.model import VisionTransformer  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parent.parent / 'examples' / 'cat.jpg'
@@ -50,6 +52,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--rounds', type=int, default=30, help='timed calls per contender')
     parser.add_argument('--models', nargs='*', help='model names (default: every backend)')
+    parser.add_argument('--explain', action='store_true',
+                        help='time every explanation method instead (default models: the shipped one and ViT-B/16)')
     args = parser.parse_args()
 
     weights = Path(tempfile.mkdtemp(prefix='vitdemo-bench-'))
@@ -59,6 +63,9 @@ def main() -> None:
     names = args.models or ([str(scratch)] if scratch.exists() else []) + \
         [f'timm/{a}' for a in TIMM_ARCHS] + [f'ours/{a}' for a in OURS_ARCHS]
 
+    if args.explain:
+        return explanation_costs([load_model(n, weights) for n in (args.models or
+                                  [str(scratch), 'timm/vit_base_patch16_224'])], args.rounds)
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds, median ms\n')
     print(f'{"model":42s} {"timm plain":>10s} {"attention":>10s} {"ratio":>6s} {"predict":>8s}')
     for name in names:
@@ -79,6 +86,28 @@ def main() -> None:
         print(f'{label:42s} {p:10.2f} {a:10.2f} {a / p:5.2f}x {e:8.2f}')
     print('\nattention: the forward pass that also returns every layer\'s attention (what predict runs);'
           '\npredict: end to end from the image file (decode, resize, forward with attention, top-k).')
+
+
+def explanation_costs(models, rounds: int) -> None:
+    """Each method's time for one image (the prediction it explains already made), as a multiple of the
+    model's plain forward pass: medians over `rounds` calls, over 1 call for the slow methods."""
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads; median ms, and x a plain forward\n')
+    for model in models:
+        pred = model.predict(EXAMPLE)
+        x = model.transform(pred.image).unsqueeze(0)
+        with torch.inference_mode():
+            for _ in range(3):
+                model.module(x)
+            plain = statistics.median(time_ms(lambda: model.module(x)) for _ in range(rounds))
+        label = f'scratch ({Path(model.name).name})' if model.name.endswith('.safetensors') else model.name
+        print(f'{label}: plain forward {plain:.1f} ms')
+        print('| method | ms | x plain forward |\n| --- | ---: | ---: |')
+        for method in methods_for(model):
+            explain(model, pred, method)  # warm up: imports, first-call allocations
+            n = 1 if METHODS[method].slow else rounds
+            ms = statistics.median(time_ms(lambda: explain(model, pred, method)) for _ in range(n))
+            print(f'| {METHODS[method].label} | {ms:.1f} | {ms / plain:.1f}x |', flush=True)
+        print()
 
 
 if __name__ == '__main__':

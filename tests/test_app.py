@@ -60,11 +60,11 @@ def test_api_contract_without_a_server(weights_dir):
 
 
 def test_predict_through_the_api_for_scratch_and_timm(client):
-    labels, gallery, text = client.predict(handle_file(str(ROOT / 'examples' / 'cat.jpg')), 'scratch/vit_cifar10',
+    labels, gallery, text, _ = client.predict(handle_file(str(ROOT / 'examples' / 'cat.jpg')), 'scratch/vit_cifar10',
                                            api_name='/predict')
     assert len(labels['confidences']) == 5 and labels['label'] == labels['confidences'][0]['label']
     assert len(gallery) == 2 + 2 and 'scratch/vit_cifar10' in text
-    labels, gallery, _ = client.predict(handle_file(str(ROOT / 'examples' / 'coffee.jpg')),
+    labels, gallery, _, _ = client.predict(handle_file(str(ROOT / 'examples' / 'coffee.jpg')),
                                         'timm/vit_tiny_patch16_224', 3, 'max', api_name='/predict')
     assert len(labels['confidences']) == 3 and len(gallery) == 12 + 2
 
@@ -96,7 +96,7 @@ def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(client, tmp_p
                        api_name='/predict')
     assert 'weights/vit_base_patch16_224.safetensors' in str(missing.value)
     assert str(client.demo_weights) not in str(missing.value)  # no server paths in messages
-    labels, _, _ = client.predict(handle_file(str(ROOT / 'examples' / 'cifar_ship.jpg')), 'scratch/vit_cifar10',
+    labels, _, _, _ = client.predict(handle_file(str(ROOT / 'examples' / 'cifar_ship.jpg')), 'scratch/vit_cifar10',
                                   api_name='/predict')
     assert labels['confidences']
 
@@ -140,7 +140,7 @@ def test_hostile_uploads_are_refused_clearly_and_leave_nothing_on_disk(client, t
     before = files_under(GRADIO_TEMP_DIR)
     for name, (path, expected) in hostile_uploads(tmp_path).items():
         if expected is None:
-            labels, gallery, _ = client.predict(handle_file(str(path)), 'scratch/vit_cifar10', api_name='/predict')
+            labels, gallery, _, _ = client.predict(handle_file(str(path)), 'scratch/vit_cifar10', api_name='/predict')
             assert labels['confidences'] and gallery, name
         else:
             with pytest.raises(Exception, match=expected):
@@ -179,7 +179,7 @@ def test_train_tab_through_the_api_then_predict_with_the_new_model(tmp_path, wei
         assert (tmp_path / 'weights' / 'trained' / 'tiny_run.safetensors').exists()
         assert loss['columns'] == ['epoch', 'value', 'split'] and loss['data'] and picture
         # a fresh client, as after a page reload or from another machine: the new model is usable
-        labels, _, _ = connect(port, tmp_path / 'downloads').predict(
+        labels, *_ = connect(port, tmp_path / 'downloads').predict(
             handle_file(str(ROOT / 'examples' / 'cat.jpg')), 'trained/tiny_run', api_name='/predict')
         assert {c['label'] for c in labels['confidences']} <= {f'c{i}' for i in range(10)}
     finally:

@@ -137,14 +137,31 @@ def test_pick_a_class_and_a_method_and_see_its_relevance(page):
     pick(page, 'Model', 'scratch/vit_cifar10')
     upload(page, ROOT / 'examples' / 'cifar_ship.jpg')
     expect(page.get_by_text('rollout · all 2 layers')).to_be_visible()
-    page.get_by_label('relevance for a class (Chefer et al. 2021)').check()
+    pick(page, 'Explain with', 'relevance for a class (Chefer et al. 2021)')
     pick(page, 'Class to explain', 'truck')
     expect(page.get_by_text('after layer 2 · truck')).to_be_visible()
     expect(page.get_by_text('for the class truck').first).to_be_visible()
     page.get_by_role('button', name='Sanity check: redraw the weights at random, does the map change?').click()
     expect(page.get_by_text('rank correlation of the two maps').first).to_be_visible()
     page.screenshot(path=SHOTS / '2b_relevance_for_a_class.png', full_page=True)
-    page.get_by_label('attention (the same for every class)').check()
+    pick(page, 'Explain with', 'attention (the same for every class)')
+
+
+def test_every_head_with_dinos_threshold_and_a_slow_method_stopped(page):
+    open_tab(page, 'Predict')
+    pick(page, 'Model', 'timm/vit_tiny_patch16_224')
+    upload(page, ROOT / 'examples' / 'cat.jpg')
+    expect(page.get_by_text('rollout · all 12 layers')).to_be_visible()
+    pick(page, 'Explain with', 'every head of one layer')
+    expect(page.get_by_text('layer 12 · head 3')).to_be_visible()
+    expect(page.get_by_text('How focused the CLS token is').first).to_be_visible()
+    page.screenshot(path=SHOTS / '2c_every_head.png', full_page=True)
+    pick(page, 'Explain with', 'Shapley values of patches for a class (slow)')
+    expect(page.locator('.progress-text, .eta-bar, .progress-level').first).to_be_attached()
+    page.get_by_role('button', name='Stop', exact=True).click()
+    expect(page.get_by_text('stopped at').first).to_be_visible()
+    page.screenshot(path=SHOTS / '2d_stopped.png', full_page=True)
+    pick(page, 'Explain with', 'attention (the same for every class)')
 
 
 def test_the_head_slider_follows_the_model(page):
@@ -241,7 +258,7 @@ def test_a_trained_model_is_kept_across_a_reload_and_for_other_clients(browser, 
         time.sleep(2)
     other.close()
     from gradio_client import Client, handle_file
-    labels, _, _ = Client(app_url, verbose=False, download_files=str(tmp_path)).predict(
+    labels, *_ = Client(app_url, verbose=False, download_files=str(tmp_path)).predict(
         handle_file(str(ROOT / 'examples' / 'cat.jpg')), 'trained/browser_run', api_name='/predict')
     assert {c['label'] for c in labels['confidences']} <= {f'class{i}' for i in range(10)}
 

@@ -85,9 +85,9 @@ def test_predict_and_compare_show_grad_cam_for_the_cnn(trained, weights_dir):
     assert 'scratch/resnet18_colours' in list_models(weights_dir)
     cnn = load_model('scratch/resnet18_colours', weights_dir)
     red = Image.fromarray(colour_data(n=4, seed=9).images[0].permute(1, 2, 0).numpy())  # a noisy red, as trained
-    labels, gallery, text = predict_view(cnn, red, top_k=2, fusion='one head', head=7)  # no heads: ignored
+    labels, gallery, text, *_ = predict_view(cnn, red, top_k=2, fusion='one head', head=7)  # no heads: ignored
     assert next(iter(labels)) == 'red' and 'Grad-CAM' in text and 'CNN' in cnn.description
-    assert [c for _, c in gallery][1:] == [f'stage {i} · Grad-CAM {s}x{s}'
+    assert [c for _, c in gallery][1:] == [f'stage {i} · {s}x{s} · red'
                                            for i, s in [(1, 32), (2, 16), (3, 8), (4, 4)]]
     vit = ModelCache(weights_dir=weights_dir).get('scratch/vit_cifar10')  # 2 layers
     scores_a, scores_b, pairs, text = compare_view(vit, cnn, red)

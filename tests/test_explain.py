@@ -1,13 +1,18 @@
 """The explanation interface: every method through `explain`, pinned to a reference computation."""
+import math
+from dataclasses import replace
+
 import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, randomize_
+from conftest import ROOT, TINY_CIFAR, randomize_
 from vitdemo.backends import DEFAULT_SCRATCH, load_model
 from vitdemo.cnn import CifarResNet, ResNetConfig
-from vitdemo.explain import explain, methods_for, rank_correlation, sanity_check
-from vitdemo.views import predict_view, sanity_view
+from vitdemo.explain import Stopped, explain, focus, mass_mask, methods_for, rank_correlation, sanity_check, twin
+from vitdemo.model import VisionTransformer
+from vitdemo import views
+from vitdemo.views import Explanations, predict_view, sanity_view
 from vitdemo.weights import save_checkpoint
 
 CAT = ROOT / 'examples' / 'cat.jpg'
@@ -54,7 +59,7 @@ def test_gradcam_for_a_chosen_class(tmp_path):
     cnn = randomize_(CifarResNet(ResNetConfig()), seed=5)
     save_checkpoint(tmp_path / 'cnn.safetensors', cnn, CLASSES, mean=[0.5] * 3, std=[0.25] * 3)
     model = load_model(tmp_path / 'cnn.safetensors')
-    assert methods_for(model) == ['gradcam']
+    assert methods_for(model)[0] == 'gradcam'
     pred = model.predict(str(CAT))
     top = explain(model, pred, 'gradcam')  # the predicted class: what predict itself drew
     assert top.target == CLASSES[int(pred.probs.argmax())]
@@ -65,23 +70,250 @@ def test_gradcam_for_a_chosen_class(tmp_path):
     assert chosen.target == other and any(not torch.allclose(a, b) for (_, a), (_, b) in zip(top.maps, chosen.maps))
 
 
-def test_models_offer_what_they_can_and_refuse_the_rest(weights_dir):
+def test_models_offer_what_they_can_and_refuse_the_rest(weights_dir, tmp_path):
     timm_model = load_model('timm/vit_tiny_patch16_224', weights_dir)
-    assert methods_for(timm_model) == ['attention']
-    with pytest.raises(ValueError, match='relevance needs our ViT code: pick the ours/ twin'):
-        explain(timm_model, Image.new('RGB', (64, 64)), 'relevance')
+    assert methods_for(timm_model) == ['attention', 'heads', 'relevance', 'gradcam', 'gradcam++', 'scorecam',
+                                       'eigencam', 'ig', 'shapley', 'occlusion']
+    assert 'tokens' in methods_for(load_model('timm/deit_small_distilled_patch16_224', weights_dir))
+    cnn = randomize_(CifarResNet(ResNetConfig()), seed=5)
+    save_checkpoint(tmp_path / 'cnn.safetensors', cnn, CLASSES, mean=[0.5] * 3, std=[0.25] * 3)
+    cnn_methods = methods_for(load_model(tmp_path / 'cnn.safetensors'))
+    assert cnn_methods[0] == 'gradcam' and not {'attention', 'heads', 'relevance', 'tokens'} & set(cnn_methods)
+    with pytest.raises(ValueError, match="offers attention, heads.*not 'tokens'"):
+        explain(timm_model, Image.new('RGB', (64, 64)), 'tokens')
     model = load_model(DEFAULT_SCRATCH, weights_dir)
     with pytest.raises(ValueError, match="'zebra' is not one of this model's 10 classes"):
         explain(model, str(CAT), 'relevance', 'zebra')
 
 
+def test_relevance_of_timm_code_equals_relevance_of_ours_on_the_same_weights(weights_dir):
+    image = Image.open(ROOT / 'examples' / 'coffee.jpg')
+    theirs, ours = (explain(load_model(f'{kind}/vit_tiny_patch16_224', weights_dir), image, 'relevance', 'espresso')
+                    for kind in ('timm', 'ours'))
+    for (_, a), (_, b) in zip(theirs.maps, ours.maps):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
+    assert theirs.target == 'espresso' and len(theirs.maps) == 12
+
+
+def normalised(m):
+    m = torch.as_tensor(m, dtype=torch.float32)
+    return (m - m.min()) / (m.max() - m.min()).clamp_min(1e-7)
+
+
+def test_hand_written_cnn_gradcam_matches_pytorch_grad_cam_at_every_stage(tmp_path):
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    cnn = randomize_(CifarResNet(ResNetConfig()), seed=7)
+    save_checkpoint(tmp_path / 'cnn.safetensors', cnn, CLASSES, mean=[0.5] * 3, std=[0.25] * 3)
+    model = load_model(tmp_path / 'cnn.safetensors')
+    pred = model.predict(str(CAT))
+    ours = explain(model, pred, 'gradcam', 'ship')
+    x = model.transform(pred.image).unsqueeze(0)
+    stages = [model.module.layer1, model.module.layer2, model.module.layer3, model.module.layer4]
+    for (caption, m), stage in zip(ours.maps, stages):
+        cam = GradCAM(model=model.module, target_layers=[stage])
+        cam.get_target_width_height = lambda _, m=m: m.shape[::-1]  # the stage's own size: no resizing
+        theirs = cam(input_tensor=x, targets=[ClassifierOutputTarget(CLASSES.index('ship'))])[0]
+        cam.activations_and_grads.release()
+        torch.testing.assert_close(normalised(m), normalised(theirs), atol=1e-4, rtol=1e-3, msg=caption)
+
+
+def last_block_gradcam(module, x, index, prefix):
+    """Grad-CAM on a ViT's last block written out: the gradient of the class score at the last block's first
+    norm, averaged over the patch tokens, weights that norm's channels; negatives dropped."""
+    kept = {}
+    handle = module.blocks[-1].norm1.register_forward_hook(lambda m, i, o: kept.update(tokens=o))
+    with torch.enable_grad():
+        logits = module(x)
+        grad, = torch.autograd.grad(logits[0, index], kept['tokens'])
+    handle.remove()
+    tokens, grad = kept['tokens'][0, prefix:].detach(), grad[0, prefix:]
+    return torch.relu((tokens * grad.mean(0)).sum(-1))
+
+
+def test_vit_gradcam_through_the_library_is_grad_cam_on_the_last_block_tokens(weights_dir):
+    model = load_model(DEFAULT_SCRATCH, weights_dir)
+    pred = model.predict(str(CAT))
+    got = explain(model, pred, 'gradcam', 'dog')
+    expected = last_block_gradcam(model.module, model.transform(pred.image)[None], CLASSES.index('dog'), 1)
+    torch.testing.assert_close(normalised(got.overall[1]), normalised(expected.reshape(pred.grid)), atol=1e-4,
+                               rtol=1e-3)
+    assert got.target == 'dog' and got.overall[1].shape == pred.grid
+
+
+def test_the_other_cams_run_on_a_vit_and_a_cnn_and_eigencam_ignores_the_class(weights_dir, tmp_path):
+    vit = load_model(DEFAULT_SCRATCH, weights_dir)
+    pred = vit.predict(str(CAT))
+    for method in ('gradcam++', 'scorecam', 'eigencam'):
+        heat = explain(vit, pred, method, 'dog').overall[1]
+        assert heat.shape == pred.grid and torch.isfinite(heat).all()
+    shipped = load_model(ROOT / 'weights' / 'vit_cifar10.safetensors')  # a trained model: its classes differ
+    a, b = (explain(shipped, str(CAT), 'scorecam', c).overall[1] for c in ('cat', 'truck'))
+    assert a.max() > 0 and not torch.allclose(a, b)
+    save_checkpoint(tmp_path / 'cnn.safetensors', randomize_(CifarResNet(ResNetConfig()), seed=5), CLASSES,
+                    mean=[0.5] * 3, std=[0.25] * 3)
+    cnn = load_model(tmp_path / 'cnn.safetensors')
+    pred = cnn.predict(str(CAT))
+    a, b = (explain(cnn, pred, 'gradcam++', c).overall[1] for c in ('dog', 'truck'))
+    assert a.shape == pred.grid and a.max() > 0 and not torch.allclose(a, b)
+    a, b = (explain(cnn, pred, 'eigencam', c) for c in ('dog', 'truck'))
+    assert a.target is None and a.overall[1].max() > 0 and torch.equal(a.overall[1], b.overall[1])
+
+
+def probability(model, x, index):
+    with torch.no_grad():
+        return float(model.module(x).softmax(-1)[0, index])
+
+
+def test_integrated_gradients_add_up_to_the_change_in_probability(weights_dir):
+    """Completeness (Sundararajan et al. 2017): the attributions sum to p(image) - p(blank image)."""
+    model = load_model(DEFAULT_SCRATCH, weights_dir)
+    pred = model.predict(str(CAT))
+    e = explain(model, pred, 'ig', 'cat')
+    x = model.transform(pred.image)[None]
+    change = probability(model, x, 3) - probability(model, torch.zeros_like(x), 3)
+    assert float(e.maps[0][1].sum()) == pytest.approx(change, abs=0.02 * abs(change) + 1e-4)
+    assert float(e.overall[1].sum()) == pytest.approx(float(e.maps[0][1].sum()), abs=1e-5)  # patches sum pixels
+    assert e.maps[0][1].shape == (32, 32) and e.overall[1].shape == pred.grid
+
+
+def test_occlusion_is_the_drop_in_probability_when_one_patch_is_blanked(weights_dir):
+    model = load_model(DEFAULT_SCRATCH, weights_dir)
+    pred = model.predict(str(CAT))
+    drop = explain(model, pred, 'occlusion', 'cat').overall[1]
+    x = model.transform(pred.image)[None]
+    for r, c in [(0, 0), (1, 2), (3, 3)]:
+        blanked = x.clone()
+        blanked[..., r * 8:(r + 1) * 8, c * 8:(c + 1) * 8] = 0
+        assert float(drop[r, c]) == pytest.approx(probability(model, x, 3) - probability(model, blanked, 3),
+                                                  abs=1e-5)
+
+
+def test_shapley_values_of_the_patches_add_up_to_the_change_in_probability(weights_dir):
+    """Efficiency: every sampled order's contributions telescope, so they sum to p(image) - p(blank)."""
+    model = load_model(DEFAULT_SCRATCH, weights_dir)
+    pred = model.predict(str(CAT))
+    values = explain(model, pred, 'shapley', 'cat').overall[1]
+    x = model.transform(pred.image)[None]
+    assert float(values.sum()) == pytest.approx(probability(model, x, 3) - probability(model, torch.zeros_like(x), 3),
+                                                abs=1e-4)
+
+
+def test_every_head_of_a_layer_and_dinos_threshold(weights_dir):
+    model = load_model(DEFAULT_SCRATCH, weights_dir)
+    pred = model.predict(str(CAT))
+    e = explain(model, pred, 'heads', layer=1)
+    assert [c for c, _ in e.maps] == [f'layer 1 · head {h}' for h in range(1, 5)] and e.target is None
+    for h, (_, m) in enumerate(e.maps):
+        torch.testing.assert_close(m, pred.attentions[0, h, 0, 1:].reshape(pred.grid))
+    cut = explain(model, pred, 'heads', layer=2, keep=0.6)
+    for h, (_, m) in enumerate(cut.maps):
+        full = pred.attentions[1, h, 0, 1:]
+        kept = m.flatten() > 0
+        assert full[kept].sum() >= 0.6 * full.sum() - 1e-6  # the kept patches hold the share asked for
+        assert full[kept].sum() - full[kept].min() < 0.6 * full.sum() + 1e-6  # and none of them is spare
+    assert mass_mask(torch.tensor([0.5, 0.3, 0.1, 0.1]), 0.6).tolist() == [1, 1, 0, 0]
+    with pytest.raises(ValueError, match='this model has 2 layers: choose a layer from 1 to 2'):
+        explain(model, pred, 'heads', layer=3)
+
+
+def test_deits_two_tokens_side_by_side(weights_dir):
+    model = load_model('timm/deit_small_distilled_patch16_224', weights_dir)
+    pred = model.predict(str(CAT))
+    e = explain(model, pred, 'tokens')
+    assert e.paired and e.target is None and len(e.maps) == 2 * 12 + 2
+    assert [c for c, _ in e.maps[:2]] == ['layer 1 · CLS', 'layer 1 · distillation']
+    fused = pred.attentions.mean(1)
+    torch.testing.assert_close(e.maps[22][1], fused[11, 0, 2:].reshape(14, 14))
+    torch.testing.assert_close(e.maps[23][1], fused[11, 1, 2:].reshape(14, 14))
+    assert not torch.allclose(e.maps[22][1], e.maps[23][1])
+
+
+def test_a_mean_pooled_vit_is_not_explained_by_its_cls_token(tmp_path):
+    vit = randomize_(VisionTransformer(replace(TINY_CIFAR, global_pool='avg')), seed=11)
+    save_checkpoint(tmp_path / 'avg.safetensors', vit, CLASSES, mean=[0.5] * 3, std=[0.25] * 3)
+    model = load_model(tmp_path / 'avg.safetensors')
+    pred = model.predict(str(CAT))
+    attention = explain(model, pred, 'attention')
+    assert 'mean of its patch tokens' in attention.description
+    torch.testing.assert_close(attention.maps[0][1], pred.attentions[0].mean(0)[1:, 1:].mean(0).reshape(pred.grid))
+    x = model.transform(pred.image)[None]
+    logits, attentions = vit.forward_with_attention(x)
+    for a in attentions:
+        a.retain_grad()
+    logits[0, 5].backward()
+    r = torch.eye(17)
+    for a in attentions:
+        r = r + (a.grad[0] * a[0]).clamp(min=0).mean(0).detach() @ r
+    got = explain(model, pred, 'relevance', 'dog').overall[1]
+    torch.testing.assert_close(got, r[1:, 1:].mean(0).reshape(pred.grid), atol=1e-5, rtol=1e-4)
+
+
+def test_a_slow_method_reports_progress_and_stops_when_told(weights_dir):
+    model = load_model('timm/vit_tiny_patch16_224', weights_dir)
+    pred = model.predict(str(CAT))
+    seen = []
+
+    def stop_at_half(share):
+        seen.append(share)
+        if share >= 0.5:
+            raise Stopped('stopped')
+    with pytest.raises(Stopped):
+        explain(model, pred, 'occlusion', progress=stop_at_half)
+    assert seen == sorted(seen) and seen[0] == 0 and 0.5 <= seen[-1] < 1
+    shares = []
+    explain(model, pred, 'scorecam', progress=shares.append)
+    assert len(shares) > 3 and shares == sorted(shares)
+    # the libraries worked on a twin: no hooks and no gradients were left on the shared model
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.module.modules()
+                   if not m.__class__.__name__ == 'Dropout')
+    assert all(p.grad is None for p in model.module.parameters())
+
+
+def test_a_twin_shares_the_weights_and_nothing_else(weights_dir):
+    module = load_model(DEFAULT_SCRATCH, weights_dir).module
+    copy_ = twin(module)
+    handle = copy_.blocks[0].register_forward_hook(lambda *a: None)
+    assert not module.blocks[0]._forward_hooks and copy_.blocks[0] is not module.blocks[0]
+    handle.remove()
+    for (name, p), q in zip(module.named_parameters(), copy_.parameters(recurse=True)):
+        assert p.data_ptr() == q.data_ptr() and not q.requires_grad, name
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(copy_(x), module(x))
+
+
+def test_focus_is_the_entropy_of_the_cls_attention(weights_dir):
+    pred = load_model(DEFAULT_SCRATCH, weights_dir).predict(str(CAT))
+    uniform, peaked = torch.full((17,), 1 / 17), torch.zeros(17)
+    peaked[5] = 1.0
+    pred.attentions = torch.stack([uniform, peaked])[:, None, None, :].expand(2, 4, 17, 17)
+    assert focus(pred) == pytest.approx([math.log(16), 0.0], abs=1e-5)
+
+
 def test_the_predict_view_explains_the_chosen_class(weights_dir):
     model = load_model(DEFAULT_SCRATCH, weights_dir)
-    labels, gallery, text = predict_view(model, str(CAT), method='relevance', target='ship')
+    labels, gallery, text, focus_line, columns = predict_view(model, str(CAT), method='relevance', target='ship')
     depth = model.module.config.depth
-    assert [c for _, c in gallery][1:] == [f'after layer {i} · ship' for i in range(1, depth + 1)] + \
-        [f'relevance · all {depth} layers']
-    assert 'for the class **ship**' in text
+    # the overall map is the last layer's: shown once
+    assert [c for _, c in gallery] == ['input (bright: what it sees)'] + \
+        [f'after layer {i} · ship' for i in range(1, depth + 1)]
+    assert 'for the class **ship**' in text and columns == 3
+    assert list(focus_line.columns) == ['layer', 'entropy', 'line'] and len(focus_line) == 2 * depth
+    heads = predict_view(model, str(CAT), method='heads', layer=1, keep=0.6)
+    assert [c for _, c in heads.gallery][1:] == [f'layer 1 · head {h}' for h in range(1, 5)] + \
+        ['layer 1 · mean of 4 heads']
+    assert "cut to the patches holding 60% of each head's attention (DINO)" in heads.text
+
+
+def test_deit_tokens_are_drawn_in_pairs_and_a_redraw_reuses_the_explanation(weights_dir, monkeypatch):
+    model = load_model('timm/deit_small_distilled_patch16_224', weights_dir)
+    remembered = Explanations()
+    view = predict_view(model, str(CAT), method='tokens', remembered=remembered)
+    assert view.columns == 2 and [c for _, c in view.gallery][:2] == ['layer 1 · CLS · mean of 6 heads',
+                                                                     'layer 1 · distillation · mean of 6 heads']
+    monkeypatch.setattr(views, 'explain', lambda *a, **k: pytest.fail('explained again'))
+    again = predict_view(model, str(CAT), method='tokens', opacity=0.2, remembered=remembered)
+    assert [c for _, c in again.gallery] == [c for _, c in view.gallery]
 
 
 def test_the_sanity_check_redraws_the_weights_and_leaves_the_model_alone(weights_dir):

@@ -26,7 +26,13 @@ def test_curves_start_and_end_where_they_must(weights_dir):
 def test_every_map_of_the_model_is_scored_against_random(weights_dir):
     model = load_model(DEFAULT_SCRATCH, weights_dir)
     scores = faithfulness(model, Image.new('RGB', (48, 48), (30, 90, 200)), steps=5)
-    assert [s.name for s in scores] == ['random order', 'last-layer attention', 'rollout', 'relevance']
+    fast = ['random order', 'last-layer attention', 'rollout', 'relevance', 'Grad-CAM', 'Grad-CAM++', 'EigenCAM']
+    assert [s.name for s in scores] == fast[:-1] + ['Score-CAM', 'EigenCAM', 'Integrated Gradients',
+                                                    'Shapley values', 'occlusion']
+    shares = []
+    quick = faithfulness(model, Image.new('RGB', (48, 48), (30, 90, 200)), steps=5, slow=False,
+                         progress=shares.append)
+    assert [s.name for s in quick] == fast and shares == sorted(shares) and shares[-1] < 1
     assert all(len(s.deletion) == len(s.insertion) == 6 and 0 <= s.deletion_auc <= 1 for s in scores)
     assert isinstance(verdict(scores), str)
 
@@ -61,4 +67,6 @@ def test_the_faithfulness_bench_runs_on_a_handful_of_images(tmp_path):
     rows = [line for line in out.stdout.splitlines() if line.startswith('| ') and not line.startswith('| map')
             and not line.startswith('| ---')]
     assert '3 held-out images' in out.stdout
-    assert [r.split(' | ')[0][2:] for r in rows] == ['random order', 'last-layer attention', 'rollout', 'relevance']
+    assert [r.split(' | ')[0][2:] for r in rows][:5] == ['random order', 'last-layer attention', 'rollout',
+                                                         'relevance', 'Grad-CAM']
+    assert len(rows) == 11  # every method the ViT offers that ranks patches, and random

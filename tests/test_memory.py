@@ -26,7 +26,7 @@ def test_two_hundred_predictions_do_not_grow_resident_memory(weights_dir):
         predict_view(model, image)
     before = resident_mb()
     for _ in range(200):
-        labels, gallery, _ = predict_view(model, image)
+        labels, gallery, _, *_ = predict_view(model, image)
     growth = resident_mb() - before
     print(f'resident memory: {before:.0f} MB, then {growth:+.1f} MB after 200 predictions')
     assert len(gallery) == 4 and growth < BUDGET_MB

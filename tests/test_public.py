@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 import httpx
@@ -20,11 +21,13 @@ from PIL import Image
 
 import app
 from vitdemo.ui import compare_tab, inspect_tab, predict_tab
+from vitdemo.ui.common import Server
 from conftest import ROOT
 from test_app import connect, free_port
 from test_memory import STATUS, resident_mb
 from test_train import CONFIG, colour_data
-from vitdemo.backends import ModelCache
+from vitdemo.backends import ModelCache, load_model
+from vitdemo.explain import Stopped, explain
 from vitdemo.cnn import ResNetConfig
 from vitdemo.model import ViTConfig
 from vitdemo.policy import MB, ServerPolicy, check_training, estimate_training_memory
@@ -57,6 +60,7 @@ def public_store(weights_dir: Path, tmp_path: Path, **caps) -> ModelStore:
 def test_public_mode_follows_the_environment():
     assert not ServerPolicy.from_env({}).public and ServerPolicy.from_env({}).max_train_minutes is None
     space = ServerPolicy.from_env({'SPACE_ID': 'someone/vitdemo'})
+    assert space.max_explain_seconds == 90 and ServerPolicy.from_env({}).max_explain_seconds is None
     assert space.public and space.max_train_minutes == 30 and space.queued_per_session == 6
     assert ServerPolicy.from_env({'VITDEMO_PUBLIC': '1', 'VITDEMO_MAX_TRAIN_MINUTES': '5'}).max_train_minutes == 5
     assert ServerPolicy.from_env({'VITDEMO_STORE_MAX_FILES': '7'}).store_max_files == 7  # caps apply locally too
@@ -298,7 +302,7 @@ def test_one_session_flooding_the_queue_is_refused_alone(weights_dir, tmp_path, 
         flooder = connect(port, tmp_path)
         flood = [flooder.submit(handle_file(CAT), 'scratch/vit_cifar10', api_name='/predict') for _ in range(8)]
         time.sleep(0.3)
-        labels, _, _ = connect(port, tmp_path).predict(handle_file(CAT), 'scratch/vit_cifar10', api_name='/predict')
+        labels, *_ = connect(port, tmp_path).predict(handle_file(CAT), 'scratch/vit_cifar10', api_name='/predict')
         assert labels['confidences']  # another visitor is answered meanwhile
         outcomes = []
         for job in flood:
@@ -353,7 +357,7 @@ def test_uploads_past_the_folders_budget_are_refused(weights_dir, tmp_path):
         delete_files_created_by_app(demo, None)  # Gradio's sweep (every 5 minutes in public mode) ...
         time.sleep(1.1)
         # ... makes room again: an upload with a prediction is answered
-        labels, _, _ = connect(port, tmp_path).predict(handle_file(CAT), 'scratch/vit_cifar10', api_name='/predict')
+        labels, *_ = connect(port, tmp_path).predict(handle_file(CAT), 'scratch/vit_cifar10', api_name='/predict')
     finally:
         demo.close()
     assert labels['confidences'] is not None
@@ -407,7 +411,7 @@ def test_an_output_drawn_again_is_not_rewritten_in_place(tmp_path):
 
 
 def test_two_identical_predictions_share_files_and_rewrite_none(client):
-    _, gallery, _ = client.predict(handle_file(CAT), 'scratch/vit_cifar10', api_name='/predict')
+    _, gallery, *_ = client.predict(handle_file(CAT), 'scratch/vit_cifar10', api_name='/predict')
     # the server's copies of the gallery in Gradio's cache, by inode and modification time
     files = {p: (p.stat().st_ino, p.stat().st_mtime_ns)
              for p in Path(os.environ['GRADIO_TEMP_DIR']).rglob('image.jpeg')}
@@ -451,17 +455,18 @@ def raw_call(port: int, api_name: str, data: str) -> str:
 
 def test_bad_numbers_from_raw_calls_get_clear_messages_and_one_log_line(port, caplog):
     caplog.set_level(logging.INFO, logger='vitdemo.server')
-    # model, top-k, fusion, head, opacity, discard ratio, colour scale, method, class
-    form = ['"scratch/vit_cifar10"', '5', '"mean"', '1', '0.6', '0.9', '"own"', '"attention"', '""']
+    # model, top-k, fusion, head, opacity, discard ratio, colour scale, method, class, layer, share kept
+    form = ['"scratch/vit_cifar10"', '5', '"mean"', '1', '0.6', '0.9', '"own"', '"attention"', '""', '0', '0']
     for changes, message in [({1: 'null'}, 'top-k must be a number, got None'),
                              ({1: '"five"'}, "top-k must be a number, got 'five'"),
                              ({4: 'NaN'}, 'overlay opacity must be between 0 and 1'),
                              ({5: 'NaN'}, 'rollout discard ratio must be between'),
-                             ({2: '"one head"', 3: '"two"'}, "head must be a number, got 'two'")]:
+                             ({2: '"one head"', 3: '"two"'}, "head must be a number, got 'two'"),
+                             ({10: '1.5'}, 'share of attention to keep must be between 0 and 0.99')]:
         answer = raw_call(port, 'predict', ', '.join(changes.get(i, v) for i, v in enumerate(form)))
         assert 'event: error' in answer and message in answer, answer
     refusals = [r for r in caplog.records if r.getMessage().startswith('refused predict')]
-    assert len(refusals) == 5 and all(r.exc_info is None and '\n' not in r.getMessage() for r in refusals)
+    assert len(refusals) == 6 and all(r.exc_info is None and '\n' not in r.getMessage() for r in refusals)
     # and the server goes on
     assert 'event: complete' in raw_call(port, 'predict', ', '.join(form))
 
@@ -478,3 +483,35 @@ def port(weights_dir):
 @pytest.fixture(scope='module')
 def client(port, tmp_path_factory):
     return connect(port, tmp_path_factory.mktemp('downloads'))
+
+
+def test_a_slow_explanation_stops_at_the_servers_limit_or_when_its_session_asks(weights_dir):
+    model = load_model('timm/vit_tiny_patch16_224', weights_dir)
+    pred = model.predict(CAT)
+    alice, bob = SimpleNamespace(session_hash='alice'), SimpleNamespace(session_hash='bob')
+    server = Server(ModelCache(weights_dir=weights_dir), None, ServerPolicy(max_explain_seconds=0.3))
+    start = time.monotonic()
+    with pytest.raises(Stopped, match=r'Shapley values took longer than this server allows one explanation \(0.3 s\)'):
+        explain(model, pred, 'shapley', progress=server.explaining(alice, None, 'Shapley values'))
+    assert time.monotonic() - start < 5  # stopped within a batch or two, not after the whole method
+    # Stop ends the explanation of the session that asked, and no other
+    server = Server(ModelCache(weights_dir=weights_dir), None, ServerPolicy())
+    alices, bobs = server.explaining(alice, None, 'x'), server.explaining(bob, None, 'x')
+    server.stop(alice)
+    with pytest.raises(Stopped, match='x stopped at 40%, as asked'):
+        alices(0.4)
+    bobs(0.5)
+    server.explaining(alice, None, 'x')(0.1)  # the session's next explanation starts afresh
+    with pytest.raises(Stopped):
+        explain(model, pred, 'occlusion', progress=stop_soon(server, alice))
+
+
+def stop_soon(server, request):
+    """A progress callback whose session presses Stop once the work is under way."""
+    tell = server.explaining(request, None, 'occlusion')
+
+    def progress(share):
+        if share > 0:
+            server.stop(request)
+        tell(share)
+    return progress

@@ -21,7 +21,7 @@ def test_parse_fusion_checks_the_head_against_the_model():
 
 def test_predict_view_gives_labels_a_gallery_per_layer_and_a_description(weights_dir):
     model = load_model(DEFAULT_SCRATCH, weights_dir)
-    labels, gallery, text = predict_view(model, Image.new('RGB', (900, 300), (120, 30, 60)), top_k=3,
+    labels, gallery, text, *_ = predict_view(model, Image.new('RGB', (900, 300), (120, 30, 60)), top_k=3,
                                          fusion='one head', head=1, opacity=0.5, discard_ratio=0.5)
     assert len(labels) == 3 and set(labels) <= set(model.classes)
     depth = model.module.config.depth

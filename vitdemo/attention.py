@@ -40,34 +40,36 @@ def cls_attention(attentions: torch.Tensor, grid: tuple[int, int], num_prefix_to
 
 def rollout(attentions: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int = 1,
             fusion: Fusion = 'mean', discard_ratio: float = 0.0) -> torch.Tensor:
-    """Attention rollout (Abnar & Zuidema, 2020): how much each patch flows into CLS through all layers.
+    """Attention rollout (Abnar & Zuidema, 2020): how much each patch flows into CLS through all layers,
+    (rows, cols). See `rollout_matrix`."""
+    flow = rollout_matrix(fuse_heads(attentions, fusion).float(), discard_ratio)
+    return flow[0, num_prefix_tokens:].reshape(*grid)
 
-    Each layer's fused attention gets the residual connection added (0.5 A + 0.5 I, rows re-normalised),
-    and the layers are multiplied in order. `discard_ratio` first zeroes that fraction of the weakest
-    weights per layer (never those from or to CLS), which sharpens the map (Gildenblat's variant).
-    Returns (rows, cols) CLS-to-patch flow.
+
+def rollout_matrix(fused: torch.Tensor, discard_ratio: float = 0.0) -> torch.Tensor:
+    """Attention rollout over every token: (layers, T, T) fused attention -> (T, T), row i how much each
+    token flows into token i through all layers.
+
+    Each layer's attention gets the residual connection added (0.5 A + 0.5 I, rows re-normalised), and the
+    layers are multiplied in order. `discard_ratio` first zeroes that fraction of the weakest weights per
+    layer (never those from or to the first token, CLS), which sharpens the map (Gildenblat's variant).
     """
-    assert 0.0 <= discard_ratio < 1.0, f'discard_ratio must be in [0, 1), got {discard_ratio}'
-    fused = fuse_heads(attentions, fusion).float()
-    tokens = fused.shape[-1]
-    eye = torch.eye(tokens)
+    if not 0.0 <= discard_ratio < 1.0:
+        raise ValueError(f'the rollout discard ratio must be in [0, 1), got {discard_ratio}')
+    eye = torch.eye(fused.shape[-1])
     result = eye.clone()
     for a in fused:
-        if discard_ratio > 0:
-            a = a.clone()
-            flat = a.flatten()
-            k = int(flat.numel() * discard_ratio)
-            if k:
-                keep = torch.ones_like(flat, dtype=torch.bool)
-                keep[flat.topk(k, largest=False).indices] = False
-                keep = keep.view_as(a)
-                keep[0, :] = True  # CLS row and column carry the signal we are tracing
-                keep[:, 0] = True
-                a = a * keep
+        k = int(a.numel() * discard_ratio)
+        if k:
+            keep = torch.ones(a.numel(), dtype=torch.bool)
+            keep[a.flatten().topk(k, largest=False).indices] = False
+            keep = keep.view_as(a)
+            keep[0, :] = True  # CLS row and column carry the signal we are tracing
+            keep[:, 0] = True
+            a = a * keep
         a = 0.5 * a + 0.5 * eye
-        a = a / a.sum(dim=-1, keepdim=True)
-        result = a @ result
-    return result[0, num_prefix_tokens:].reshape(*grid)
+        result = (a / a.sum(dim=-1, keepdim=True)) @ result
+    return result
 
 
 def fit_for_display(image: Image.Image, box: tuple[float, float, float, float], side: int = 448

@@ -58,6 +58,7 @@ class Prediction:
     box: tuple[float, float, float, float]  # (left, top, right, bottom) of `image` that the model saw
     probs: torch.Tensor  # (classes,) every class's probability, in `Model.classes` order
     saliency: list[torch.Tensor] | None = None  # CNN: Grad-CAM of the top class after each stage, (rows, cols)
+    pooling: str = 'token'  # what a ViT classifies: its CLS token ('token'), or the mean of its patch tokens ('avg')
 
     @property
     def is_cnn(self) -> bool:
@@ -108,6 +109,8 @@ class Model:
         if not self.is_cnn:
             side = math.isqrt(module.patch_embed.num_patches)  # square grids, in timm's ViTs and ours
             self.grid = (side, side)
+        config = getattr(module, 'config', None)  # ours keep the pooling in their config, timm's ViTs as an attribute
+        self.pooling = getattr(config, 'global_pool', None) or getattr(module, 'global_pool', 'token')
 
     def predict(self, image, top_k: int = 5) -> Prediction:
         """Top-k classes and every layer's attention for one image (PIL image, numpy array or file path)."""
@@ -125,7 +128,7 @@ class Model:
                           grid=tuple(maps[-1].shape) if self.is_cnn else self.grid,
                           num_prefix_tokens=self.num_prefix_tokens, image=image,
                           box=crop_box(image.size, self.data_config), probs=probs,
-                          saliency=maps if self.is_cnn else None)
+                          saliency=maps if self.is_cnn else None, pooling=self.pooling)
 
 
 def crop_box(size: tuple[int, int], data_config: dict) -> tuple[float, float, float, float]:
@@ -202,17 +205,22 @@ def load_model(name_or_path: str | Path, weights_dir: Path | None = None, device
     else:
         raise ModelUnavailable(f'unknown model {name!r}; choose one of {", ".join(list_models(weights_dir))}')
     module, meta = load_checkpoint(path)
-    module = module.to(device)
-    c = module.config
-    data_config = dict(input_size=(c.in_chans, c.img_size, c.img_size), interpolation='bicubic',
-                       mean=tuple(meta['mean']), std=tuple(meta['std']), crop_pct=1.0, crop_mode='center')
     val = (meta.get('metrics') or {}).get('val_accuracy')
     about = f'trained from scratch ({len(meta["classes"])} classes' + \
         (f', {val:.1%} validation accuracy)' if val is not None else ')')
+    return checkpoint_model(name, module.to(device), meta['classes'], meta['mean'], meta['std'], about)
+
+
+def checkpoint_model(name: str, module: torch.nn.Module, classes: list[str], mean, std, about: str = '') -> Model:
+    """One of our own networks (the ViT or the CNN baseline, as `vitdemo.weights` saves them) as a `Model`:
+    its preprocessing is a resize to its input size and its own normalisation."""
+    c = module.config
+    data_config = dict(input_size=(c.in_chans, c.img_size, c.img_size), interpolation='bicubic',
+                       mean=tuple(mean), std=tuple(std), crop_pct=1.0, crop_mode='center')
     if isinstance(module, CifarResNet):
-        return Model(name, module, meta['classes'], data_config, module.forward_with_saliency, 0,
+        return Model(name, module, classes, data_config, module.forward_with_saliency, 0,
                      f'the CNN baseline, ResNet-18 for small images, {about}')
-    return Model(name, module, meta['classes'], data_config, module.forward_with_attention,
+    return Model(name, module, classes, data_config, module.forward_with_attention,
                  module.num_prefix_tokens, f'our ViT {about}')
 
 

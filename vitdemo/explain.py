@@ -1,59 +1,151 @@
 """Why this class: explanations of one prediction behind one interface, `explain(model, image, method,
-target)`, whatever the kind of model behind it.
+target)`, whatever the kind of model behind it (a ViT pooled by its CLS token or by the mean of its patch
+tokens, DeiT with its distillation token, the CNN).
 
-- `attention`: each layer's CLS attention and the rollout through all layers (Abnar & Zuidema, 2020).
-  It does not depend on the class: it says where the model looks, not what speaks for a class.
-- `relevance`: gradient-weighted attention relevance for a chosen class (Chefer, Gur & Wolf, ICCV 2021,
-  "Generic Attention-model Explainability"): starting from the identity, each layer adds the positive part
-  of gradient x attention, averaged over heads, times the relevance so far. The map after each layer, and
-  the CLS row of the last one as the overall map. Our ViT code (`scratch/`, `ours/`, `trained/`).
-- `gradcam`: the CNN's Grad-CAM after each of its four stages, for the chosen class.
+Attention, read from the forward pass (the same for every class):
+- `attention`: each layer's CLS attention and the rollout through all layers (Abnar & Zuidema, 2020). A
+  mean-pooled ViT classifies the mean of its patch tokens, so there each map is the attention a patch
+  receives from all patch tokens, and the description says so.
+- `tokens`: DeiT's CLS and distillation tokens side by side, layer by layer and rolled out.
+- `heads`: every head of one layer, optionally cut to the patches holding a share of the attention mass
+  (DINO's `visualize_attention.py` threshold).
 
-A new method is one function here and its test. `sanity_check` redraws the weights and asks whether a
-map changes (Adebayo et al. 2018).
+For a chosen class:
+- `relevance`: gradient-weighted attention relevance (Chefer, Gur & Wolf, ICCV 2021): starting from the
+  identity, each layer adds the positive part of gradient x attention, averaged over heads, times the
+  relevance so far. No library has it; pinned in the tests to the rule written out by hand.
+- `gradcam`: the CNN's Grad-CAM after each of its stages (hand-written, as no library gives every stage from
+  one pass; tested against pytorch-grad-cam), and on a ViT's last block tokens (pytorch-grad-cam).
+- `gradcam++`, `scorecam`, `eigencam` (the last one class-blind): pytorch-grad-cam, on the CNN's last stage
+  or the ViT's last block tokens.
+- `ig` (Integrated Gradients), `shapley` (Shapley Value Sampling over patches) and `occlusion`: Captum, in
+  units of the class's probability. Patches are blanked to 0 after normalisation (the dataset's mean colour),
+  as the faithfulness test blanks them: the perturbation methods are measured by the kind of change they
+  are made of.
+
+Slow methods (many forward passes) take a `progress` callback that may stop them by raising `Stopped`. They
+run on a twin of the module (`twin`), so the hooks the libraries add never see another request's pass.
+A new method is one function here, one line in `METHODS`, and its test.
 """
 import copy
+import math
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from .attention import Fusion
-from .backends import Model, Prediction
-from .model import VisionTransformer
+from .attention import Fusion, fuse_heads, rollout_matrix
+from .backends import Model, Prediction, TimmAttention
 
-METHODS = {
-    'attention': 'where the CLS token looks, layer by layer, and the rollout; the same for every class',
-    'relevance': 'what speaks for the chosen class: gradient-weighted attention relevance (Chefer et al. 2021)',
-    'gradcam': 'where the evidence for the chosen class lies after each stage (Grad-CAM)',
-}
+Progress = Callable[[float], None]  # told the share done, from 0 to 1; raises Stopped to stop the work
+
+
+class Stopped(RuntimeError):
+    """An explanation stopped before it was done: by the person who asked, or by the server's time limit."""
 
 
 @dataclass
 class Explanation:
     method: str
     target: str | None  # the class explained; None for a method that does not depend on the class
-    maps: list[tuple[str, torch.Tensor]]  # per depth: (caption, (rows, cols) map)
+    maps: list[tuple[str, torch.Tensor]]  # per depth, head or token: (caption, 2-D map)
     overall: tuple[str, torch.Tensor]  # one map for the whole network
     description: str
+    paired: bool = False  # maps come in pairs to be seen side by side (DeiT's two tokens)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str  # what the method list shows
+    short: str  # in the faithfulness chart's legend
+    description: str
+    per_class: bool
+    slow: bool  # many forward passes: shows progress, can be stopped
+    offered_to: frozenset  # 'vit', 'cnn', 'distilled' (two prefix tokens)
+    ranked: bool = True  # its overall map ranks patches in the faithfulness test
+    paired: bool = False  # its maps come in pairs, to be seen side by side
+
+
+_VIT, _CNN, _ALL = frozenset({'vit'}), frozenset({'cnn'}), frozenset({'vit', 'cnn'})
+METHODS = {m.name: m for m in [
+    Method('attention', 'attention (the same for every class)', 'attention',
+           'where the CLS token looks, layer by layer, and the rollout; the same for every class', False, False, _VIT),
+    Method('tokens', "DeiT's two tokens: CLS and distillation", 'tokens',
+           'where the CLS token (left) and the distillation token (right) look, layer by layer and rolled out; '
+           'the same for every class', False, False, frozenset({'distilled'}), ranked=False, paired=True),
+    Method('heads', 'every head of one layer', 'heads',
+           'every head of the chosen layer on its own: heads specialise; the same for every class',
+           False, False, _VIT, ranked=False),
+    Method('relevance', 'relevance for a class (Chefer et al. 2021)', 'relevance',
+           'what speaks for the chosen class: gradient-weighted attention relevance (Chefer et al. 2021)',
+           True, False, _VIT),
+    Method('gradcam', 'Grad-CAM for a class', 'Grad-CAM',
+           'where the evidence for the chosen class lies (Grad-CAM, Selvaraju et al. 2017)', True, False, _ALL),
+    Method('gradcam++', 'Grad-CAM++ for a class', 'Grad-CAM++',
+           'Grad-CAM++ (Chattopadhay et al. 2018, pytorch-grad-cam): Grad-CAM weighting each position\'s '
+           'positive gradients', True, False, _ALL),
+    Method('scorecam', 'Score-CAM for a class (slow)', 'Score-CAM',
+           'Score-CAM (Wang et al. 2020, pytorch-grad-cam): each channel weighted by the class score of the '
+           'image masked by that channel; one pass per channel', True, True, _ALL),
+    Method('eigencam', 'EigenCAM (the same for every class)', 'EigenCAM',
+           'EigenCAM (Muhammad & Yeasin 2020, pytorch-grad-cam): the first principal component of the last '
+           'features; the same for every class', False, False, _ALL),
+    Method('ig', 'Integrated Gradients for a class (slow)', 'Integrated Gradients',
+           'Integrated Gradients (Sundararajan et al. 2017, Captum): each pixel\'s share of the class\'s '
+           'probability, from a blank image to yours, summed per patch', True, True, _ALL),
+    Method('shapley', 'Shapley values of patches for a class (slow)', 'Shapley values',
+           'Shapley values of the patches (Captum\'s Shapley Value Sampling, Castro et al. 2009): each patch\'s '
+           'average share of the class\'s probability over random orders of revealing the patches', True, True, _ALL),
+    Method('occlusion', 'occlusion for a class (slow)', 'occlusion',
+           'occlusion (Zeiler & Fergus 2014, Captum): how much the class\'s probability drops when each patch '
+           'alone is blanked', True, True, _ALL),
+]}
+
+
+def kinds(model: Model) -> frozenset:
+    if model.is_cnn:
+        return _CNN
+    return _VIT | ({'distilled'} if model.num_prefix_tokens == 2 else set())
+
+
+def offered(model_kinds: frozenset) -> list[str]:
+    return [name for name, m in METHODS.items() if m.offered_to & model_kinds]
 
 
 def methods_for(model: Model) -> list[str]:
-    """The methods this model offers: a CNN has no attention; relevance needs our ViT code's gradients."""
-    if model.is_cnn:
-        return ['gradcam']
-    return ['attention', 'relevance'] if isinstance(model.module, VisionTransformer) else ['attention']
+    """The methods this model offers, its default first: a CNN has no attention."""
+    return offered(kinds(model))
 
 
 def from_prediction(pred: Prediction, fusion: Fusion = 'mean', discard_ratio: float = 0.9) -> Explanation:
     """What a prediction already holds, with no further pass: a ViT's attention and rollout, or the
     CNN's Grad-CAM of its top class."""
     if pred.is_cnn:
-        maps = [(f'stage {i + 1}', m) for i, m in enumerate(pred.saliency)]
-        return Explanation('gradcam', None, maps, ('last-stage Grad-CAM', maps[-1][1]), METHODS['gradcam'])
-    maps = pred.layer_maps(fusion)
+        maps = [(f'stage {i + 1} · {m.shape[0]}x{m.shape[1]}', m) for i, m in enumerate(pred.saliency)]
+        return Explanation('gradcam', None, maps, ('last-stage Grad-CAM', maps[-1][1]), METHODS['gradcam'].description)
+    fused = fuse_heads(pred.attentions, fusion).float()
+    if pred.pooling == 'avg':
+        maps = [received(a, pred) for a in fused]
+        flow = received(rollout_matrix(fused, discard_ratio), pred)
+        description = ('this ViT classifies the mean of its patch tokens, not its CLS token: each map is the '
+                       'attention each patch receives, averaged over all patch tokens; the same for every class')
+    else:
+        maps = [a[0, pred.num_prefix_tokens:].reshape(pred.grid) for a in fused]
+        flow = rollout_matrix(fused, discard_ratio)[0, pred.num_prefix_tokens:].reshape(pred.grid)
+        description = METHODS['attention'].description
     return Explanation('attention', None, [(f'layer {i + 1}', m) for i, m in enumerate(maps)],
-                       (f'rollout · all {len(maps)} layers', pred.overall_map(fusion, discard_ratio)),
-                       METHODS['attention'])
+                       (f'rollout · all {len(maps)} layers', flow), description)
+
+
+def received(a: torch.Tensor, pred: Prediction) -> torch.Tensor:
+    """(tokens, tokens) -> (rows, cols): what each patch gets from the patch tokens, averaged over them:
+    what a mean-pooled ViT's pooled token takes from each patch."""
+    p = pred.num_prefix_tokens
+    return a[p:, p:].mean(0).reshape(pred.grid)
 
 
 def class_index(model: Model, target: int | str | None, pred: Prediction) -> int:
@@ -69,43 +161,262 @@ def class_index(model: Model, target: int | str | None, pred: Prediction) -> int
     return int(target)
 
 
+@dataclass
+class _Job:
+    """One explanation's inputs, as every method function takes them."""
+    model: Model
+    pred: Prediction
+    index: int
+    fusion: Fusion
+    discard_ratio: float
+    layer: int | None
+    keep: float
+    progress: Progress | None
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.model.transform(self.pred.image).unsqueeze(0).to(self.model.device)
+
+
 def explain(model: Model, image, method: str = 'attention', target: int | str | None = None,
-            fusion: Fusion = 'mean', discard_ratio: float = 0.9) -> Explanation:
-    """Explain one image's prediction (`image` as `Model.predict` takes it, or that prediction itself)."""
+            fusion: Fusion = 'mean', discard_ratio: float = 0.9, *, layer: int | None = None, keep: float = 0.0,
+            progress: Progress | None = None) -> Explanation:
+    """Explain one image's prediction (`image` as `Model.predict` takes it, or that prediction itself).
+
+    Args:
+        method: one of `methods_for(model)`.
+        target: the class to explain, by name or index; None is the predicted class.
+        fusion, discard_ratio: how attention heads are fused, and the rollout's discard ratio.
+        layer: for `heads`, the layer (from 1; None is the last).
+        keep: for `heads`, DINO's threshold: keep the patches holding this share of each head's attention
+            mass (0 keeps every patch).
+        progress: for slow methods, told the share done; may raise `Stopped`.
+    """
     if method not in methods_for(model):
-        raise ValueError(f'{model.name} offers {", ".join(methods_for(model))}, not {method!r}'
-                         + (' (relevance needs our ViT code: pick the ours/ twin)' if method == 'relevance' else ''))
+        raise ValueError(f'{model.name} offers {", ".join(methods_for(model))}, not {method!r}')
     pred = image if isinstance(image, Prediction) else model.predict(image)
-    if method == 'attention':
-        return from_prediction(pred, fusion, discard_ratio)
+    spec = METHODS[method]
     index = class_index(model, target, pred)
-    x = model.transform(pred.image).unsqueeze(0).to(model.device)
-    with model._lock:  # the module's read-outs keep per-call state
-        if method == 'gradcam':
-            _, stages = model.module.forward_with_saliency(x, torch.tensor([index]))
-            maps = [(f'stage {i + 1}', m[0].cpu()) for i, m in enumerate(stages)]
-            return Explanation(method, model.classes[index], maps, ('last-stage Grad-CAM', maps[-1][1]),
-                               METHODS[method])
-        steps = relevance(model.module, x, index)
-    rows, cols = pred.grid
-    maps = [(f'after layer {i + 1}', r[pred.num_prefix_tokens:].reshape(rows, cols)) for i, r in enumerate(steps)]
-    return Explanation(method, model.classes[index], maps, (f'relevance · all {len(maps)} layers', maps[-1][1]),
-                       METHODS[method])
+    job = _Job(model, pred, index, fusion, discard_ratio, layer, keep, progress)
+    with torch.inference_mode(False), torch.enable_grad():  # gradient methods, even inside a no-grad caller
+        maps, overall, description = _RUN[method](job)
+    return Explanation(method, model.classes[index] if spec.per_class else None, maps, overall,
+                       description or spec.description, spec.paired)
 
 
-def relevance(module: VisionTransformer, x: torch.Tensor, index: int) -> list[torch.Tensor]:
-    """The CLS token's relevance over all tokens after each layer, for class `index` of one image."""
+def _attention(job: _Job):
+    e = from_prediction(job.pred, job.fusion, job.discard_ratio)
+    return e.maps, e.overall, e.description
+
+
+def _tokens(job: _Job):
+    fused = fuse_heads(job.pred.attentions, job.fusion).float()
+    grid, p = job.pred.grid, job.pred.num_prefix_tokens
+    flow = rollout_matrix(fused, job.discard_ratio)
+    maps = []
+    for i, a in enumerate(fused):
+        maps += [(f'layer {i + 1} · CLS', a[0, p:].reshape(grid)),
+                 (f'layer {i + 1} · distillation', a[1, p:].reshape(grid))]
+    maps += [('rollout · CLS', flow[0, p:].reshape(grid)), ('rollout · distillation', flow[1, p:].reshape(grid))]
+    return maps, maps[-2], None
+
+
+def _heads(job: _Job):
+    layers, heads = job.pred.attentions.shape[:2]
+    layer = layers if job.layer is None else int(job.layer)
+    if not 1 <= layer <= layers:
+        raise ValueError(f'this model has {layers} layers: choose a layer from 1 to {layers}')
+    if not 0.0 <= job.keep < 1.0:
+        raise ValueError(f'the share of attention to keep must be from 0 (all) to below 1, got {job.keep}')
+    a = job.pred.attentions[layer - 1].float()
+    if job.pred.pooling == 'avg':
+        maps = [received(h, job.pred) for h in a]
+    else:
+        maps = [h[0, job.pred.num_prefix_tokens:].reshape(job.pred.grid) for h in a]
+    if job.keep:
+        maps = [m * mass_mask(m, job.keep) for m in maps]
+    cut = f', cut to the patches holding {job.keep:.0%} of each head\'s attention (DINO)' if job.keep else ''
+    return ([(f'layer {layer} · head {h + 1}', m) for h, m in enumerate(maps)],
+            (f'layer {layer} · mean of {heads} heads', torch.stack(maps).mean(0)),
+            f'every head of layer {layer} on its own{cut}: heads specialise; the same for every class')
+
+
+def mass_mask(heat: torch.Tensor, keep: float) -> torch.Tensor:
+    """1 on the fewest strongest positions that together hold `keep` of the map's mass (DINO's threshold:
+    sorted ascending, the positions whose cumulative share exceeds 1 - keep)."""
+    values, order = heat.flatten().sort()
+    share = values.cumsum(0) / values.sum().clamp_min(1e-12)
+    mask = torch.zeros(heat.numel())
+    mask[order] = (share > 1 - keep).float()
+    return mask.view_as(heat)
+
+
+def _relevance(job: _Job):
+    with job.model._lock:  # the attention read-out keeps per-call state
+        steps = relevance(job.model.attend, job.x, job.index)
+    if job.pred.pooling == 'avg':
+        p = job.pred.num_prefix_tokens
+        rows = [r[p:, p:].mean(0).reshape(job.pred.grid) for r in steps]
+    else:
+        rows = [r[0, job.pred.num_prefix_tokens:].reshape(job.pred.grid) for r in steps]
+    maps = [(f'after layer {i + 1}', r) for i, r in enumerate(rows)]
+    return maps, (f'relevance · all {len(maps)} layers', maps[-1][1]), None
+
+
+def relevance(attend: Callable, x: torch.Tensor, index: int) -> list[torch.Tensor]:
+    """Every token's relevance to every token after each layer, (tokens, tokens) each, for class `index` of
+    one image; `attend` is a model's read-out, image -> (logits, attention per layer)."""
     with torch.inference_mode(False), torch.enable_grad():
-        logits, attentions = module.forward_with_attention(x.clone())
+        logits, attentions = attend(x.clone().requires_grad_(True))
         grads = torch.autograd.grad(logits[0, index], attentions)
-    tokens = attentions[0].shape[-1]
-    r = torch.eye(tokens)
+    r = torch.eye(attentions[0].shape[-1])
     steps = []
     for a, g in zip(attentions, grads):
         cam = (g[0] * a[0]).detach().float().clamp(min=0).mean(0).cpu()  # (tokens, tokens), heads averaged
         r = r + cam @ r
-        steps.append(r[0].clone())
+        steps.append(r.clone())
     return steps
+
+
+def _gradcam(job: _Job):
+    if not job.model.is_cnn:
+        return _library_cam(job, 'gradcam')
+    with job.model._lock:
+        _, stages = job.model.module.forward_with_saliency(job.x, torch.tensor([job.index]))
+    maps = [(f'stage {i + 1} · {m.shape[1]}x{m.shape[2]}', m[0].cpu()) for i, m in enumerate(stages)]
+    return maps, ('last-stage Grad-CAM', maps[-1][1]), None
+
+
+def twin(module: nn.Module) -> nn.Module:
+    """The same network sharing the same weights, with hooks of its own and no gradients for the weights:
+    the libraries' hooks on it never see another request's forward pass, and their backward passes grow no
+    `.grad` on the shared weights."""
+    copy_ = copy.copy(module)
+    for name, value in vars(module).items():
+        if name.endswith('hooks') or name.endswith('hooks_with_kwargs') or name.endswith('hooks_always_called'):
+            setattr(copy_, name, OrderedDict())
+    copy_._parameters = {k: None if p is None else nn.Parameter(p.detach(), requires_grad=False)
+                         for k, p in module._parameters.items()}
+    copy_._buffers = dict(module._buffers)
+    copy_._modules = {k: None if m is None else twin(m) for k, m in module._modules.items()}
+    return copy_
+
+
+class _Counted(nn.Module):
+    """A module that tells `progress` how many of `total` forward passes are done."""
+
+    def __init__(self, module: nn.Module, total: int, progress: Progress | None):
+        super().__init__()
+        self.module, self.total, self.progress, self.calls = module, max(total, 1), progress, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.progress is not None:
+            self.progress(min(self.calls / self.total, 1.0))
+        self.calls += 1
+        return self.module(x)
+
+
+def _target_layer(job: _Job, net: nn.Module):
+    """Where the CAM methods read: the CNN's last stage; a ViT's last block's first norm, its patch tokens
+    laid out as an image (`reshape`)."""
+    if job.model.is_cnn:
+        return net.layer4, None
+    rows, cols = job.pred.grid
+    p = job.pred.num_prefix_tokens
+
+    def reshape(tokens: torch.Tensor) -> torch.Tensor:
+        return tokens[:, p:].reshape(tokens.shape[0], rows, cols, -1).permute(0, 3, 1, 2)
+    return net.blocks[-1].norm1, reshape
+
+
+def _library_cam(job: _Job, method: str):
+    from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, ScoreCAM  # OpenCV: imported when first used
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    kind = {'gradcam': GradCAM, 'gradcam++': GradCAMPlusPlus, 'scorecam': ScoreCAM, 'eigencam': EigenCAM}[method]
+    net = twin(job.model.module)
+    layer, reshape = _target_layer(job, net)
+    batch = 16 if job.model.data_config['input_size'][1] > 64 else 64
+    channels = layer.normalized_shape[0] if reshape else net.fc.in_features
+    total = 1 + (math.ceil(channels / batch) if method == 'scorecam' else 0)
+    cam = kind(model=_Counted(net, total, job.progress), target_layers=[layer], reshape_transform=reshape)
+    cam.batch_size = batch  # Score-CAM's masked images per pass: bounds its memory
+    # drawn at the size of the layer's own grid, not upsampled to the input's: the patches are what gets ranked
+    cam.get_target_width_height = lambda _: job.pred.grid[::-1]
+    try:
+        heat = cam(input_tensor=job.x.requires_grad_(True), targets=[ClassifierOutputTarget(job.index)])[0]
+    finally:
+        cam.activations_and_grads.release()
+    grid = torch.from_numpy(heat).float()
+    where = 'last stage' if job.model.is_cnn else 'last block'
+    return [(f'{METHODS[method].short}, {where}', grid)], (f'{METHODS[method].short} · {where}', grid), None
+
+
+def _probabilities(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: module(x).float().softmax(-1)
+
+
+def _patch_size(job: _Job) -> tuple[int, int]:
+    side = job.model.data_config['input_size'][1]
+    return side // job.pred.grid[0], side // job.pred.grid[1]
+
+
+def _integrated_gradients(job: _Job, steps: int = 32):
+    from captum.attr import IntegratedGradients
+    batch = 4 if job.model.data_config['input_size'][1] > 64 else 32  # images with gradients: bounds memory
+    net = _Counted(twin(job.model.module), math.ceil(steps / batch), job.progress)
+    attributions = IntegratedGradients(_probabilities(net)).attribute(
+        job.x, baselines=0.0, target=job.index, n_steps=steps, internal_batch_size=batch)
+    pixels = attributions[0].sum(0).detach().cpu()
+    ph, pw = _patch_size(job)
+    patches = F.avg_pool2d(pixels[None, None], (ph, pw))[0, 0] * ph * pw
+    return ([('pixels · Integrated Gradients', pixels), ('summed per patch', patches)],
+            ('Integrated Gradients · per patch', patches), None)
+
+
+def _occlusion(job: _Job):
+    from captum.attr import Occlusion
+    rows, cols = job.pred.grid
+    ph, pw = _patch_size(job)
+    batch = 16 if job.model.data_config['input_size'][1] > 64 else 64
+    net = _Counted(twin(job.model.module), 1 + math.ceil(rows * cols / batch), job.progress)
+    window = (job.x.shape[1], ph, pw)
+    with torch.no_grad():
+        attributions = Occlusion(_probabilities(net)).attribute(
+            job.x, sliding_window_shapes=window, strides=window, baselines=0.0, target=job.index,
+            perturbations_per_eval=batch)
+    drop = attributions[0, 0, ::ph, ::pw].cpu()
+    return [('probability drop per blanked patch', drop)], ('occlusion · per patch', drop), None
+
+
+def _shapley(job: _Job):
+    from captum.attr import ShapleyValueSampling
+    rows, cols = job.pred.grid
+    ph, pw = _patch_size(job)
+    batch = 16 if job.model.data_config['input_size'][1] > 64 else 64
+    samples = max(2, min(10, 640 // (rows * cols)))  # random orders: 10 for CIFAR's 64 patches, 3 for 196
+    net = _Counted(twin(job.model.module), 1 + samples * math.ceil(rows * cols / batch), job.progress)
+    patches = torch.arange(rows * cols).reshape(rows, cols).repeat_interleave(ph, 0).repeat_interleave(pw, 1)
+    with torch.no_grad():
+        attributions = ShapleyValueSampling(_probabilities(net)).attribute(
+            job.x, baselines=0.0, target=job.index, feature_mask=patches.expand_as(job.x[:1, :]).contiguous(),
+            n_samples=samples, perturbations_per_eval=batch)
+    values = attributions[0, 0, ::ph, ::pw].cpu()
+    return ([(f'Shapley value per patch, {samples} orders', values)], ('Shapley values · per patch', values),
+            None)
+
+
+_RUN = {'attention': _attention, 'tokens': _tokens, 'heads': _heads, 'relevance': _relevance, 'gradcam': _gradcam,
+        'gradcam++': lambda job: _library_cam(job, 'gradcam++'), 'scorecam': lambda job: _library_cam(job, 'scorecam'),
+        'eigencam': lambda job: _library_cam(job, 'eigencam'), 'ig': _integrated_gradients, 'shapley': _shapley,
+        'occlusion': _occlusion}
+
+
+def focus(pred: Prediction) -> list[float]:
+    """How focused the CLS token is in each layer: the entropy (nats) of its attention over the patches,
+    re-normalised, averaged over heads. log(patches) is attention spread evenly; 0, one patch."""
+    a = pred.attentions[:, :, 0, pred.num_prefix_tokens:].float()
+    a = a / a.sum(-1, keepdim=True).clamp_min(1e-12)
+    return (-(a * a.clamp_min(1e-12).log()).sum(-1)).mean(-1).tolist()
 
 
 def with_random_weights(model: Model, seed: int = 0) -> Model:
@@ -116,7 +427,9 @@ def with_random_weights(model: Model, seed: int = 0) -> Model:
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=generator).to(p) * 0.02 * (1 if p.ndim > 1 else 0.5))
-    attend = module.forward_with_saliency if model.is_cnn else module.forward_with_attention
+    # the same read-out, bound to the copy
+    attend = (TimmAttention(module) if isinstance(model.attend, TimmAttention)
+              else getattr(module, model.attend.__name__))
     return Model(f'{model.name} (random weights)', module, model.classes, model.data_config, attend,
                  model.num_prefix_tokens, f'{model.description}, with its weights redrawn at random')
 
@@ -128,13 +441,14 @@ def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum() / ((ra.norm() * rb.norm()).clamp_min(1e-12)))
 
 
-def sanity_check(model: Model, image, method: str, target: int | str | None = None,
-                 seed: int = 0) -> tuple[Explanation, Explanation, float]:
+def sanity_check(model: Model, image, method: str, target: int | str | None = None, seed: int = 0,
+                 progress: Progress | None = None) -> tuple[Explanation, Explanation, float]:
     """The map with the trained weights, the map with random weights, and their rank correlation: a map
     that depends on what the model learned changes (a correlation well below 1)."""
     pred = image if isinstance(image, Prediction) else model.predict(image)
-    trained = explain(model, pred, method, target)
+    halves = [None, None] if progress is None else [lambda f: progress(f / 2), lambda f: progress(0.5 + f / 2)]
+    trained = explain(model, pred, method, target, progress=halves[0])
     index = class_index(model, trained.target if trained.target is not None else target, pred)
     randomized = with_random_weights(model, seed)
-    shuffled = explain(randomized, randomized.predict(pred.image), method, index)
+    shuffled = explain(randomized, randomized.predict(pred.image), method, index, progress=halves[1])
     return trained, shuffled, rank_correlation(trained.overall[1], shuffled.overall[1])

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .backends import Model, Prediction
-from .explain import class_index, explain, methods_for
+from .explain import METHODS, Progress, class_index, explain, methods_for
 
 
 @dataclass
@@ -54,24 +54,26 @@ def perturbation_curves(model: Model, pred: Prediction, order: torch.Tensor, tar
     return fractions, probs[:len(fractions)], probs[len(fractions):]
 
 
-def faithfulness(model: Model, image, target: int | str | None = None, steps: int = 10,
-                 seed: int = 0) -> list[Score]:
-    """Deletion and insertion for every map the model offers (a ViT: its last layer's raw CLS attention,
-    the rollout, and where our code runs it, relevance; a CNN: Grad-CAM), and a random order."""
+def faithfulness(model: Model, image, target: int | str | None = None, steps: int = 10, seed: int = 0,
+                 slow: bool = True, progress: Progress | None = None) -> list[Score]:
+    """Deletion and insertion for the overall map of every method the model offers (and, for attention, its
+    last layer alone), beside a random order; `slow=False` leaves out the methods of many passes."""
     pred = image if isinstance(image, Prediction) else model.predict(image)
+    index = class_index(model, target, pred)
+    methods = [m for m in methods_for(model) if METHODS[m].ranked and (slow or not METHODS[m].slow)]
     maps: list[tuple[str, torch.Tensor, float]] = []
-    for method in methods_for(model):
+    for i, method in enumerate(methods):
         start = time.perf_counter()
-        explanation = explain(model, pred, method, target)
+        share = None if progress is None else (lambda f, i=i: progress((i + f) / len(methods)))
+        explanation = explain(model, pred, method, index, progress=share)
         spent = time.perf_counter() - start
         if method == 'attention':
             maps.append(('last-layer attention', explanation.maps[-1][1], spent))
             maps.append(('rollout', explanation.overall[1], spent))
         else:
-            maps.append((method if method != 'gradcam' else 'Grad-CAM', explanation.overall[1], spent))
+            maps.append((METHODS[method].short, explanation.overall[1], spent))
     rows, cols = pred.grid
     random_order = torch.randperm(rows * cols, generator=torch.Generator().manual_seed(seed))
-    index = class_index(model, target, pred)
     scores = [Score('random order', *perturbation_curves(model, pred, random_order, index, steps), 0.0)]
     for name, heat, spent in maps:
         order = torch.as_tensor(heat).flatten().argsort(descending=True)

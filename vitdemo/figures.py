@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 
 from .attention import Fusion, fit_for_display, fuse_heads, overlay
 from .backends import Model, Prediction
+from .explain import Progress
 from .faithfulness import faithfulness, verdict
 from .policy import checked_number
 
@@ -180,19 +181,20 @@ def token_attention(attentions: torch.Tensor, patch: int, layer: int, grid: tupl
     return row.reshape(*grid)
 
 
-@torch.no_grad()
-def faithfulness_figure(model: Model, pred: Prediction, seed: int = 0) -> Figure:
-    """Deletion and insertion curves of every map the model offers, beside a random order, with each
-    curve's area and a verdict in words (see `vitdemo.faithfulness`)."""
-    scores = faithfulness(model, pred, seed=seed)
-    fig = Figure(figsize=(FIG_WIDTH, 5.4))
+def faithfulness_figure(model: Model, pred: Prediction, seed: int = 0, slow: bool = True,
+                        progress: Progress | None = None) -> Figure:
+    """Deletion and insertion curves of every map the model offers (`slow=False`: of those of few passes),
+    beside a random order, with each curve's areas and a verdict in words (see `vitdemo.faithfulness`)."""
+    scores = faithfulness(model, pred, seed=seed, slow=slow, progress=progress)
+    fig = Figure(figsize=(FIG_WIDTH, 5.2 + 0.1 * len(scores)), layout='constrained')
     deletion, insertion = fig.subplots(2, 1, sharex=True)
-    styles = ['--', '-o', '-s', '-^', '-v']
-    for score, style in zip(scores, styles):
-        deletion.plot(score.fractions, score.deletion, style, markersize=3,
-                      label=f'{score.name}: {score.deletion_auc:.2f}')
-        insertion.plot(score.fractions, score.insertion, style, markersize=3,
-                       label=f'{score.name}: {score.insertion_auc:.2f}')
+    colours = matplotlib.colormaps['tab20'].colors[::2] + matplotlib.colormaps['tab20'].colors[1::2]
+    for i, score in enumerate(scores):
+        style = (dict(color='0.45', linestyle='--') if i == 0 else
+                 dict(color=colours[i - 1], marker='osv^<>Dph*'[i % 10]))
+        deletion.plot(score.fractions, score.deletion, markersize=3, linewidth=1.2, **style,
+                      label=f'{score.name}: {score.deletion_auc:.2f} / {score.insertion_auc:.2f}')
+        insertion.plot(score.fractions, score.insertion, markersize=3, linewidth=1.2, **style)
     target = model.classes[int(pred.probs.argmax())]
     deletion.set(ylabel=f'p("{target}")', ylim=(0, None),
                  title='Can I trust a map? Its most relevant patches first:\nblanked (deletion: should fall fast, '
@@ -202,9 +204,12 @@ def faithfulness_figure(model: Model, pred: Prediction, seed: int = 0) -> Figure
     for ax in (deletion, insertion):
         ax.title.set_fontsize(TITLE_SIZE)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, title='area', title_fontsize=8)
-    fig.suptitle(textwrap.fill('Verdict: ' + verdict(scores), 60), fontsize=TITLE_SIZE, y=0.02, va='bottom')
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.legend(loc='outside lower center', ncols=2, fontsize=7, title='areas: deletion / insertion',
+               title_fontsize=8, frameon=False)
+    words = 'Verdict: ' + verdict(scores)
+    if not slow:
+        words += ' (the slow methods are left out at this input size: run one in Predict)'
+    fig.suptitle(textwrap.fill(words, 62), fontsize=TITLE_SIZE - 1)
     return fig
 
 
@@ -214,8 +219,9 @@ def require_vit(model: Model) -> None:
                          'is a CNN. Pick a ViT here, or set the CNN beside a ViT in the Compare tab.')
 
 
-def inspect_view(model: Model, image, patch_sizes: tuple[int, ...] = (4, 8, 16, 32)):
-    """Everything the Inspect tab shows for one image: the patch grid, token costs, and five figures."""
+def inspect_view(model: Model, image, patch_sizes: tuple[int, ...] = (4, 8, 16, 32), progress: Progress | None = None):
+    """Everything the Inspect tab shows for one image: the patch grid, token costs, and five figures. The
+    faithfulness figure includes the slow methods for small inputs only (CIFAR's 32 px: about 2 s in all)."""
     require_vit(model)
     pred = model.predict(image, top_k=1)
     size = model.data_config['input_size'][1]
@@ -229,7 +235,7 @@ def inspect_view(model: Model, image, patch_sizes: tuple[int, ...] = (4, 8, 16, 
                                 f'How far each head looks, on this image\n(input {size}x{size})'),
             head_scatter_figure(entropy, 'attention entropy (nats)',
                                 'How spread each head\'s attention is,\non this image'),
-            faithfulness_figure(model, pred))
+            faithfulness_figure(model, pred, slow=size <= 64, progress=progress))
 
 
 def patch_view(model: Model, image, point: tuple[float, float], layer: int, fusion: Fusion = 'mean',

@@ -36,6 +36,7 @@ class ServerPolicy:
     store_max_mb: float | None = None
     queued_per_session: int | None = None  # requests one browser session may have waiting or running
     uploads_max_mb: float | None = None  # Gradio's upload folder; uploads past it are refused until the sweep
+    max_explain_seconds: float | None = None  # one explanation (Score-CAM, Shapley values on ViT-B: minutes)
 
     @classmethod
     def from_env(cls, environ: dict | None = None) -> 'ServerPolicy':
@@ -49,7 +50,8 @@ class ServerPolicy:
                         store_max_files=('VITDEMO_STORE_MAX_FILES', 40, None),
                         store_max_mb=('VITDEMO_STORE_MAX_MB', 1000.0, None),
                         queued_per_session=('VITDEMO_QUEUED_PER_SESSION', 6, None),  # an upload alone fires 2
-                        uploads_max_mb=('VITDEMO_UPLOADS_MAX_MB', 2000.0, None))
+                        uploads_max_mb=('VITDEMO_UPLOADS_MAX_MB', 2000.0, None),
+                        max_explain_seconds=('VITDEMO_MAX_EXPLAIN_SECONDS', 90.0, None))
         values = {}
         for field_name, (var, public_default, local_default) in settings.items():
             raw = env.get(var, '')

@@ -18,10 +18,11 @@ from typing import Iterator
 import torch
 from PIL import Image
 
-from .attention import cls_attention, overlay
-from .backends import TIMM_ARCHS
-from .data import ImageData, load_dataset, normalize
-from .cnn import CifarResNet, ResNetConfig
+from .attention import overlay
+from .backends import TIMM_ARCHS, checkpoint_model
+from .data import ImageData, load_dataset
+from .explain import from_prediction
+from .cnn import ResNetConfig
 from .model import ViTConfig
 from .policy import CIFAR10_IMAGES, ServerPolicy, check_training, release_memory
 from .store import NAME_PATTERN, ModelStore
@@ -63,22 +64,17 @@ def checkpoint_name(name: str, reserved: set[str] = frozenset()) -> str:
 
 def attention_snapshot(model: Classifier, image: torch.Tensor, mean: list[float], std: list[float],
                        display: int = 192) -> tuple[Image.Image, int]:
-    """Where the CLS token looks in the last layer (a CNN: its last stage's Grad-CAM), for one uint8
-    (3, H, W) image, drawn large; and the class the model gives it."""
+    """Where the model looks at its last depth (a ViT: the last layer's CLS attention; a CNN: its last
+    stage's Grad-CAM), for one uint8 (3, H, W) image, drawn large; and the class the model gives it."""
     was_training = model.training
     model.eval()
-    x = normalize(image[None], mean, std)
-    with torch.no_grad():
-        if isinstance(model, CifarResNet):
-            logits, maps = model.forward_with_saliency(x)
-            heat = maps[-1][0]
-        else:
-            logits, attentions = model.forward_with_attention(x)
-            grid = (model.patch_embed.grid_size,) * 2
-            heat = cls_attention(torch.stack([a[0] for a in attentions]).float(), grid)[-1]
+    picture = Image.fromarray(image.permute(1, 2, 0).numpy())
+    pred = checkpoint_model('training', model, [str(i) for i in range(model.config.num_classes)], mean,
+                            std).predict(picture)
     model.train(was_training)
-    picture = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((display, display), Image.Resampling.NEAREST)
-    return overlay(picture, heat, opacity=0.55), int(logits[0].argmax())
+    heat = from_prediction(pred).maps[-1][1]
+    return (overlay(picture.resize((display, display), Image.Resampling.NEAREST), heat, opacity=0.55),
+            int(pred.probs.argmax()))
 
 
 def format_eta(seconds: float) -> str:

@@ -1,8 +1,13 @@
 """What the Predict tab shows, as plain functions of a prediction: no UI code, tested without a browser."""
 import functools
+import hashlib
 import html
 import io
+import math
+import threading
 import time
+from collections import OrderedDict
+from typing import NamedTuple
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -12,7 +17,7 @@ from PIL import Image
 
 from .attention import Fusion, fit_for_display, overlay
 from .backends import Model, Prediction
-from .explain import Explanation, explain, from_prediction, sanity_check
+from .explain import Explanation, Progress, explain, focus, from_prediction, methods_for, sanity_check
 from .policy import checked_number
 
 FUSIONS = ['mean', 'max', 'min', 'one head']
@@ -61,17 +66,15 @@ def explanation_gallery(pred: Prediction, explanation: Explanation, fusion: Fusi
     shared = (min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)) if scale == 'shared' else None
     # opacity 0 draws no heat, only dims what lies outside the model's view; captions short enough to be
     # read whole under a thumbnail, the description says the rest
-    items = [(overlay(image, maps[0], box, opacity=0.0), 'input (bright: what it sees)')]
-    if explanation.method == 'gradcam':
-        how = lambda m: f' · Grad-CAM {m.shape[0]}x{m.shape[1]}'  # noqa: E731
-    elif explanation.method == 'attention':
+    # the input first, except where the maps come in pairs to be read side by side
+    items = [] if explanation.paired else [(overlay(image, maps[0], box, opacity=0.0), 'input (bright: what it sees)')]
+    if explanation.method in ('attention', 'tokens'):
         heads = pred.attentions.shape[1]
-        fused = f'head {fusion + 1} of {heads}' if isinstance(fusion, int) else f'{fusion} of {heads} heads'
-        how = lambda m: f' · {fused}'  # noqa: E731
+        how = f' · head {fusion + 1} of {heads}' if isinstance(fusion, int) else f' · {fusion} of {heads} heads'
     else:
-        how = lambda m: f' · {explanation.target}'  # noqa: E731
-    items += [(overlay(image, m, box, opacity, scale=shared), caption + how(m)) for caption, m in explanation.maps]
-    if explanation.method != 'gradcam':  # a CNN's last stage is its overall map, already shown
+        how = f' · {explanation.target}' if explanation.target else ''
+    items += [(overlay(image, m, box, opacity, scale=shared), caption + how) for caption, m in explanation.maps]
+    if not any(m is explanation.overall[1] for m in maps):  # a last stage or a single map is already shown
         items.append((overlay(image, explanation.overall[1], box, opacity), explanation.overall[0]))
     return items
 
@@ -100,34 +103,84 @@ def _describe(model: Model, pred: Prediction, seconds: float) -> str:
             f'Answered in {seconds:.2f} s.')
 
 
+class PredictView(NamedTuple):
+    labels: dict[str, float]  # {class: probability} of the top k
+    gallery: list[tuple[Image.Image, str]]
+    text: str  # what the model is, and what the maps show
+    focus: pd.DataFrame  # the CLS attention's entropy per layer (empty for a CNN)
+    columns: int  # how many maps a gallery row shows: 2 where they come in pairs
+
+
+class Explanations:
+    """The last few explanations, so that redrawing (opacity, colour scale) never reruns a slow method."""
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self._kept: OrderedDict[tuple, Explanation] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, compute) -> Explanation:
+        with self._lock:
+            if key in self._kept:
+                self._kept.move_to_end(key)
+                return self._kept[key]
+        explanation = compute()
+        with self._lock:
+            self._kept[key] = explanation
+            while len(self._kept) > self.size:
+                self._kept.popitem(last=False)
+        return explanation
+
+
 def predict_view(model: Model, image, top_k: int = 5, fusion: str = 'mean', head: int = 1,
-                 opacity: float = 0.6, discard_ratio: float = 0.9, scale: str = 'own', method: str = 'attention',
-                 target: str | None = None):
-    """Everything the Predict tab shows: {label: probability}, the attention gallery, and a description."""
+                 opacity: float = 0.6, discard_ratio: float = 0.9, scale: str = 'own', method: str = '',
+                 target: str | None = None, layer: int | None = None, keep: float = 0.0,
+                 progress: Progress | None = None, remembered: Explanations | None = None) -> PredictView:
+    """Everything the Predict tab shows: the top classes, the maps of the chosen explanation method (the
+    model's first when it offers no such method), how focused each layer is, and a description."""
     start = time.perf_counter()
     top_k = checked_number(top_k, 'top-k', 1, 1000, integer=True)
     opacity = checked_number(opacity, 'overlay opacity', 0, 1)
     discard_ratio = checked_number(discard_ratio, 'rollout discard ratio', 0, 0.99)
+    keep = checked_number(keep, 'share of attention to keep', 0, 0.99)
+    layer = None if layer is None else checked_number(layer, 'layer', -10 ** 6, 10 ** 6, integer=True)
     pred = model.predict(image, top_k=top_k)
     chosen = 'mean' if pred.is_cnn else parse_fusion(fusion, head, pred.attentions.shape[1])
-    if method == 'attention' and pred.is_cnn:
-        method = 'gradcam'  # a CNN has no attention: its own read-out
-    explanation = explain(model, pred, method, target or None, chosen, discard_ratio)
+    offered = methods_for(model)
+    method = method if method in offered else offered[0]  # e.g. a CNN asked for attention gets its Grad-CAM
+    key = (model.name, id(model.module), hashlib.sha1(np.asarray(pred.image).tobytes()).hexdigest(), method,
+           target or None, chosen, discard_ratio, layer, keep)
+
+    def compute() -> Explanation:
+        return explain(model, pred, method, target or None, chosen, discard_ratio, layer=layer, keep=keep,
+                       progress=progress)
+    explanation = remembered.get(key, compute) if remembered is not None else compute()
     gallery = explanation_gallery(pred, explanation, chosen, opacity, scale)
     said = f' for the class **{explanation.target}**' if explanation.target else ''
     text = describe(model, pred, time.perf_counter() - start)
-    return dict(pred.top_k), gallery, (f'{text}\n\nThe first map is your image, dimmed outside what the model '
-                                       f'sees; the others{said}: {explanation.description}.')
+    first = 'The maps' if explanation.paired else 'The first map is your image, dimmed outside what the model sees; ' \
+        'the others'
+    return PredictView(dict(pred.top_k), gallery, f'{text}\n\n{first}{said}: {explanation.description}.',
+                       focus_frame(pred), 2 if explanation.paired else 3)
 
 
+def focus_frame(pred: Prediction) -> pd.DataFrame:
+    """The CLS attention's entropy per layer, and that of attention spread evenly, for a line plot."""
+    if pred.is_cnn:
+        return pd.DataFrame(columns=['layer', 'entropy', 'line'])
+    values = focus(pred)
+    even = math.log(pred.grid[0] * pred.grid[1])
+    return pd.DataFrame([dict(layer=i + 1, entropy=v, line='this image') for i, v in enumerate(values)]
+                        + [dict(layer=i + 1, entropy=even, line='spread evenly') for i in range(len(values))])
 
-def sanity_view(model: Model, image, method: str = 'attention', target: str | None = None):
+
+def sanity_view(model: Model, image, method: str = 'attention', target: str | None = None,
+                progress: Progress | None = None):
     """The sanity check in pictures and words: the overall map with the trained weights and with weights
     redrawn at random, and whether the map depends on what the model learned."""
-    if method == 'attention' and model.is_cnn:
-        method = 'gradcam'
+    method = method if method in methods_for(model) else methods_for(model)[0]
     pred = model.predict(image)
-    trained, randomized, correlation = sanity_check(model, pred, method, target or None)
+    trained, randomized, correlation = sanity_check(model, pred, method, target or None, progress=progress)
     shown, box = fit_for_display(pred.image, pred.box, DISPLAY_SIDE)
     gallery = [(overlay(shown, trained.overall[1], box), f'trained: {trained.overall[0]}'),
                (overlay(shown, randomized.overall[1], box), f'random weights: {randomized.overall[0]}')]

@@ -3,6 +3,8 @@ gets, how errors reach people, and components that leave the checking of values 
 import functools
 import html
 import logging
+import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from inspect import isgeneratorfunction
@@ -14,14 +16,15 @@ from PIL import Image
 
 from ..backends import (DEFAULT_SCRATCH, Model, ModelCache, ModelUnavailable, imagenet_classes, model_shape,
                         needs_download)
+from ..explain import METHODS, Progress, Stopped, offered
 from ..images import ImageError, load_image
 from ..policy import ServerPolicy
 from ..serving import publish_image
 from ..training_job import TrainingBusy, TrainingFailed, TrainingJob
 from ..weights import CheckpointError, read_metadata
 
-USER_ERRORS = (ImageError, ModelUnavailable, CheckpointError, TrainingBusy, TrainingFailed, FileNotFoundError,
-               ValueError, TypeError)
+USER_ERRORS = (ImageError, ModelUnavailable, CheckpointError, TrainingBusy, TrainingFailed, Stopped,
+               FileNotFoundError, ValueError, TypeError)
 MODEL_WORK = dict(concurrency_id='model', concurrency_limit=2)  # every event that runs a model: 2 cores
 EXAMPLES = sorted((str(p) for p in (Path(__file__).resolve().parents[2] / 'examples').glob('*.*')
                    if p.suffix != '.md'), key=lambda p: 'cifar' not in p)  # CIFAR-10 photos first
@@ -54,6 +57,7 @@ class Server:
     job: TrainingJob
     policy: ServerPolicy
     errors: OrderedDict = field(default_factory=OrderedDict)  # the last refusal per session, for the page
+    stops: OrderedDict = field(default_factory=OrderedDict)  # per session: set to stop its explanation
 
     def owner(self, request: gr.Request | None) -> str | None:
         """Whose models and run these are: the browser session in public mode; locally, one user owns all."""
@@ -75,13 +79,36 @@ class Server:
 
     def methods(self, name, request: gr.Request | None) -> list[tuple[str, str]]:
         """The explanation methods a listed model offers, labelled, from its name and config alone."""
-        layers, heads = self.shape(name, request)
-        if heads == 0:
-            return [('Grad-CAM, for a class', 'gradcam')]
-        offered = [('attention (the same for every class)', 'attention')]
-        if isinstance(name, str) and not name.startswith('timm/'):  # relevance needs our ViT code's gradients
-            offered.append(('relevance for a class (Chefer et al. 2021)', 'relevance'))
-        return offered
+        _, heads = self.shape(name, request)
+        kinds = {'cnn'} if heads == 0 else {'vit'} | ({'distilled'} if 'distilled' in str(name) else set())
+        return [(METHODS[m].label, m) for m in offered(frozenset(kinds))]
+
+    def explaining(self, request: gr.Request | None, progress: gr.Progress | None, what: str) -> Progress:
+        """A slow explanation's progress: shown on the page, stopped by this session's Stop button, and by
+        the server's time limit in public mode."""
+        key = request.session_hash if request is not None else None
+        stop = self.stops.pop(key, None) or threading.Event()
+        stop.clear()
+        self.stops[key] = stop
+        while len(self.stops) > 1000:
+            self.stops.popitem(last=False)
+        limit = self.policy.max_explain_seconds
+        deadline = time.monotonic() + limit if limit else None
+
+        def tell(share: float) -> None:
+            if stop.is_set():
+                raise Stopped(f'{what} stopped at {share:.0%}, as asked')
+            if deadline is not None and time.monotonic() > deadline:
+                raise Stopped(f'{what} took longer than this server allows one explanation ({limit:g} s), and '
+                              'was stopped: pick a faster method or a smaller model')
+            if progress is not None:
+                progress(share, desc=what)
+        return tell
+
+    def stop(self, request: gr.Request | None) -> None:
+        stop = self.stops.get(request.session_hash if request is not None else None)
+        if stop is not None:
+            stop.set()
 
     def classes(self, name, request: gr.Request | None) -> list[str]:
         """A listed model's classes, without loading its weights: a checkpoint's metadata, or ImageNet's."""
