@@ -396,7 +396,8 @@ def _shapley(job: _Job):
     samples = max(2, min(10, 640 // (rows * cols)))  # random orders: 10 for CIFAR's 64 patches, 3 for 196
     net = _Counted(twin(job.model.module), 1 + samples * math.ceil(rows * cols / batch), job.progress)
     patches = torch.arange(rows * cols).reshape(rows, cols).repeat_interleave(ph, 0).repeat_interleave(pw, 1)
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the same orders each time: one image, one map
         attributions = ShapleyValueSampling(_probabilities(net)).attribute(
             job.x, baselines=0.0, target=job.index, feature_mask=patches.expand_as(job.x[:1, :]).contiguous(),
             n_samples=samples, perturbations_per_eval=batch)
