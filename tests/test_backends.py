@@ -47,9 +47,13 @@ def test_our_code_on_timm_weights_predicts_what_timm_predicts(weights_dir):
     torch.testing.assert_close(ours.attentions, theirs.attentions, atol=1e-5, rtol=0)
 
 
-def test_distilled_deit_has_two_prefix_tokens(weights_dir):
-    pred = load_model('timm/deit_small_distilled_patch16_224', weights_dir).predict(np.zeros((50, 80, 3), np.uint8))
-    assert pred.num_prefix_tokens == 2 and pred.attentions.shape == (12, 6, 198, 198)
+def test_distilled_deit_has_two_prefix_tokens_in_timm_code_and_ours(weights_dir):
+    image = np.zeros((50, 80, 3), np.uint8)
+    theirs = load_model('timm/deit_small_distilled_patch16_224', weights_dir).predict(image)
+    ours = load_model('ours/deit_small_distilled_patch16_224', weights_dir).predict(image)
+    assert theirs.num_prefix_tokens == ours.num_prefix_tokens == 2 and theirs.attentions.shape == (12, 6, 198, 198)
+    torch.testing.assert_close(ours.probs, theirs.probs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.attentions, theirs.attentions, atol=1e-5, rtol=0)
 
 
 def test_scratch_checkpoint_by_name_and_by_path(weights_dir):

@@ -14,10 +14,12 @@ EQUIVALENT = [
                                    qkv_bias=False, mlp_ratio=2.0),
      ViTConfig(img_size=32, patch_size=4, num_classes=10, embed_dim=384, depth=3, num_heads=6, mlp_ratio=2.0,
                qkv_bias=False, global_pool='avg')),
+    ('deit_small_distilled_patch16_224', dict(depth=4), preset('vit_small_patch16_224', depth=4, distilled=True)),
 ]
 
 
-@pytest.mark.parametrize('timm_name,timm_kwargs,config', EQUIVALENT, ids=['tiny16-224', 'small4-32-avg'])
+@pytest.mark.parametrize('timm_name,timm_kwargs,config', EQUIVALENT, ids=['tiny16-224', 'small4-32-avg',
+                                                                          'deit-distilled'])
 def test_same_weights_same_logits_and_attention_as_timm(timm_name, timm_kwargs, config):
     theirs = randomize_(timm.create_model(timm_name, pretrained=False, **timm_kwargs)).eval()
     ours = VisionTransformer(config).eval()
@@ -33,6 +35,26 @@ def test_same_weights_same_logits_and_attention_as_timm(timm_name, timm_kwargs, 
     assert len(attn) == len(expected_attn) == config.depth
     for ours_layer, theirs_layer in zip(attn, expected_attn):
         torch.testing.assert_close(ours_layer, theirs_layer, atol=1e-5, rtol=0)
+
+
+def test_the_distilled_vit_gives_both_heads_while_taught_and_their_mean_otherwise():
+    theirs = randomize_(timm.create_model('deit_small_distilled_patch16_224', pretrained=False, depth=2))
+    ours = from_timm(theirs)
+    assert ours.config.distilled and ours.num_prefix_tokens == 2
+    x = torch.randn(2, 3, 224, 224)
+    for model in (theirs, ours):
+        model.set_distilled_training(True)
+        model.train()
+    torch.manual_seed(0)
+    cls_logits, dist_logits = ours(x)
+    expected_cls, expected_dist = theirs(x)
+    torch.testing.assert_close(cls_logits, expected_cls, atol=1e-4, rtol=0)
+    torch.testing.assert_close(dist_logits, expected_dist, atol=1e-4, rtol=0)
+    ours.eval()
+    torch.testing.assert_close(ours(x), (cls_logits + dist_logits) / 2, atol=1e-4, rtol=0)
+    assert ours.no_weight_decay() >= {'cls_token', 'dist_token', 'pos_embed'}
+    with pytest.raises(ValueError, match='global_pool must be token'):
+        ViTConfig(distilled=True, global_pool='avg')
 
 
 def test_from_timm_converts_a_timm_vit():

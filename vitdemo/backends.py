@@ -37,10 +37,10 @@ from .weights import from_timm, load_checkpoint, read_metadata
 
 WEIGHTS_DIR = Path(os.environ.get('VITDEMO_WEIGHTS', Path(__file__).resolve().parent.parent / 'weights'))
 # timm architectures offered with pretrained ImageNet-1k weights (timm's default tag for each); DeiT's
-# distilled model adds a second prefix token, which only timm's code runs
+# distilled model adds a second prefix token, the distillation token
 TIMM_ARCHS = ['vit_tiny_patch16_224', 'vit_small_patch16_224', 'vit_base_patch16_224', 'deit_small_patch16_224',
               'deit_small_distilled_patch16_224']
-OURS_ARCHS = TIMM_ARCHS[:4]
+OURS_ARCHS = TIMM_ARCHS
 DEFAULT_SCRATCH = 'scratch/vit_cifar10'
 
 

@@ -36,6 +36,7 @@ class ViTConfig:
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0  # stochastic depth, growing linearly to this rate at the last block
     stem: Literal['patch', 'conv'] = 'patch'  # 'conv': small 3x3 convolutions make the tokens (ConvStem)
+    distilled: bool = False  # DeiT: a distillation token and head beside CLS, taught by a teacher
 
     def __post_init__(self):
         # raised, not asserted: these check what people type, and must hold under `python -O` too
@@ -53,6 +54,8 @@ class ViTConfig:
         check(self.pos_embed == 'learn' or self.embed_dim % 4 == 0,
               f'sin-cos position embeddings need embed_dim divisible by 4, not {self.embed_dim}')
         check(self.stem in ('patch', 'conv'), f'stem must be patch or conv, not {self.stem!r}')
+        check(not (self.distilled and self.global_pool == 'avg'),
+              'a distilled ViT classifies its CLS and distillation tokens: global_pool must be token')
         check(self.stem == 'patch' or self.patch_size & (self.patch_size - 1) == 0,
               f'a conv stem halves the image per conv, so patch_size must be a power of 2, not {self.patch_size}')
 
@@ -233,15 +236,15 @@ class Block(nn.Module):
 
 class VisionTransformer(nn.Module):
     arch = 'vit'  # recorded in checkpoints, next to the config
-    num_prefix_tokens = 1  # the CLS token
-
     def __init__(self, config: ViTConfig):
         super().__init__()
         self.config = c = config
         self.num_classes = c.num_classes
+        self.num_prefix_tokens = 2 if c.distilled else 1  # CLS, and DeiT's distillation token
         self.patch_embed = (ConvStem if c.stem == 'conv' else PatchEmbed)(c.img_size, c.patch_size, c.in_chans,
                                                                           c.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim)) if c.distilled else None
         num_tokens = self.patch_embed.num_patches + self.num_prefix_tokens
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, c.embed_dim), requires_grad=c.pos_embed == 'learn')
         self.pos_drop = nn.Dropout(c.proj_drop_rate)
@@ -255,6 +258,9 @@ class VisionTransformer(nn.Module):
         self.fc_norm = nn.LayerNorm(c.embed_dim, eps=1e-6) if use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(c.drop_rate)
         self.head = nn.Linear(c.embed_dim, c.num_classes)
+        # DeiT (Touvron et al. 2021), with timm's names: the distillation token's own head
+        self.head_dist = nn.Linear(c.embed_dim, c.num_classes) if c.distilled else None
+        self.distilled_training = False  # set while a teacher teaches: forward then returns both heads' logits
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -265,6 +271,8 @@ class VisionTransformer(nn.Module):
         else:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
+        if self.dist_token is not None:
+            nn.init.trunc_normal_(self.dist_token, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -274,7 +282,16 @@ class VisionTransformer(nn.Module):
         w = self.patch_embed.proj.weight
         nn.init.trunc_normal_(w.view(w.shape[0], -1), std=math.sqrt(1.0 / w[0].numel()))
         nn.init.zeros_(self.patch_embed.proj.bias)
-        nn.init.zeros_(self.head.weight)  # every class equally likely at the start
+        for head in (self.head, self.head_dist):
+            if head is not None:
+                nn.init.zeros_(head.weight)  # every class equally likely at the start
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters kept out of weight decay besides biases and norms (timm's convention)."""
+        return {'pos_embed', 'cls_token', 'dist_token'}
+
+    def set_distilled_training(self, enabled: bool = True) -> None:
+        self.distilled_training = enabled
 
     def set_fused_attn(self, enabled: bool) -> None:
         for block in self.blocks:
@@ -285,13 +302,22 @@ class VisionTransformer(nn.Module):
         c = self.config
         assert (H, W) == (c.img_size, c.img_size), f'expected {c.img_size}x{c.img_size} input, got {H}x{W}'
         x = self.patch_embed(x)  # (B, N, D)
-        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1 + N, D)
+        prefix = [self.cls_token] + ([self.dist_token] if self.dist_token is not None else [])
+        x = torch.cat([t.expand(B, -1, -1) for t in prefix] + [x], dim=1)  # (B, prefix + N, D)
         return self.pos_drop(x + self.pos_embed)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.blocks(self.embed(x)))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
+        if self.head_dist is not None:  # as timm's VisionTransformerDistilled
+            x, x_dist = x[:, 0], x[:, 1]
+            if pre_logits:
+                return (x + x_dist) / 2
+            x, x_dist = self.head(self.head_drop(x)), self.head_dist(self.head_drop(x_dist))
+            if self.distilled_training and self.training:
+                return x, x_dist  # the teacher's loss needs the distillation head's own logits
+            return (x + x_dist) / 2
         x = x[:, self.num_prefix_tokens:].mean(dim=1) if self.config.global_pool == 'avg' else x[:, 0]
         x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)

@@ -9,6 +9,9 @@ Run from the repository root:
     # the CNN baseline (ResNet-18 for 32x32 images), same loop and recipe
     python -m vitdemo.train --arch resnet18 --data ../shared/data/cifar10-train.tar.gz --minutes 10 \
         --out weights/resnet18_cifar10.safetensors
+    # distillation (DeiT): the shipped model teaches; a ViT student gets a distillation token
+    python -m vitdemo.train --data ../shared/data/cifar10-train.tar.gz --minutes 10 \
+        --teacher weights/vit_cifar10.safetensors --distill hard --out weights/distilled.safetensors
 
 The loop, top to bottom: AdamW with warm-up then cosine decay over the budget (epochs, or minutes: the
 schedule follows the clock), label smoothing, gradient clipping, bf16 autocast on a CPU that has it (AMP
@@ -42,6 +45,7 @@ from timm.data import resolve_data_config
 from . import __version__
 from .backends import WEIGHTS_DIR, ModelUnavailable, timm_pretrained
 from .data import ImageData, augment, load_dataset, mix, normalize, rand_augment, train_val_split
+from .distill import Distillation
 from .cnn import ResNetConfig
 from .model import ViTConfig, VisionTransformer, preset
 from .policy import checked_number
@@ -68,6 +72,8 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CPUs with AVX-512 BF16 / AMX, fp16 AMP on CUDA
     compile: bool = False  # torch.compile the training forward: faster on long runs, slow to start
     half_checkpoint: bool = False  # store weights as float16: half the file, the same predictions to 3 digits
+    teacher: str = ''  # distillation: the teacher checkpoint's file name, kept in the student's metadata
+    distill: str = ''  # 'hard' or 'soft' with a teacher (see `vitdemo.distill`)
 
     def __post_init__(self):
         if (self.epochs is None) == (self.minutes is None):
@@ -241,15 +247,16 @@ def autocast(device: torch.device, enabled: bool):
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, backbone_lr_scale: float = 1.0) -> list[dict]:
-    # no decay on biases, norms, the CLS token and position embeddings (1-D or embedding tables);
-    # the backbone (all but the head) may learn slower, or not at all (a linear probe)
+    # no decay on biases, norms and what the model names (its tokens and position embeddings);
+    # the backbone (all but the heads) may learn slower, or not at all (a linear probe)
     groups = {}
+    skip = model.no_weight_decay() if hasattr(model, 'no_weight_decay') else set()
     for name, p in model.named_parameters():
-        scale = 1.0 if name.startswith('head.') else backbone_lr_scale
+        scale = 1.0 if name.startswith(('head.', 'head_dist.')) else backbone_lr_scale
         if scale == 0:
             p.requires_grad_(False)
             continue
-        decay = p.ndim >= 2 and 'token' not in name and 'pos_embed' not in name
+        decay = p.ndim >= 2 and name not in skip
         group = groups.setdefault((scale, decay), {'params': [], 'weight_decay': weight_decay if decay else 0.0,
                                                    'lr_scale': scale})
         group['params'].append(p)
@@ -286,8 +293,9 @@ def evaluate(model: Classifier, data: ImageData, mean: list[float], std: list[fl
 def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data: ImageData,
           out: str | Path | None = None, on_event: Callable[[TrainEvent], None] | None = None,
           stop: threading.Event | None = None, device: str | None = None,
-          finetune: FineTune | None = None) -> TrainResult:
-    """Train a new model of `model_config` (or fine-tune `finetune.model`) on `data` within `cfg`'s budget."""
+          finetune: FineTune | None = None, distillation: Distillation | None = None) -> TrainResult:
+    """Train a new model of `model_config` (or fine-tune `finetune.model`) on `data` within `cfg`'s budget;
+    with `distillation`, a teacher's predictions join the labels (DeiT)."""
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     model_config = finetune.model.config if finetune else model_config
     assert model_config.num_classes == len(data.classes), \
@@ -300,6 +308,9 @@ def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data:
     model = (finetune.model if finetune else build_model(model_config)).to(device).train()
     if isinstance(model, VisionTransformer):
         model.set_fused_attn(False)  # measured faster than SDPA for bf16 training at CIFAR's 65 tokens
+        model.set_distilled_training(distillation is not None)  # a distilled ViT's heads, each with its target
+    if distillation is not None:
+        distillation.teacher.to(device)
     net = DistributedDataParallel(model) if world > 1 else model  # DDP broadcasts rank 0's initial weights
     # the initial weights are drawn: from here on each rank draws its own augmentation and drop-path, as its
     # images are its own (crops from augment_generator; RandAugment, CutMix/MixUp and drop-path from the global one)
@@ -356,9 +367,15 @@ def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data:
             if torch.rand((), generator=augment_generator) < cfg.mix_prob:
                 x, target = mix(x, y, model_config.num_classes)
             x, y, target = x.to(device), y.to(device), target.to(device)
+            # forward, the teacher's answer when there is one, and the loss
             with autocast(device, cfg.amp):
-                logits = forward(x)
-            loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
+                outputs = forward(x)
+                taught = distillation.teach(x, mean, std) if distillation is not None else None
+            if distillation is not None:
+                loss, logits = distillation.loss(outputs, taught, target, cfg.label_smoothing)
+            else:
+                logits = outputs
+                loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip_grad)
@@ -388,6 +405,8 @@ def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data:
              val_loss=val_loss, val_accuracy=val_acc, model=model, normalization=(mean, std))
 
     model.eval()
+    if isinstance(model, VisionTransformer):
+        model.set_distilled_training(False)
     metrics = {k: history[-1][k] for k in METRICS} if history else {}
     path = Path(out) if out and history and rank == 0 else None
     last = history[-1] if history else {}
@@ -436,6 +455,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--backbone-lr-scale', type=float, default=0.1,
                         help='with --finetune: backbone learning rate as a fraction of the head\'s')
     parser.add_argument('--linear-probe', action='store_true', help='with --finetune: train the head only')
+    # distillation (DeiT): a trained teacher's predictions join the labels
+    parser.add_argument('--teacher', metavar='CHECKPOINT', help='a checkpoint of ours over the same classes, e.g. '
+                        'weights/vit_cifar10.safetensors or a ResNet-18; a ViT student gets a distillation token')
+    parser.add_argument('--distill', choices=['hard', 'soft'], default='hard',
+                        help="with --teacher: learn the teacher's top class, or its distribution at temperature 3")
     # optimisation
     d = TrainConfig()
     parser.add_argument('--batch-size', type=int, default=d.batch_size, help='images per step')
@@ -475,7 +499,7 @@ def main(argv: list[str] | None = None) -> None:
             ViTConfig(img_size=32, patch_size=args.patch_size, num_classes=10, embed_dim=args.embed_dim,
                       depth=args.depth, num_heads=args.heads, mlp_ratio=args.mlp_ratio,
                       global_pool=args.global_pool, pos_embed=args.pos_embed, drop_path_rate=args.drop_path,
-                      stem=args.stem)
+                      stem=args.stem, distilled=bool(args.teacher))
         # a budget in epochs replaces the preset's (or the default) ten minutes
         minutes = None if args.epochs and args.minutes == parser.get_default('minutes') else args.minutes
         minutes = minutes if minutes is not None or args.epochs else 10.0
@@ -483,7 +507,9 @@ def main(argv: list[str] | None = None) -> None:
                           weight_decay=args.weight_decay, crop_padding=args.crop_padding,
                           rand_augment=args.rand_augment, mix_prob=args.mix_prob, seed=args.seed,
                           val_size=args.val_size, train_limit=args.train_limit, val_limit=args.val_limit,
-                          amp=not args.no_amp, compile=args.compile, half_checkpoint=args.half_checkpoint)
+                          amp=not args.no_amp, compile=args.compile, half_checkpoint=args.half_checkpoint,
+                          teacher=Path(args.teacher).name if args.teacher else '',
+                          distill=args.distill if args.teacher else '')
     except (AssertionError, ValueError) as e:
         parser.error(str(e))
     data = load_dataset(args.data)  # every rank decodes from the same cache; the first run builds it
@@ -494,6 +520,12 @@ def main(argv: list[str] | None = None) -> None:
             finetune = prepare_finetune(args.finetune, len(data.classes),
                                         0.0 if args.linear_probe else args.backbone_lr_scale)
         except (ModelUnavailable, CheckpointError) as e:
+            parser.error(str(e))
+    distillation = None
+    if args.teacher:
+        try:
+            distillation = Distillation.from_checkpoint(args.teacher, data.classes, args.distill)
+        except (CheckpointError, FileNotFoundError, ValueError) as e:
             parser.error(str(e))
     bar = tqdm(total=1000, unit='‰', bar_format='{l_bar}{bar}| {elapsed}<{remaining} {postfix}', disable=rank > 0)
 
@@ -508,7 +540,7 @@ def main(argv: list[str] | None = None) -> None:
 
     device = f'cuda:{torch.cuda.current_device()}' if torch.cuda.is_available() else 'cpu'
     result = train(model_config, cfg, data, out=args.out, on_event=report if rank == 0 else None, device=device,
-                   finetune=finetune)
+                   finetune=finetune, distillation=distillation)
     bar.close()
     if world > 1:
         dist.destroy_process_group()

@@ -111,7 +111,8 @@ def from_timm(timm_vit: torch.nn.Module) -> VisionTransformer:
                        in_chans=timm_vit.patch_embed.proj.in_channels, num_classes=timm_vit.num_classes,
                        embed_dim=timm_vit.embed_dim, depth=len(blocks), num_heads=blocks[0].attn.num_heads,
                        mlp_ratio=blocks[0].mlp.fc1.out_features / timm_vit.embed_dim,
-                       qkv_bias=blocks[0].attn.qkv.bias is not None, global_pool=timm_vit.global_pool)
+                       qkv_bias=blocks[0].attn.qkv.bias is not None, global_pool=timm_vit.global_pool,
+                       distilled=getattr(timm_vit, 'dist_token', None) is not None)
     model = VisionTransformer(config)
     try:
         model.load_state_dict(timm_vit.state_dict())

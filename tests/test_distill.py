@@ -1,0 +1,86 @@
+"""Distillation (DeiT): the losses against a hand computation, and a taught run end to end."""
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from conftest import TINY_CIFAR, randomize_
+from test_train import colour_data
+from vitdemo.backends import load_model
+from vitdemo.cnn import CifarResNet, ResNetConfig
+from vitdemo.distill import Distillation
+from vitdemo.model import VisionTransformer
+from vitdemo.train import TrainConfig, train
+from vitdemo.weights import read_metadata, save_checkpoint
+
+
+def log_softmax(row):
+    top = max(row)
+    total = sum(math.exp(v - top) for v in row)
+    return [v - top - math.log(total) for v in row]
+
+
+def test_hard_and_soft_losses_are_deits():
+    teacher = torch.nn.Identity()
+    teacher.config = TINY_CIFAR
+    task = Distillation(teacher, (0.5,) * 3, (0.25,) * 3, 'hard')
+    cls_logits = torch.tensor([[2.0, 0.0, -1.0], [0.1, 0.2, 0.3]])
+    dist_logits = torch.tensor([[0.0, 1.0, 0.0], [1.0, -1.0, 2.0]])
+    teacher_logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 0.0]])  # top classes 1 and 0
+    labels = torch.tensor([0, 2])
+    loss, logits = task.loss((cls_logits, dist_logits), teacher_logits, labels)
+    ce = lambda z, y: -sum(log_softmax(z[i].tolist())[y[i]] for i in range(len(y))) / len(y)  # noqa: E731
+    assert float(loss) == pytest.approx(0.5 * ce(cls_logits, [0, 2]) + 0.5 * ce(dist_logits, [1, 0]), rel=1e-5)
+    torch.testing.assert_close(logits, (cls_logits + dist_logits) / 2)
+
+    soft = Distillation(teacher, (0.5,) * 3, (0.25,) * 3, 'soft', alpha=0.1, temperature=3.0)
+    loss, _ = soft.loss((cls_logits, dist_logits), teacher_logits, labels)
+    kl = 0.0
+    for s_row, t_row in zip(dist_logits.tolist(), teacher_logits.tolist()):
+        s, t = log_softmax([v / 3 for v in s_row]), log_softmax([v / 3 for v in t_row])
+        kl += sum(math.exp(ti) * (ti - si) for si, ti in zip(s, t))
+    assert float(loss) == pytest.approx(0.9 * ce(cls_logits, [0, 2]) + 0.1 * 9 * kl / 2, rel=1e-5)
+    # a student of one head answers both terms with it
+    one, _ = task.loss(cls_logits, teacher_logits, labels)
+    assert float(one) == pytest.approx(0.5 * ce(cls_logits, [0, 2]) + 0.5 * ce(cls_logits, [1, 0]), rel=1e-5)
+    with pytest.raises(ValueError, match="'hard' or 'soft'"):
+        Distillation(teacher, (0.5,) * 3, (0.25,) * 3, 'warm')
+
+
+def test_the_teacher_sees_the_batch_in_its_own_normalisation():
+    class Echo(torch.nn.Module):  # returns the mean of what it is given, per channel
+        config = replace(TINY_CIFAR, img_size=16)
+
+        def forward(self, x):
+            assert x.shape[-1] == 16
+            return x.mean(dim=(2, 3))
+    task = Distillation(Echo(), (0.2, 0.3, 0.4), (0.1, 0.1, 0.1))
+    pixels = torch.full((1, 3, 32, 32), 0.5)
+    student = (pixels - 0.5) / 0.25  # the student's normalisation
+    torch.testing.assert_close(task.teach(student, (0.5,) * 3, (0.25,) * 3),
+                               torch.tensor([[3.0, 2.0, 1.0]]), atol=1e-5, rtol=0)
+
+
+def test_a_student_taught_by_a_teacher_trains_and_keeps_both_tokens(tmp_path):
+    data = colour_data(n=200)
+    teacher = randomize_(CifarResNet(ResNetConfig(num_classes=len(data.classes))), seed=2)
+    save_checkpoint(tmp_path / 'teacher.safetensors', teacher, data.classes, mean=[0.5] * 3, std=[0.25] * 3)
+    task = Distillation.from_checkpoint(tmp_path / 'teacher.safetensors', data.classes, 'hard')
+    config = replace(TINY_CIFAR, num_classes=len(data.classes), distilled=True)
+    cfg = TrainConfig(epochs=2, minutes=None, batch_size=32, val_size=40, teacher='teacher.safetensors',
+                      distill='hard')
+    calls = []
+    teach = task.teach
+    task.teach = lambda *a: calls.append(1) or teach(*a)
+    result = train(config, cfg, data, out=tmp_path / 'student.safetensors', distillation=task)
+    steps = result.history[-1]['step']
+    assert len(calls) == steps and result.model.num_prefix_tokens == 2 and not result.model.distilled_training
+    assert all(p.grad is None for p in task.teacher.parameters())  # the teacher only answers
+    meta = read_metadata(tmp_path / 'student.safetensors')
+    assert meta['train_config']['teacher'] == 'teacher.safetensors' and meta['train_config']['distill'] == 'hard'
+    student = load_model(tmp_path / 'student.safetensors')
+    pred = student.predict(data.images[0].permute(1, 2, 0).numpy())
+    assert pred.num_prefix_tokens == 2 and torch.isfinite(pred.probs).all()
+    with pytest.raises(ValueError, match='the teacher teacher.safetensors knows 4 classes'):
+        Distillation.from_checkpoint(tmp_path / 'teacher.safetensors', ['a', 'b'], 'hard')
