@@ -219,6 +219,16 @@ def test_the_cnn_model_hides_the_vit_settings(page):
     expect(page.get_by_label('Embed dim')).to_be_visible()
 
 
+def test_a_teacher_is_picked_from_the_list_and_one_of_other_classes_is_refused_in_words(page):
+    open_tab(page, 'Train')
+    page.get_by_text('Distillation: a trained model teaches (DeiT)').click()
+    pick(page, 'Teacher', 'scratch/vit_cifar10')  # CIFAR-10's classes; this server's data has class0..class9
+    page.get_by_role('button', name='Start', exact=True).click()
+    expect(page.get_by_text('the teacher vit_cifar10.safetensors knows other classes').first).to_be_visible()
+    page.screenshot(path=SHOTS / '6b_train_teacher.png', full_page=True)
+    pick(page, 'Teacher', 'none')
+
+
 def offered(page, option: str) -> bool:
     tab = page.locator('[role=tabpanel]:visible').first
     tab.get_by_label('Model', exact=True).first.click()

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 
 from test_train import CONFIG, colour_data
@@ -132,3 +134,29 @@ def test_progress_is_a_bar_with_its_share_and_an_escaped_status():
     assert 'width: 50.0%' in text and 'aria-valuenow="50"' in text and '<strong>50%</strong>' in text
     assert 'epoch 3 &lt;of 6&gt;' in text
     assert 'width: 100.0%' in progress_html(1.7, 'done')
+
+
+def test_a_teacher_is_one_of_the_owners_listed_models_and_knows_the_data_classes(tmp_path):
+    from conftest import randomize_
+    from vitdemo.cnn import CifarResNet
+    from vitdemo.weights import read_metadata, save_checkpoint
+    data = colour_data(n=120)
+    store = ModelStore(tmp_path / 'weights', tmp_path / 'runs')
+    (tmp_path / 'weights').mkdir()
+    teacher = randomize_(CifarResNet(ResNetConfig(num_classes=4)), seed=1)
+    save_checkpoint(tmp_path / 'weights' / 'colours_cnn.safetensors', teacher, data.classes, [0.5] * 3, [0.25] * 3)
+    save_checkpoint(tmp_path / 'weights' / 'two_classes.safetensors', CifarResNet(ResNetConfig(num_classes=2)),
+                    ['a', 'b'], [0.5] * 3, [0.25] * 3)
+    job = TrainingJob(tmp_path / 'unused', store, update_seconds=0)
+    model_config, cfg = form(32, 2, 2, 8, 1, 32, 1e-3, teacher='scratch/colours_cnn', distill='soft').configs()
+    assert model_config.distilled and (cfg.teacher, cfg.distill) == ('scratch/colours_cnn', 'soft')
+    cfg = TrainConfig(epochs=1, minutes=None, batch_size=32, val_size=20, teacher=cfg.teacher, distill=cfg.distill)
+    snapshots = list(job.run(model_config, cfg, 'taught', data=data))
+    meta = read_metadata(snapshots[-1].checkpoint)
+    assert meta['config']['distilled'] and meta['train_config']['teacher'] == 'scratch/colours_cnn'
+    for name, message in [('/etc/passwd', 'must be one of your models'), ('timm/vit_tiny_patch16_224', 'one of your'),
+                          ('scratch/two_classes', 'knows other classes \\(a, b, ...: 2\\)')]:
+        with pytest.raises(ValueError, match=message):
+            list(job.run(model_config, replace(cfg, teacher=name), 'refused', data=data))
+    with pytest.raises(ValueError, match="distillation 'hard' or 'soft'"):
+        form(32, 2, 2, 8, 1, 32, 1e-3, teacher='scratch/colours_cnn', distill='lukewarm').configs()

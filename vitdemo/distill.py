@@ -83,6 +83,7 @@ class Distillation:
         """A teacher from one of our checkpoints (`weights/*.safetensors`), which must know `classes`."""
         module, meta = load_checkpoint(path)
         if list(meta['classes']) != list(classes):
-            raise ValueError(f'the teacher {Path(path).name} knows {len(meta["classes"])} classes '
-                             f'({", ".join(meta["classes"][:4])}, ...), not the {len(classes)} of this data')
+            raise ValueError(f'the teacher {Path(path).name} knows other classes ({", ".join(meta["classes"][:3])}, '
+                             f'...: {len(meta["classes"])}) than this data ({", ".join(classes[:3])}, ...: '
+                             f'{len(classes)}): a teacher must answer in the same classes')
         return cls(module.to(device), tuple(meta['mean']), tuple(meta['std']), kind, **options)

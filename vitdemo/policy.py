@@ -12,7 +12,7 @@ import ctypes
 import gc
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -151,13 +151,20 @@ def estimate_training_memory(model_config: ViTConfig | ResNetConfig, batch_size:
 
 
 def check_training(policy: ServerPolicy, model_config: ViTConfig | ResNetConfig, minutes: float | None,
-                   batch_size: int, num_images: int = CIFAR10_IMAGES) -> MemoryEstimate:
-    """Refuse, before any work, a run this server cannot afford; returns the run's memory estimate."""
+                   batch_size: int, num_images: int = CIFAR10_IMAGES,
+                   teacher: ViTConfig | ResNetConfig | None = None) -> MemoryEstimate:
+    """Refuse, before any work, a run this server cannot afford; returns the run's memory estimate (with a
+    distillation `teacher`: its weights, and what its pass at the batch size holds)."""
     if policy.max_train_minutes is not None and (minutes is None or minutes > policy.max_train_minutes):
         asked = 'a budget in epochs' if minutes is None else f'{minutes:g} minutes'
         raise ValueError(f'this server trains for at most {policy.max_train_minutes:g} minutes a run, not '
                          f'{asked}; run the app on your own machine for longer runs')
     estimate = estimate_training_memory(model_config, batch_size, num_images)
+    if teacher is not None:
+        # the teacher only answers, in inference mode: what its training pass would save bounds what it holds
+        taught = estimate_training_memory(teacher, batch_size, 0)
+        estimate = replace(estimate, state_bytes=estimate.state_bytes + 4 * taught.params,
+                           activation_bytes=estimate.activation_bytes + taught.activation_bytes)
     if policy.max_params is not None and estimate.params > policy.max_params:
         raise ValueError(f'this model has {estimate.params / 1e6:.1f} M parameters; this server trains models of '
                          f'at most {policy.max_params / 1e6:.1f} M. Make it smaller (embed dim, depth)')

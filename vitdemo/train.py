@@ -115,6 +115,8 @@ class TrainForm:
     batch_size: int = 128
     lr: float = 2e-3
     crop_padding: int = 2  # a ten-minute run underfits: light augmentation
+    teacher: str = ''  # distillation: a model of the list (ours, the same classes) teaches; '' none
+    distill: str = 'hard'  # with a teacher: 'hard' (its top class) or 'soft' (its distribution)
 
     def configs(self, img_size: int = 32, mlp_ratio: float = 2.0, seed: int = 0) -> tuple[ViTConfig | ResNetConfig,
                                                                                           TrainConfig]:
@@ -124,6 +126,8 @@ class TrainForm:
         minutes = checked_number(self.minutes, 'minutes', 0, 10 ** 6)
         lr = checked_number(self.lr, 'learning rate', 0, 1)
         crop_padding = checked_number(self.crop_padding, 'crop padding', -10 ** 6, 10 ** 6, integer=True)
+        if not isinstance(self.teacher, str) or (self.teacher and self.distill not in ('hard', 'soft')):
+            raise ValueError("the teacher must be a model's name and the distillation 'hard' or 'soft'")
         if self.arch == 'resnet18':
             model_config = ResNetConfig(img_size=img_size)
         else:
@@ -132,9 +136,10 @@ class TrainForm:
                 embed_dim=checked_number(self.embed_dim, 'embed dim', 1, 1024, integer=True),
                 depth=checked_number(self.depth, 'depth', 1, 24, integer=True),
                 num_heads=checked_number(self.num_heads, 'heads', 1, 64, integer=True),
-                patch_size=checked_number(self.patch_size, 'patch size', 1, img_size, integer=True))
+                patch_size=checked_number(self.patch_size, 'patch size', 1, img_size, integer=True),
+                distilled=bool(self.teacher))  # a taught ViT gets DeiT's distillation token
         return model_config, TrainConfig(minutes=minutes, batch_size=batch_size, lr=lr, crop_padding=crop_padding,
-                                         seed=seed)
+                                         seed=seed, teacher=self.teacher, distill=self.distill if self.teacher else '')
 
 
 ARCHS = ['vit', 'resnet18']

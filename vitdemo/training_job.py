@@ -21,13 +21,14 @@ from PIL import Image
 from .attention import overlay
 from .backends import TIMM_ARCHS, checkpoint_model
 from .data import ImageData, load_dataset
+from .distill import Distillation
 from .explain import from_prediction
 from .cnn import ResNetConfig
 from .model import ViTConfig
 from .policy import CIFAR10_IMAGES, ServerPolicy, check_training, release_memory
 from .store import NAME_PATTERN, ModelStore
 from .train import TrainConfig, TrainEvent, split, train
-from .weights import Classifier
+from .weights import Classifier, config_of, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +120,10 @@ class TrainingJob:
         shipped = [n.split('/')[1] for n in self.store.checkpoint_names() if n.startswith('scratch/')]
         reserved = set(TIMM_ARCHS) | set(shipped)
         name = checkpoint_name(name, reserved)
+        teacher = self._teacher(cfg.teacher, owner)
+        teacher_config = config_of(read_metadata(teacher)) if teacher else None
         estimate = check_training(self.policy, model_config, cfg.minutes, cfg.batch_size,
-                                  len(data) if data is not None else CIFAR10_IMAGES)
+                                  len(data) if data is not None else CIFAR10_IMAGES, teacher_config)
         if not self._running.acquire(blocking=False):
             raise TrainingBusy('a training run is already in progress on this server; '
                                'try again when it ends (predictions keep working meanwhile)')
@@ -133,18 +136,29 @@ class TrainingJob:
             if data is None:
                 data = load_dataset(self.data_path)
                 # the first check assumed CIFAR-10's size: check again with the real one
-                check_training(self.policy, model_config, cfg.minutes, cfg.batch_size, len(data))
+                check_training(self.policy, model_config, cfg.minutes, cfg.batch_size, len(data), teacher_config)
             model_config = replace(model_config, num_classes=len(data.classes))  # the form's 10 is a guess
+            distillation = Distillation.from_checkpoint(teacher, data.classes, cfg.distill) if teacher else None
             train_data, val_data = split(data, cfg)
             shown = val_data or train_data  # one image: what changes is the model
             fixed, fixed_class = shown.images[0], data.classes[int(shown.labels[0])]
-            yield from self._follow(model_config, cfg, data, fixed, fixed_class, out)
+            yield from self._follow(model_config, cfg, data, fixed, fixed_class, out, distillation)
         finally:
             self._stop.clear()
             self._owner = None
             self._running.release()
 
-    def _follow(self, model_config, cfg, data, fixed, fixed_class, out) -> Iterator[Snapshot]:
+    def _teacher(self, name: str, owner: str | None) -> Path | None:
+        """A distillation teacher by list name: only a checkpoint this owner may use, never a path."""
+        if not name:
+            return None
+        path = self.store.path(name, owner) if name.split('/')[0] in ('scratch', 'trained') else None
+        if path is None:
+            raise ValueError(f'the teacher must be one of your models of the list (scratch/ or trained/), '
+                             f'not {name!r}')
+        return path
+
+    def _follow(self, model_config, cfg, data, fixed, fixed_class, out, distillation=None) -> Iterator[Snapshot]:
         events: queue.Queue = queue.Queue()
         outcome: dict = {}
 
@@ -159,7 +173,8 @@ class TrainingJob:
 
         def work() -> None:
             try:
-                outcome['result'] = train(model_config, cfg, data, out=out, on_event=on_event, stop=self._stop)
+                outcome['result'] = train(model_config, cfg, data, out=out, on_event=on_event, stop=self._stop,
+                                          distillation=distillation)
             except Exception as e:  # reported to the person; the server goes on
                 # keep the message only: the exception's traceback holds the run's frames, and with them
                 # the model, its optimiser state and the batch's activations

@@ -79,6 +79,15 @@ def read_metadata(path: str | Path) -> dict:
     return meta
 
 
+def config_of(meta: dict) -> 'ViTConfig | ResNetConfig':
+    """The model config a checkpoint's metadata describes (see `read_metadata`)."""
+    try:
+        config_cls, _ = ARCHITECTURES[meta['arch']]
+        return config_cls(**meta['config'])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f'a checkpoint has an invalid model config: {e}') from None
+
+
 def load_checkpoint(path: str | Path) -> tuple[Classifier, dict]:
     """Rebuild the model a checkpoint describes and load its weights; refuse one that does not fit."""
     meta = read_metadata(path)

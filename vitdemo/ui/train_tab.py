@@ -58,6 +58,14 @@ def train_tab(server: Server) -> gr.State:
             return 'Stopping: the run ends after its current step and keeps what it learned.'
         return gr.skip() if not server.job.busy else 'The run in progress is not yours to stop.'
 
+    def teachers(request: gr.Request | None) -> list[tuple[str, str]]:
+        # our checkpoints this visitor may use; the pretrained ImageNet models know other classes
+        names = [n for n in server.cache.names(server.owner(request)) if n.split('/')[0] in ('scratch', 'trained')]
+        return [('none', '')] + [(n, n) for n in names]
+
+    def refresh_teachers(request: gr.Request):
+        return gr.Dropdown(choices=teachers(request))
+
     gr.Markdown('Train a small ViT from scratch on CIFAR-10 and watch it learn. The defaults finish in about ten '
                 'minutes on a 2-core CPU (10-13 epochs, 75-76% validation accuracy measured there; a random guess '
                 'is 10%); the result joins every model list as `trained/NAME`. Train the CNN baseline '
@@ -91,6 +99,13 @@ def train_tab(server: Server) -> gr.State:
                     form['lr'] = Number(default.lr, label='Learning rate')
                 form['crop_padding'] = Number(default.crop_padding, precision=0,
                                               label='Random crops: padding in pixels (0: flips only)')
+            with gr.Accordion('Distillation: a trained model teaches (DeiT)', open=False):
+                form['teacher'] = gr.Dropdown(teachers(None), value=default.teacher, label='Teacher',
+                                              info="a ViT student gets DeiT's distillation token, which learns the "
+                                                   "teacher's answers while the CLS token learns the labels")
+                form['distill'] = gr.Radio([("hard: the teacher's top class", 'hard'),
+                                            ('soft: its whole distribution (temperature 3)', 'soft')],
+                                           value=default.distill, label='Learn from the teacher')
         with gr.Column(scale=2):
             status = gr.HTML('<p>Press Start.</p>')
             with gr.Row():
@@ -109,4 +124,5 @@ def train_tab(server: Server) -> gr.State:
     keeps_errors(start.click(start_training, [name] + inputs, [status, loss_plot, accuracy_plot, snapshot, saved],
                              api_name='train', concurrency_limit=2, concurrency_id='train'), server, status)
     stop.click(stop_training, None, status, api_name='stop_training')
+    saved.change(refresh_teachers, None, form['teacher'], api_visibility='private')
     return saved
