@@ -147,7 +147,7 @@ def test_pick_a_class_and_a_method_and_see_its_relevance(page):
     pick(page, 'Explain with', 'attention (the same for every class)')
 
 
-def test_every_head_with_dinos_threshold_and_a_slow_method_stopped(page):
+def test_every_head_of_a_layer_and_a_slow_method_stopped(page):
     open_tab(page, 'Predict')
     pick(page, 'Model', 'timm/vit_tiny_patch16_224')
     upload(page, ROOT / 'examples' / 'cat.jpg')
