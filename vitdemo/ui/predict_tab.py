@@ -104,7 +104,10 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
                                  columns=3, height='auto', object_fit='contain', format='jpeg',
                                  elem_classes=['maps'])
             gr.Image(colour_bar(), show_label=False, interactive=False, container=False, buttons=[])
-            focus = gr.LinePlot(x='layer', y='entropy', color='line', height=280, y_lim=[0, None],
+            focus = gr.LinePlot(x='layer', y='entropy', color='line', height=300, y_lim=[0, None],
+                                color_map={'this image': '#1f77b4', 'spread evenly': '#ff7f0e'},
+                                x_axis_format='d', caption='blue: this image; orange: attention spread evenly '
+                                                           'over all patches (no focus)',
                                 label='How focused the CLS token is, layer by layer (entropy of its attention over '
                                       'the patches: lower is more focused)', x_title='layer', y_title='entropy (nats)')
             check = gr.Button('Sanity check: redraw the weights at random, does the map change?')
