@@ -6,8 +6,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from vitdemo.backends import DEFAULT_SCRATCH, load_model
-from vitdemo.figures import (attention_entropy, inspect_view, mean_attention_distance, mosaic, patch_filters,
-                             position_similarity, token_costs)
+from vitdemo.figures import (attention_entropy, inspect_view, mean_attention_distance, model_sizes, mosaic,
+                             patch_filters, position_similarity, token_costs)
 
 
 def test_token_costs_grow_with_tokens_squared():
@@ -67,7 +67,7 @@ def test_mosaic_separates_tiles():
 
 def test_inspect_view_gives_the_grid_costs_and_four_figures(weights_dir):
     model = load_model(DEFAULT_SCRATCH, weights_dir)  # 32x32 input, 8x8 patches, 2 layers x 4 heads
-    grid, costs, *figures = inspect_view(model, Image.new('RGB', (64, 48), (90, 140, 200)))
+    grid, costs, *figures, sizes = inspect_view(model, Image.new('RGB', (64, 48), (90, 140, 200)))
     assert isinstance(grid, Image.Image) and grid.size == (448, 336)
     assert costs == [[4, '8x8', 65, 4225], [8, '4x4', 17, 289], [16, '2x2', 5, 25], [32, '1x1', 2, 4]]
     assert len(figures) == 5 and all(isinstance(f, Figure) for f in figures)
@@ -76,6 +76,20 @@ def test_inspect_view_gives_the_grid_costs_and_four_figures(weights_dir):
     assert figures[2].axes[0].get_xlabel() == 'layer'
     dots = figures[2].axes[0].collections
     assert len(dots) == 4 and all(len(d.get_offsets()) == 2 for d in dots)  # one dot per head and layer
+
+
+def test_the_paper_sizes_at_this_input_and_this_models_own_counts(weights_dir):
+    tiny = load_model('timm/vit_tiny_patch16_224', weights_dir)
+    rows = model_sizes(tiny)
+    assert [r[0] for r in rows] == ['ViT-Ti/16', 'ViT-S/16', 'ViT-B/16', 'ViT-L/16', 'ViT-H/16',
+                                    'this model (timm/vit_tiny_patch16_224)']
+    base = rows[2]
+    assert base[1:5] == [12, 768, 3072, 12] and base[5] == pytest.approx(86.6, abs=0.1)
+    assert base[6] == pytest.approx(17.56, abs=0.05)  # the ViT-B/16 multiply-adds timm reports (17.6 G)
+    assert rows[-1][1:] == rows[0][1:]  # timm's ViT-Ti is the paper's Ti, counted from the module itself
+    small = model_sizes(load_model(DEFAULT_SCRATCH, weights_dir))  # 32 px, patch 8: 16 tokens
+    assert small[0][0] == 'ViT-Ti/8' and small[-1][1:5] == [2, 64, 128, 4]
+    assert small[2][6] < base[6] / 10  # the same network sees 17 tokens instead of 197
 
 
 def test_patch_at_maps_a_click_to_the_patch_under_it():

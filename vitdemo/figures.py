@@ -14,8 +14,9 @@ from PIL import Image, ImageDraw
 
 from .attention import Fusion, fit_for_display, fuse_heads, overlay
 from .backends import Model, Prediction
-from .explain import Progress
+from .explain import Progress, twin
 from .faithfulness import faithfulness, verdict
+from .model import VisionTransformer, preset
 from .policy import checked_number
 
 
@@ -35,6 +36,64 @@ def token_costs(img_size: int, patch_sizes: tuple[int, ...] = (4, 8, 16, 32), pr
         tokens = (img_size // p) ** 2 + prefix
         rows.append(dict(patch_size=p, grid=f'{img_size // p}x{img_size // p}', tokens=tokens,
                          attention_pairs=tokens ** 2))
+    return rows
+
+
+# the ViT paper's sizes (Table 1) and DeiT's Ti, as timm names them
+PAPER_SIZES = {'Ti': 'vit_tiny_patch16_224', 'S': 'vit_small_patch16_224', 'B': 'vit_base_patch16_224',
+               'L': 'vit_large_patch16_224', 'H': 'vit_huge_patch14_224'}
+
+
+def multiply_adds(module: torch.nn.Module, img_size: int) -> int:
+    """Multiply-adds of one image's forward pass: those of every linear and convolution layer, and of each
+    attention's two token-by-token products (2 N^2 D). Counted by hooks on a twin of the module: PyTorch's
+    FlopCounterMode hooks every module of every thread while it counts, which breaks other requests'
+    gradient passes."""
+    module = twin(module)
+    total, ran = 0, set()
+
+    def count(m, inputs, out):
+        nonlocal total
+        ran.add(m)
+        if isinstance(m, torch.nn.Linear):
+            total += out.numel() * m.in_features
+        elif isinstance(m, torch.nn.Conv2d):
+            total += out.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+        else:  # an attention module: (B, N, D) in
+            batch, tokens, dim = inputs[0].shape
+            total += 2 * batch * tokens * tokens * dim
+    for m in module.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) or (hasattr(m, 'qkv') and hasattr(m, 'num_heads')):
+            m.register_forward_hook(count)
+    with torch.no_grad():
+        module(torch.empty(1, 3, img_size, img_size, device=next(module.parameters()).device))
+    # our patch projection runs its conv's weights as one matrix product (see model.PatchEmbed): no hook saw it
+    for m in module.modules():
+        proj = getattr(m, 'proj', None)
+        if hasattr(m, 'num_patches') and isinstance(proj, torch.nn.Conv2d) and proj not in ran:
+            total += m.num_patches * proj.out_channels * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
+    return total
+
+
+def model_sizes(model: Model) -> list[list]:
+    """The paper's Ti/S/B/L/H at this model's input size and patch size (so with as many tokens), then this
+    model: layers, width, MLP width, heads, parameters (millions) and multiply-adds per image (billions).
+    The paper's sizes are built on PyTorch's meta device: shapes only, no memory."""
+    size = model.data_config['input_size'][1]
+    patch = size // model.grid[0]
+    rows = []
+    for label, name in PAPER_SIZES.items():
+        with torch.device('meta'):
+            module = VisionTransformer(preset(name, img_size=size, patch_size=patch, num_classes=len(model.classes)))
+        c = module.config
+        rows.append([f'ViT-{label}/{patch}', c.depth, c.embed_dim, int(c.embed_dim * c.mlp_ratio), c.num_heads,
+                     round(sum(p.numel() for p in module.parameters()) / 1e6, 1),
+                     round(multiply_adds(module, size) / 1e9, 3)])
+    m = model.module
+    blocks = m.blocks
+    rows.append([f'this model ({model.name})', len(blocks), blocks[0].norm1.normalized_shape[0],
+                 blocks[0].mlp.fc1.out_features, blocks[0].attn.num_heads,
+                 round(sum(p.numel() for p in m.parameters()) / 1e6, 1), round(multiply_adds(m, size) / 1e9, 3)])
     return rows
 
 
@@ -220,7 +279,8 @@ def require_vit(model: Model) -> None:
 
 
 def inspect_view(model: Model, image, patch_sizes: tuple[int, ...] = (4, 8, 16, 32), progress: Progress | None = None):
-    """Everything the Inspect tab shows for one image: the patch grid, token costs, and five figures. The
+    """Everything the Inspect tab shows for one image: the patch grid, token costs, five figures and the
+    model sizes table. The
     faithfulness figure includes the slow methods for small inputs only (CIFAR's 32 px: about 2 s in all)."""
     require_vit(model)
     pred = model.predict(image, top_k=1)
@@ -235,7 +295,7 @@ def inspect_view(model: Model, image, patch_sizes: tuple[int, ...] = (4, 8, 16, 
                                 f'How far each head looks, on this image\n(input {size}x{size})'),
             head_scatter_figure(entropy, 'attention entropy (nats)',
                                 'How spread each head\'s attention is,\non this image'),
-            faithfulness_figure(model, pred, slow=size <= 64, progress=progress))
+            faithfulness_figure(model, pred, slow=size <= 64, progress=progress), model_sizes(model))
 
 
 def patch_view(model: Model, image, point: tuple[float, float], layer: int, fusion: Fusion = 'mean',

@@ -54,6 +54,10 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
             costs = gr.Dataframe(headers=['patch size', 'grid', 'tokens', 'attention pairs'],
                                  label='Tokens and attention cost (tokens squared) at this input size',
                                  interactive=False)
+            sizes = gr.Dataframe(headers=['model', 'layers', 'width', 'MLP', 'heads', 'params (M)', 'GMACs'],
+                                 label="The ViT paper's sizes at this input and patch size, and this model "
+                                       "(GMACs: billions of multiply-adds per image)",
+                                 interactive=False)
             with gr.Row():
                 position_plot = gr.Plot(label='Position embeddings', show_label=False)
                 deletion_plot = gr.Plot(label='Can I trust a map', show_label=False)
@@ -63,8 +67,8 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
             filters_plot = gr.Plot(label='Patch embedding filters', show_label=False)
     point = gr.State(None)
     keeps_errors(run.click(inspect, [image, model], [grid_image, costs, position_plot, filters_plot, distance_plot,
-                                                      entropy_plot, deletion_plot], api_name='inspect', **MODEL_WORK),
-                 server, note)
+                                                      entropy_plot, deletion_plot, sizes], api_name='inspect',
+                           **MODEL_WORK), server, note)
     grid_image.select(clicked, None, point, api_visibility='private')
     keeps_errors(gr.on([point.change, patch_layer.release, patch_fusion.change], look_from_patch,
                        [image, model, patch_layer, patch_fusion, point], [patch_image, patch_caption],
