@@ -255,6 +255,10 @@ def test_a_trained_model_is_kept_across_a_reload_and_for_other_clients(browser, 
     expect(page.get_by_text('stopped after').first).to_be_visible()
     expect(page.get_by_text('saved as trained/browser_run').first).to_be_visible()
     page.screenshot(path=SHOTS / '7_stopped.png', full_page=True)
+    page.get_by_text('Runs side by side').click()  # the run's validation curve, beside any other of yours
+    pick(page, 'Runs', 'trained/browser_run')
+    expect(page.locator('[role=tabpanel]:visible').first.get_by_text('validation accuracy').first).to_be_visible()
+    page.screenshot(path=SHOTS / '7b_runs_side_by_side.png', full_page=True)
 
     open_tab(page, 'Predict')  # the new model is offered without a restart
     pick(page, 'Model', 'trained/browser_run')

@@ -65,3 +65,17 @@ def test_one_colour_scale_for_all_layers(weights_dir, monkeypatch):
     with pytest.raises(ValueError, match='colour scale must be one of own, shared'):
         views.attention_gallery(pred, 'mean', scale='log')
     assert views.colour_bar().size == (640, 62)
+
+
+def test_runs_side_by_side_by_epoch_or_by_minutes():
+    from vitdemo.views import runs_frame
+    histories = {'trained/vit': [dict(epoch=1, seconds=60, val_accuracy=0.4), dict(epoch=2, seconds=120,
+                                                                                    val_accuracy=0.5)],
+                 'trained/cnn': [dict(epoch=1, seconds=300, val_accuracy=0.45), dict(epoch=2, seconds=600,
+                                                                                     val_accuracy=None)]}
+    by_epoch = runs_frame(histories)
+    assert by_epoch.values.tolist() == [[1, 0.4, 'trained/vit'], [2, 0.5, 'trained/vit'], [1, 0.45, 'trained/cnn']]
+    assert runs_frame(histories, 'minutes')['x'].tolist() == [1.0, 2.0, 5.0]
+    assert runs_frame({}).empty
+    with pytest.raises(ValueError, match="against 'epoch' or 'minutes'"):
+        runs_frame(histories, 'steps')

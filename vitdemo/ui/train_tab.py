@@ -9,7 +9,8 @@ import gradio as gr
 
 from ..serving import publish_image
 from ..train import TRAIN_PRESETS, TrainForm
-from ..views import progress_html, training_curves
+from ..views import progress_html, runs_frame, training_curves
+from ..weights import read_metadata
 from .common import Number, Server, keeps_errors, shows_user_errors
 
 FORM_FIELDS = [f.name for f in fields(TrainForm)]
@@ -64,7 +65,17 @@ def train_tab(server: Server) -> gr.State:
         return [('none', '')] + [(n, n) for n in names]
 
     def refresh_teachers(request: gr.Request):
-        return gr.Dropdown(choices=teachers(request))
+        return gr.Dropdown(choices=teachers(request)), gr.Dropdown(choices=teachers(request)[1:])
+
+    @shows_user_errors(server)
+    def show_runs(names: list[str], against: str, request: gr.Request):
+        histories = {}
+        for name in names or []:
+            path = server.cache.store.path(name, server.owner(request))
+            if path is None:
+                raise ValueError(f'{name!r} is not one of your models')
+            histories[name] = read_metadata(path).get('history') or []
+        return gr.LinePlot(runs_frame(histories, against), x_title='epoch' if against == 'epoch' else 'minutes')
 
     gr.Markdown('Train a small ViT from scratch on CIFAR-10 and watch it learn. The defaults finish in about ten '
                 'minutes on a 2-core CPU (10-13 epochs, 75-76% validation accuracy measured there; a random guess '
@@ -115,6 +126,14 @@ def train_tab(server: Server) -> gr.State:
                                             y_title='accuracy', x_title='epoch', height=260)
             snapshot = gr.Gallery(label=SNAPSHOT_LABEL, columns=5, fit_columns=False, height='auto',
                                   object_fit='contain', format='jpeg', allow_preview=False, elem_classes=['maps'])
+            with gr.Accordion('Runs side by side: the validation accuracy of any of your models', open=False):
+                with gr.Row():
+                    runs = gr.Dropdown(teachers(None)[1:], multiselect=True, label='Runs', scale=3,
+                                       info='e.g. a ViT and the ResNet-18, or a run with a teacher and one without')
+                    against = gr.Radio(['epoch', 'minutes'], value='epoch', label='Against', scale=1)
+                runs_plot = gr.LinePlot(x='x', y='accuracy', color='run', x_title='epoch',
+                                        y_title='validation accuracy', height=300, show_label=False)
+                runs_note = gr.Markdown()
     saved = gr.State(None)
 
     inputs = [form[k] for k in FORM_FIELDS]  # the order of TrainForm: no other list to keep in step
@@ -124,5 +143,7 @@ def train_tab(server: Server) -> gr.State:
     keeps_errors(start.click(start_training, [name] + inputs, [status, loss_plot, accuracy_plot, snapshot, saved],
                              api_name='train', concurrency_limit=2, concurrency_id='train'), server, status)
     stop.click(stop_training, None, status, api_name='stop_training')
-    saved.change(refresh_teachers, None, form['teacher'], api_visibility='private')
+    saved.change(refresh_teachers, None, [form['teacher'], runs], api_visibility='private')
+    keeps_errors(gr.on([runs.change, against.change], show_runs, [runs, against], runs_plot,
+                       api_visibility='private'), server, runs_note)
     return saved
