@@ -209,7 +209,7 @@ def test_online_the_page_says_which_models_download_on_first_use(tmp_path, weigh
 def test_messages_are_escaped_not_read_as_html(weights_dir):
     """A message that contains <...> (urllib's '<urlopen error ...>') reaches the page whole."""
     from vitdemo.ui.common import Server, shows_user_errors
-    server = Server(ModelCache(weights_dir=weights_dir), None, None)
+    server = Server(ModelCache(weights_dir=weights_dir), None, ServerPolicy())
 
     @shows_user_errors(server)
     def fails():

@@ -492,26 +492,43 @@ def test_a_slow_explanation_stops_at_the_servers_limit_or_when_its_session_asks(
     server = Server(ModelCache(weights_dir=weights_dir), None, ServerPolicy(max_explain_seconds=0.3))
     start = time.monotonic()
     with pytest.raises(Stopped, match=r'Shapley values took longer than this server allows one explanation \(0.3 s\)'):
-        explain(model, pred, 'shapley', progress=server.explaining(alice, None, 'Shapley values'))
+        with server.explaining(alice, None, 'Shapley values') as tell:
+            explain(model, pred, 'shapley', progress=tell)
     assert time.monotonic() - start < 5  # stopped within a batch or two, not after the whole method
     # Stop ends the explanation of the session that asked, and no other
     server = Server(ModelCache(weights_dir=weights_dir), None, ServerPolicy())
-    alices, bobs = server.explaining(alice, None, 'x'), server.explaining(bob, None, 'x')
-    server.stop(alice)
-    with pytest.raises(Stopped, match='x stopped at 40%, as asked'):
-        alices(0.4)
-    bobs(0.5)
-    server.explaining(alice, None, 'x')(0.1)  # the session's next explanation starts afresh
+    with server.explaining(alice, None, 'x') as alices, server.explaining(bob, None, 'x') as bobs:
+        server.stop(alice)
+        with pytest.raises(Stopped, match='x stopped at 40%, as asked'):
+            alices(0.4)
+        bobs(0.5)
+    with server.explaining(alice, None, 'x') as tell:
+        tell(0.1)  # the session's next explanation starts afresh
     with pytest.raises(Stopped):
-        explain(model, pred, 'occlusion', progress=stop_soon(server, alice))
+        with server.explaining(alice, None, 'occlusion') as tell:
+            explain(model, pred, 'occlusion', progress=stop_soon(server, alice, tell))
 
 
-def stop_soon(server, request):
+def stop_soon(server, request, tell):
     """A progress callback whose session presses Stop once the work is under way."""
-    tell = server.explaining(request, None, 'occlusion')
-
     def progress(share):
         if share > 0:
             server.stop(request)
         tell(share)
     return progress
+
+
+def test_in_public_one_slow_explanation_runs_at_a_time_and_fast_ones_never_wait(weights_dir):
+    policy = ServerPolicy.from_env({'VITDEMO_PUBLIC': '1'})
+    assert policy.slow_explanations == 1 and ServerPolicy.from_env({}).slow_explanations is None
+    server = Server(ModelCache(weights_dir=weights_dir), None, policy)
+    alice, bob = SimpleNamespace(session_hash='alice'), SimpleNamespace(session_hash='bob')
+    model = load_model(ROOT / 'weights' / 'vit_cifar10.safetensors')
+    with server.explaining(alice, None, 'Score-CAM') as alices:
+        alices(0.0)  # alice's slow method has started and holds the slot
+        with server.explaining(bob, None, 'occlusion') as bobs:
+            with pytest.raises(Stopped, match='runs 1 slow explanation at a time'):
+                explain(model, CAT, 'occlusion', progress=bobs)
+            assert explain(model, CAT, 'relevance', progress=bobs).target  # a fast method reports nothing
+    with server.explaining(bob, None, 'occlusion') as bobs:  # alice is done: the slot is free again
+        assert explain(model, CAT, 'occlusion', progress=bobs).overall[1].shape == (8, 8)

@@ -37,6 +37,7 @@ class ServerPolicy:
     queued_per_session: int | None = None  # requests one browser session may have waiting or running
     uploads_max_mb: float | None = None  # Gradio's upload folder; uploads past it are refused until the sweep
     max_explain_seconds: float | None = None  # one explanation (Score-CAM, Shapley values on ViT-B: minutes)
+    slow_explanations: int | None = None  # slow explanations at once: the other model slot stays free
 
     @classmethod
     def from_env(cls, environ: dict | None = None) -> 'ServerPolicy':
@@ -51,14 +52,16 @@ class ServerPolicy:
                         store_max_mb=('VITDEMO_STORE_MAX_MB', 1000.0, None),
                         queued_per_session=('VITDEMO_QUEUED_PER_SESSION', 6, None),  # an upload alone fires 2
                         uploads_max_mb=('VITDEMO_UPLOADS_MAX_MB', 2000.0, None),
-                        max_explain_seconds=('VITDEMO_MAX_EXPLAIN_SECONDS', 90.0, None))
+                        max_explain_seconds=('VITDEMO_MAX_EXPLAIN_SECONDS', 90.0, None),
+                        slow_explanations=('VITDEMO_SLOW_EXPLANATIONS', 1, None))
         values = {}
         for field_name, (var, public_default, local_default) in settings.items():
             raw = env.get(var, '')
             if raw == '':
                 values[field_name] = public_default if public else local_default
                 continue
-            kind = int if field_name in ('max_params', 'store_max_files', 'queued_per_session') else float
+            kind = int if field_name in ('max_params', 'store_max_files', 'queued_per_session',
+                                         'slow_explanations') else float
             try:
                 value = kind(float(raw))
             except ValueError:

@@ -1,5 +1,6 @@
 """What every tab shares: the server (models, the training run, the policy), the model lists a visitor
 gets, how errors reach people, and components that leave the checking of values to the package."""
+import contextlib
 import functools
 import html
 import logging
@@ -9,6 +10,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from inspect import isgeneratorfunction
 from pathlib import Path
+from typing import Iterator
 
 import gradio as gr
 import huggingface_hub
@@ -58,6 +60,11 @@ class Server:
     policy: ServerPolicy
     errors: OrderedDict = field(default_factory=OrderedDict)  # the last refusal per session, for the page
     stops: OrderedDict = field(default_factory=OrderedDict)  # per session: set to stop its explanation
+    slow_slots: threading.Semaphore | None = None  # public mode: slow explanations at once (from the policy)
+
+    def __post_init__(self):
+        if self.policy.slow_explanations:
+            self.slow_slots = threading.Semaphore(self.policy.slow_explanations)
 
     def owner(self, request: gr.Request | None) -> str | None:
         """Whose models and run these are: the browser session in public mode; locally, one user owns all."""
@@ -83,9 +90,12 @@ class Server:
         kinds = {'cnn'} if heads == 0 else {'vit'} | ({'distilled'} if 'distilled' in str(name) else set())
         return [(METHODS[m].label, m) for m in offered(frozenset(kinds))]
 
-    def explaining(self, request: gr.Request | None, progress: gr.Progress | None, what: str) -> Progress:
-        """A slow explanation's progress: shown on the page, stopped by this session's Stop button, and by
-        the server's time limit in public mode."""
+    @contextlib.contextmanager
+    def explaining(self, request: gr.Request | None, progress: gr.Progress | None, what: str) -> Iterator[Progress]:
+        """A slow explanation's progress callback, for the length of the request: shown on the page, stopped
+        by this session's Stop button and, in public mode, by the time limit. Only slow methods report
+        progress, so the first report is where one starts: in public mode it must get one of the few slots
+        for slow work (`ServerPolicy.slow_explanations`), which keeps model work free for everyone else."""
         key = request.session_hash if request is not None else None
         stop = self.stops.pop(key, None) or threading.Event()
         stop.clear()
@@ -94,8 +104,15 @@ class Server:
             self.stops.popitem(last=False)
         limit = self.policy.max_explain_seconds
         deadline = time.monotonic() + limit if limit else None
+        held = []
 
         def tell(share: float) -> None:
+            if not held and self.slow_slots is not None:
+                if not self.slow_slots.acquire(blocking=False):
+                    raise Stopped(f'{what} is slow, and this server runs {self.policy.slow_explanations} slow '
+                                  'explanation at a time, which another visitor is using: try again in a minute, '
+                                  'or pick a method not marked slow')
+                held.append(True)
             if stop.is_set():
                 raise Stopped(f'{what} stopped at {share:.0%}, as asked')
             if deadline is not None and time.monotonic() > deadline:
@@ -103,7 +120,11 @@ class Server:
                               'was stopped: pick a faster method or a smaller model')
             if progress is not None:
                 progress(share, desc=what)
-        return tell
+        try:
+            yield tell
+        finally:
+            if held:
+                self.slow_slots.release()
 
     def stop(self, request: gr.Request | None) -> None:
         stop = self.stops.get(request.session_hash if request is not None else None)

@@ -14,8 +14,8 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
 
     @shows_user_errors(server)
     def inspect(image: bytes, model: str, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
-        grid, *rest = inspect_view(server.model(model, request, progress), image,
-                                   progress=server.explaining(request, progress, 'the faithfulness test'))
+        with server.explaining(request, progress, 'the faithfulness test') as tell:
+            grid, *rest = inspect_view(server.model(model, request, progress), image, progress=tell)
         return publish_image(grid), *rest
 
     @shows_user_errors(server)

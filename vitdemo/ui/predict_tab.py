@@ -20,9 +20,9 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
                 progress=gr.Progress(track_tqdm=True)):
         chosen = server.model(model, request, progress)
         what = METHODS[method].short if method in METHODS else 'the explanation'
-        view = predict_view(chosen, image, top_k, fusion, head, opacity, discard_ratio, scale, method, target or None,
-                            layer or None, keep, server.explaining(request, progress, f'{what} on {model}'),
-                            remembered)
+        with server.explaining(request, progress, f'{what} on {model}') as tell:
+            view = predict_view(chosen, image, top_k, fusion, head, opacity, discard_ratio, scale, method,
+                                target or None, layer or None, keep, tell, remembered)
         return view.labels, published(view.gallery), view.text, view.focus
 
     def stop(request: gr.Request):
@@ -32,8 +32,8 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
     def sanity(image: bytes, model: str, method: str = 'attention', target: str = '', request: gr.Request = None,
                progress=gr.Progress()):
         what = METHODS[method].short if method in METHODS else 'the sanity check'
-        gallery, text = sanity_view(server.model(model, request), image, method, target or None,
-                                    server.explaining(request, progress, f'sanity check of {what}'))
+        with server.explaining(request, progress, f'sanity check of {what}') as tell:
+            gallery, text = sanity_view(server.model(model, request), image, method, target or None, tell)
         return published(gallery), text
 
     def redraw(image, model, top_k, fusion, head, opacity, discard_ratio, scale, method, target, layer, keep,
