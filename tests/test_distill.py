@@ -83,3 +83,24 @@ def test_a_student_taught_by_a_teacher_trains_and_keeps_both_tokens(tmp_path):
     assert pred.num_prefix_tokens == 2 and torch.isfinite(pred.probs).all()
     with pytest.raises(ValueError, match=r'teacher.safetensors knows other classes \(red, green, blue, ...: 4\)'):
         Distillation.from_checkpoint(tmp_path / 'teacher.safetensors', ['a', 'b'], 'hard')
+
+
+def test_a_teacher_that_answers_once_per_image_and_its_mirror(tmp_path):
+    data = colour_data(n=200)
+    teacher = randomize_(CifarResNet(ResNetConfig(num_classes=len(data.classes))), seed=2)
+    save_checkpoint(tmp_path / 'teacher.safetensors', teacher, data.classes, mean=[0.5] * 3, std=[0.25] * 3)
+    task = Distillation.from_checkpoint(tmp_path / 'teacher.safetensors', data.classes, 'soft', once=True)
+    calls = []
+    teach = task.teach
+    task.teach = lambda *a: calls.append(len(a[0])) or teach(*a)
+    config = replace(TINY_CIFAR, num_classes=len(data.classes), distilled=True)
+    cfg = TrainConfig(epochs=2, minutes=None, batch_size=32, val_size=40)
+    train(config, cfg, data, distillation=task)
+    assert sum(calls) == 2 * 160 and task.answers.shape == (160, 2, 4)  # each training image and its mirror, once
+    mean, std = [0.5] * 3, [0.25] * 3
+    image = data.images[:1].float().div(255).sub(0.5).div(0.25)
+    with torch.no_grad():
+        expected = teach(image.flip(-1), mean, std)
+    got = task.answer(image, mean, std, torch.tensor([0]), torch.tensor([True]))
+    # remembered under bf16 autocast, as training runs it; computed here in fp32
+    torch.testing.assert_close(got, expected, atol=3e-2 * expected.abs().max().item(), rtol=0)

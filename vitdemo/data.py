@@ -124,8 +124,10 @@ def _read_official(root: Path, split: str, download: bool) -> ImageData:
                      list(ds.classes))
 
 
-def augment(images: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random crop with reflect padding and horizontal flip, for a whole uint8 batch (B, C, H, W) at once."""
+def augment(images: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None,
+            return_flips: bool = False):
+    """Random crop with reflect padding and horizontal flip, for a whole uint8 batch (B, C, H, W) at once;
+    with `return_flips`, also which images were mirrored (B,) bool."""
     B, C, H, W = images.shape
     padded = torch.nn.functional.pad(images, (padding,) * 4, mode='reflect') if padding else images
     dy = torch.randint(0, 2 * padding + 1, (B,), generator=generator)
@@ -134,7 +136,8 @@ def augment(images: torch.Tensor, padding: int = 4, generator: torch.Generator |
     cols = (dx[:, None] + torch.arange(W))  # (B, W)
     flip = torch.rand(B, generator=generator) < 0.5
     cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]  # (B, 1, 1, W)
-    return padded[torch.arange(B)[:, None, None, None], torch.arange(C)[None, :, None, None], rows, cols]
+    out = padded[torch.arange(B)[:, None, None, None], torch.arange(C)[None, :, None, None], rows, cols]
+    return (out, flip) if return_flips else out
 
 
 def rand_augment(images: torch.Tensor, magnitude: int, group: int = 8) -> torch.Tensor:

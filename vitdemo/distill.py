@@ -8,7 +8,9 @@ through attention", DeiT, 2021): a trained teacher's predictions as a second tar
 
 A student with a distillation token (`ViTConfig(distilled=True)`) gives each term its own head; any other
 student (our plain ViT, the CNN) uses its one head for both. The teacher runs on the fly, on the very
-batch the student sees (crops, flips, RandAugment and CutMix included), in inference mode.
+batch the student sees (crops, flips, RandAugment and CutMix included), in inference mode; or, with
+`once=True`, once per training image and its mirror image before the first step (`remember`), whose answers
+stand in for those of the cropped, augmented or mixed images after (an approximation, for speed).
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,8 @@ class Distillation:
     kind: DistillKind = 'hard'
     alpha: float = 0.1
     temperature: float = 3.0
+    once: bool = False  # answer once per image and mirror image, before training, not on every batch
+    answers: torch.Tensor | None = None  # with `once`: (images, 2, classes), the image's and its mirror's
 
     def __post_init__(self):
         if self.kind not in ('hard', 'soft'):
@@ -59,6 +63,21 @@ class Distillation:
         if x.shape[-1] != size:
             x = F.interpolate(x, size=(size, size), mode='bilinear', antialias=True, align_corners=False)
         return self.teacher(x).float()
+
+    def remember(self, images: torch.Tensor, mean, std, to_input, batch_size: int = 500) -> None:
+        """The teacher's answers for every uint8 training image and its mirror image; `to_input` makes the
+        student's input of a uint8 batch (normalised, at the student's size)."""
+        answers = []
+        for chunk in images.split(batch_size):
+            pair = [self.teach(to_input(c, mean, std), mean, std) for c in (chunk, chunk.flip(-1))]
+            answers.append(torch.stack(pair, dim=1).float().cpu())
+        self.answers = torch.cat(answers)
+
+    def answer(self, x: torch.Tensor, mean, std, idx: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits for the batch: remembered (by image and mirror) or computed now."""
+        if self.answers is not None:
+            return self.answers[idx, flips.long()].to(x.device)
+        return self.teach(x, mean, std)
 
     def loss(self, outputs, teacher_logits: torch.Tensor, target: torch.Tensor,
              label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:

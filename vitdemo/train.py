@@ -352,6 +352,10 @@ def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data:
         if on_event is not None:
             on_event(TrainEvent(kind=kind, epoch=epoch, step=step, progress=min(progress_now(), 1.0), **kw))
 
+    if distillation is not None and distillation.once:  # inside the budget: what it costs counts
+        with autocast(device, cfg.amp):
+            distillation.remember(train_data.images, mean, std,
+                                  lambda c, m, sd: to_model_input(c, m, sd, model_config.img_size).to(device))
     while progress_now() < 1.0 and not stopped:
         epoch += 1
         epoch_start, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
@@ -364,7 +368,7 @@ def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data:
             for group in optimizer.param_groups:
                 group['lr'] = lr * group['lr_scale']
             idx = shard[i * batch_size:(i + 1) * batch_size]
-            images = augment(train_data.images[idx], cfg.crop_padding, augment_generator)
+            images, flips = augment(train_data.images[idx], cfg.crop_padding, augment_generator, return_flips=True)
             if cfg.rand_augment:
                 images = rand_augment(images, cfg.rand_augment)
             x = to_model_input(images, mean, std, model_config.img_size)
@@ -375,7 +379,7 @@ def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data:
             # forward, the teacher's answer when there is one, and the loss
             with autocast(device, cfg.amp):
                 outputs = forward(x)
-                taught = distillation.teach(x, mean, std) if distillation is not None else None
+                taught = distillation.answer(x, mean, std, idx, flips) if distillation is not None else None
             if distillation is not None:
                 loss, logits = distillation.loss(outputs, taught, target, cfg.label_smoothing)
             else:
@@ -463,6 +467,9 @@ def main(argv: list[str] | None = None) -> None:
     # distillation (DeiT): a trained teacher's predictions join the labels
     parser.add_argument('--teacher', metavar='CHECKPOINT', help='a checkpoint of ours over the same classes, e.g. '
                         'weights/vit_cifar10.safetensors or a ResNet-18; a ViT student gets a distillation token')
+    parser.add_argument('--teacher-once', action='store_true',
+                        help="with --teacher: answer once per image and its mirror before training (faster; "
+                             "stands in for the crops' answers)")
     parser.add_argument('--distill', choices=['hard', 'soft'], default='hard',
                         help="with --teacher: learn the teacher's top class, or its distribution at temperature 3")
     # optimisation
@@ -529,7 +536,8 @@ def main(argv: list[str] | None = None) -> None:
     distillation = None
     if args.teacher:
         try:
-            distillation = Distillation.from_checkpoint(args.teacher, data.classes, args.distill)
+            distillation = Distillation.from_checkpoint(args.teacher, data.classes, args.distill,
+                                                        once=args.teacher_once)
         except (CheckpointError, FileNotFoundError, ValueError) as e:
             parser.error(str(e))
     bar = tqdm(total=1000, unit='‰', bar_format='{l_bar}{bar}| {elapsed}<{remaining} {postfix}', disable=rank > 0)
