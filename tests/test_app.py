@@ -206,6 +206,28 @@ def test_online_the_page_says_which_models_download_on_first_use(tmp_path, weigh
     assert 'vit_base_patch16_224' in note and 'vit_tiny_patch16_224' not in note  # tiny is saved locally
 
 
+def test_the_method_list_follows_what_a_model_is_from_its_config_alone(weights_dir, tmp_path):
+    """A ViT trained with a teacher has DeiT's two tokens, whatever its name: it is offered 'tokens' too."""
+    import shutil
+    from vitdemo.explain import methods_for
+    from vitdemo.model import VisionTransformer
+    from vitdemo.ui.common import Server
+    from vitdemo.weights import save_checkpoint
+    from conftest import TINY_CIFAR
+    from dataclasses import replace
+    weights = tmp_path / 'weights'
+    shutil.copytree(weights_dir, weights)
+    save_checkpoint(weights / 'taught.safetensors', VisionTransformer(replace(TINY_CIFAR, distilled=True)),
+                    [f'c{i}' for i in range(10)], [0.5] * 3, [0.25] * 3)
+    server = Server(ModelCache(weights_dir=weights), None, ServerPolicy())
+    for name in ('scratch/taught', 'scratch/vit_cifar10', 'timm/deit_small_distilled_patch16_224',
+                 'ours/vit_tiny_patch16_224'):
+        offered = [m for _, m in server.methods(name, None)]
+        assert offered == methods_for(server.model(name, None)), name  # the list agrees with the model loaded
+    assert 'tokens' in [m for _, m in server.methods('scratch/taught', None)]
+    assert 'tokens' not in [m for _, m in server.methods('scratch/vit_cifar10', None)]
+
+
 def test_messages_are_escaped_not_read_as_html(weights_dir):
     """A message that contains <...> (urllib's '<urlopen error ...>') reaches the page whole."""
     from vitdemo.ui.common import Server, shows_user_errors

@@ -45,13 +45,14 @@ def test_one_colour_scale_for_all_layers(weights_dir, monkeypatch):
     layer looks darker than a focused one); 'own' stretches each map to its own range."""
     import numpy as np
     import vitdemo.views as views
+    from vitdemo.explain import from_prediction
     from vitdemo.attention import overlay
     half = overlay(Image.new('RGB', (8, 8)), np.array([[0.0, 0.5]]), opacity=1.0, scale=(0.0, 1.0))
     full = overlay(Image.new('RGB', (8, 8)), np.array([[0.0, 0.5]]), opacity=1.0)
     assert np.asarray(half).sum(-1).max() < np.asarray(full).sum(-1).max()
 
     pred = load_model(DEFAULT_SCRATCH, weights_dir).predict(Image.new('RGB', (64, 64), (120, 30, 60)))
-    maps = pred.layer_maps('mean')
+    maps = [m for _, m in from_prediction(pred, 'mean').maps]
     scales = []
     real = views.overlay
     monkeypatch.setattr(views, 'overlay',

@@ -28,7 +28,6 @@ from PIL import Image
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 from timm.utils import AttentionExtract
 
-from .attention import Fusion, cls_attention, rollout
 from .cnn import CifarResNet
 from .images import load_image
 from .store import ModelStore
@@ -63,19 +62,6 @@ class Prediction:
     @property
     def is_cnn(self) -> bool:
         return self.saliency is not None
-
-    def layer_maps(self, fusion: Fusion = 'mean') -> list[torch.Tensor]:
-        """Where the model looks at each depth, (rows, cols) each: the CLS attention of every layer of a
-        ViT, or the Grad-CAM of every stage of a CNN (which has no heads to fuse)."""
-        if self.is_cnn:
-            return self.saliency
-        return list(cls_attention(self.attentions, self.grid, self.num_prefix_tokens, fusion))
-
-    def overall_map(self, fusion: Fusion = 'mean', discard_ratio: float = 0.9) -> torch.Tensor:
-        """One map for the whole network: a ViT's attention rollout, a CNN's last-stage Grad-CAM."""
-        if self.is_cnn:
-            return self.saliency[-1]
-        return rollout(self.attentions, self.grid, self.num_prefix_tokens, fusion, discard_ratio)
 
 
 class Model:
@@ -225,15 +211,25 @@ def checkpoint_model(name: str, module: torch.nn.Module, classes: list[str], mea
 
 
 @functools.lru_cache(maxsize=16)
-def _timm_shape(arch: str) -> tuple[int, int]:
+def _timm_shape(arch: str) -> tuple[int, int, int]:
     with torch.device('meta'):  # shapes only: no memory, no download
         module = timm.create_model(arch, pretrained=False)
-    return len(module.blocks), module.blocks[0].attn.num_heads
+    return len(module.blocks), module.blocks[0].attn.num_heads, module.num_prefix_tokens
 
 
 def model_shape(name: str, store: ModelStore, owner: str | None = None) -> tuple[int, int]:
     """(layers, heads) of a listed model, from its config alone, without loading weights; a CNN has four
     stages and no heads: (4, 0). For the UI's layer and head controls."""
+    return _shape(name, store, owner)[:2]
+
+
+def prefix_tokens(name: str, store: ModelStore, owner: str | None = None) -> int:
+    """Tokens before the patches of a listed model, from its config alone: CLS, and DeiT's distillation
+    token; 0 for a CNN."""
+    return _shape(name, store, owner)[2]
+
+
+def _shape(name: str, store: ModelStore, owner: str | None) -> tuple[int, int, int]:
     kind, _, arch = name.partition('/')
     if kind in ('timm', 'ours') and arch in TIMM_ARCHS:
         return _timm_shape(arch)
@@ -242,8 +238,9 @@ def model_shape(name: str, store: ModelStore, owner: str | None = None) -> tuple
         raise ModelUnavailable(f'unknown model {name!r}: choose one from the list')
     meta = read_metadata(path)
     if meta['arch'] != VisionTransformer.arch:
-        return 4, 0
-    return meta['config']['depth'], meta['config']['num_heads']
+        return 4, 0, 0
+    c = meta['config']
+    return c['depth'], c['num_heads'], 2 if c.get('distilled') else 1
 
 
 def local_weights(arch: str, weights_dir: Path) -> Path | None:

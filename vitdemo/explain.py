@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Fusion, fuse_heads, rollout_matrix
+from .attention import Fusion, cls_attention, fuse_heads, rollout, rollout_matrix
 from .backends import Model, Prediction, TimmAttention
 
 Progress = Callable[[float], None]  # told the share done, from 0 to 1; raises Stopped to stop the work
@@ -106,10 +106,11 @@ METHODS = {m.name: m for m in [
 ]}
 
 
-def kinds(model: Model) -> frozenset:
-    if model.is_cnn:
+def kinds(cnn: bool, prefix_tokens: int) -> frozenset:
+    """Which methods' kinds a model is, from what it is alone: a CNN, or a ViT (with DeiT's two tokens)."""
+    if cnn:
         return _CNN
-    return _VIT | ({'distilled'} if model.num_prefix_tokens == 2 else set())
+    return _VIT | ({'distilled'} if prefix_tokens == 2 else set())
 
 
 def offered(model_kinds: frozenset) -> list[str]:
@@ -118,7 +119,7 @@ def offered(model_kinds: frozenset) -> list[str]:
 
 def methods_for(model: Model) -> list[str]:
     """The methods this model offers, its default first: a CNN has no attention."""
-    return offered(kinds(model))
+    return offered(kinds(model.is_cnn, model.num_prefix_tokens))
 
 
 def from_prediction(pred: Prediction, fusion: Fusion = 'mean', discard_ratio: float = 0.9) -> Explanation:
@@ -127,15 +128,15 @@ def from_prediction(pred: Prediction, fusion: Fusion = 'mean', discard_ratio: fl
     if pred.is_cnn:
         maps = [(f'stage {i + 1} · {m.shape[0]}x{m.shape[1]}', m) for i, m in enumerate(pred.saliency)]
         return Explanation('gradcam', None, maps, ('last-stage Grad-CAM', maps[-1][1]), METHODS['gradcam'].description)
-    fused = fuse_heads(pred.attentions, fusion).float()
     if pred.pooling == 'avg':
+        fused = fuse_heads(pred.attentions, fusion).float()
         maps = [received(a, pred) for a in fused]
         flow = received(rollout_matrix(fused, discard_ratio), pred)
         description = ('this ViT classifies the mean of its patch tokens, not its CLS token: each map is the '
                        'attention each patch receives, averaged over all patch tokens; the same for every class')
     else:
-        maps = [a[0, pred.num_prefix_tokens:].reshape(pred.grid) for a in fused]
-        flow = rollout_matrix(fused, discard_ratio)[0, pred.num_prefix_tokens:].reshape(pred.grid)
+        maps = list(cls_attention(pred.attentions, pred.grid, pred.num_prefix_tokens, fusion))
+        flow = rollout(pred.attentions, pred.grid, pred.num_prefix_tokens, fusion, discard_ratio)
         description = METHODS['attention'].description
     return Explanation('attention', None, [(f'layer {i + 1}', m) for i, m in enumerate(maps)],
                        (f'rollout · all {len(maps)} layers', flow), description)

@@ -152,7 +152,7 @@ class TrainingJob:
         """A distillation teacher by list name: only a checkpoint this owner may use, never a path."""
         if not name:
             return None
-        path = self.store.path(name, owner) if name.split('/')[0] in ('scratch', 'trained') else None
+        path = self.store.path(name, owner)
         if path is None:
             raise ValueError(f'the teacher must be one of your models of the list (scratch/ or trained/), '
                              f'not {name!r}')

@@ -17,8 +17,8 @@ import huggingface_hub
 from PIL import Image
 
 from ..backends import (DEFAULT_SCRATCH, Model, ModelCache, ModelUnavailable, imagenet_classes, model_shape,
-                        needs_download)
-from ..explain import METHODS, Progress, Stopped, offered
+                        needs_download, prefix_tokens)
+from ..explain import METHODS, Progress, Stopped, kinds, offered
 from ..images import ImageError, load_image
 from ..policy import ServerPolicy
 from ..serving import publish_image
@@ -86,9 +86,11 @@ class Server:
 
     def methods(self, name, request: gr.Request | None) -> list[tuple[str, str]]:
         """The explanation methods a listed model offers, labelled, from its name and config alone."""
-        _, heads = self.shape(name, request)
-        kinds = {'cnn'} if heads == 0 else {'vit'} | ({'distilled'} if 'distilled' in str(name) else set())
-        return [(METHODS[m].label, m) for m in offered(frozenset(kinds))]
+        try:
+            prefix = prefix_tokens(name, self.cache.store, self.owner(request))
+        except (ModelUnavailable, CheckpointError, TypeError):
+            prefix = 1  # not a listed name: what its request will say
+        return [(METHODS[m].label, m) for m in offered(kinds(prefix == 0, prefix))]
 
     @contextlib.contextmanager
     def explaining(self, request: gr.Request | None, progress: gr.Progress | None, what: str) -> Iterator[Progress]:

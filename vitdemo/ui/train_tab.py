@@ -59,13 +59,15 @@ def train_tab(server: Server) -> gr.State:
             return 'Stopping: the run ends after its current step and keeps what it learned.'
         return gr.skip() if not server.job.busy else 'The run in progress is not yours to stop.'
 
-    def teachers(request: gr.Request | None) -> list[tuple[str, str]]:
+    def checkpoints(request: gr.Request | None) -> list[str]:
         # our checkpoints this visitor may use; the pretrained ImageNet models know other classes
-        names = [n for n in server.cache.names(server.owner(request)) if n.split('/')[0] in ('scratch', 'trained')]
-        return [('none', '')] + [(n, n) for n in names]
+        return server.cache.store.checkpoint_names(server.owner(request))
+
+    def teachers(request: gr.Request | None) -> list[tuple[str, str]]:
+        return [('none', '')] + [(n, n) for n in checkpoints(request)]
 
     def refresh_teachers(request: gr.Request):
-        return gr.Dropdown(choices=teachers(request)), gr.Dropdown(choices=teachers(request)[1:])
+        return gr.Dropdown(choices=teachers(request)), gr.Dropdown(choices=checkpoints(request))
 
     @shows_user_errors(server)
     def show_runs(names: list[str], against: str, request: gr.Request):
@@ -128,7 +130,7 @@ def train_tab(server: Server) -> gr.State:
                                   object_fit='contain', format='jpeg', allow_preview=False, elem_classes=['maps'])
             with gr.Accordion('Runs side by side: the validation accuracy of any of your models', open=False):
                 with gr.Row():
-                    runs = gr.Dropdown(teachers(None)[1:], multiselect=True, label='Runs', scale=3,
+                    runs = gr.Dropdown(checkpoints(None), multiselect=True, label='Runs', scale=3,
                                        info='e.g. a ViT and the ResNet-18, or a run with a teacher and one without')
                     against = gr.Radio(['epoch', 'minutes'], value='epoch', label='Against', scale=1)
                 runs_plot = gr.LinePlot(x='x', y='accuracy', color='run', x_title='epoch',
