@@ -50,8 +50,9 @@ class ZipLimits:
 def read_image_zip(path: str | Path, size: int = 32, limits: ZipLimits = ZipLimits()) -> ImageData:
     """The images of the zip at `path`, centre-cropped and resized to `size` x `size`, labelled by folder."""
     path = Path(path)
-    if path.stat().st_size > limits.max_bytes:
-        raise ArchiveError(f'the archive is {path.stat().st_size / MB:.0f} MB; the limit is {limits.max_bytes // MB} MB')
+    nbytes = path.stat().st_size
+    if nbytes > limits.max_bytes:
+        raise ArchiveError(f'the archive is {nbytes / MB:.0f} MB; the limit is {limits.max_bytes // MB} MB')
     try:
         with zipfile.ZipFile(path) as archive:
             members, classes = _check_directory(archive.infolist(), limits)
