@@ -137,24 +137,44 @@ def test_evaluate_draws_the_training_curves_of_a_checkpoint(tmp_path, capsys):
     assert (tmp_path / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
-def test_finetune_a_locally_saved_timm_vit_as_linear_probe_and_in_full(weights_dir, tmp_path):
+def test_finetune_a_locally_saved_timm_vit_as_linear_probe_partially_and_in_full(weights_dir, tmp_path):
     from vitdemo.train import prepare_finetune
     from vitdemo.weights import from_timm
     import timm
     pretrained = from_timm(timm.create_model('vit_tiny_patch16_224', pretrained=True, pretrained_cfg_overlay=dict(
         file=str(weights_dir / 'vit_tiny_patch16_224.safetensors'))))
-    cfg = TrainConfig(epochs=1, minutes=None, batch_size=16, lr=1e-3, train_limit=32, val_size=128, val_limit=16)
+    cfg = TrainConfig(epochs=2, minutes=None, batch_size=16, lr=1e-3, train_limit=32, val_size=128, val_limit=16)
     data = colour_data(n=256)
+    events = []
 
-    probe = prepare_finetune('vit_tiny_patch16_224', 4, backbone_lr_scale=0.0, weights_dir=weights_dir)
+    probe = prepare_finetune('vit_tiny_patch16_224', 4, mode='probe', weights_dir=weights_dir)
     assert probe.mean == [0.5, 0.5, 0.5] and probe.model.config.img_size == 224  # the pretrained recipe
     out = tmp_path / 'probe.safetensors'
-    result = train(None, cfg, data, out=out, finetune=probe)
+    result = train(None, cfg, data, out=out, finetune=probe, on_event=events.append)
     assert result.model.head.weight.shape == (4, 192) and result.model.head.weight.abs().sum() > 0
-    assert torch.equal(result.model.blocks[0].attn.qkv.weight, pretrained.blocks[0].attn.qkv.weight)  # frozen
+    for name, p in result.model.named_parameters():  # the head learned, nothing else moved
+        assert name.startswith('head.') or torch.equal(p, pretrained.get_parameter(name)), name
+    # features once (32 training + 16 validation images, batches of 16), then the head's two epochs
+    assert [e.kind for e in events] == ['step'] * 3 + ['epoch'] * 2 + ['done']
+    assert [round(e.progress, 3) for e in events] == [0.3, 0.6, 0.9, 0.95, 1.0, 1.0]
+    assert len(result.history) == 2 and result.history[-1]['val_accuracy'] is not None
     model, meta = load_checkpoint(out)
     assert meta['config']['img_size'] == 224 and meta['mean'] == [0.5, 0.5, 0.5] and len(meta['classes']) == 4
+    assert torch.equal(model.head.weight, result.model.head.weight)
 
-    full = prepare_finetune('vit_tiny_patch16_224', 4, backbone_lr_scale=0.1, weights_dir=weights_dir)
+    partial = prepare_finetune('vit_tiny_patch16_224', 4, mode='partial', frozen_blocks=10, weights_dir=weights_dir)
+    tuned = train(None, cfg, data, finetune=partial).model
+    for name, p in tuned.named_parameters():  # the embedding and blocks 0-9 stay; blocks 10-11 and the head learn
+        moved = not torch.equal(p, pretrained.get_parameter(name))
+        layer = int(name.split('.')[1]) if name.startswith('blocks.') else None
+        learns = name.startswith(('head.', 'norm.')) or (layer is not None and layer >= 10)
+        assert moved == learns, name
+
+    full = prepare_finetune('vit_tiny_patch16_224', 4, mode='full', layer_decay=0.5, weights_dir=weights_dir)
+    assert full.lr_scale('head.weight') == 1 and full.lr_scale('norm.weight') == 1
+    assert full.lr_scale('blocks.11.mlp.fc1.weight') == 0.5 and full.lr_scale('blocks.0.attn.qkv.weight') == 0.5 ** 12
+    assert full.lr_scale('patch_embed.proj.weight') == full.lr_scale('cls_token') == 0.5 ** 13
     tuned = train(None, cfg, data, finetune=full).model
     assert not torch.equal(tuned.blocks[0].attn.qkv.weight, pretrained.blocks[0].attn.qkv.weight)
+    with pytest.raises(ValueError, match='frozen blocks must be between 0 and 12'):
+        prepare_finetune('vit_tiny_patch16_224', 4, mode='partial', frozen_blocks=13, weights_dir=weights_dir)

@@ -182,6 +182,14 @@ class TrainResult:
     stopped: bool
 
 
+FINETUNE_MODES = {  # how a pretrained ViT learns the new classes
+    'probe': 'linear probe: the head alone, on features computed once',
+    'partial': 'partial: the first K blocks frozen, the rest and the head learn',
+    'full': 'full: every weight, earlier layers slower (layer-wise learning-rate decay)',
+}
+PROBE_EPOCHS = 30  # of the head over cached features: seconds, whatever the dataset
+
+
 @dataclass
 class FineTune:
     """Start from a pretrained ViT instead of random weights. Its head is replaced for the new classes,
@@ -189,11 +197,34 @@ class FineTune:
     model: VisionTransformer
     mean: list[float]
     std: list[float]
-    backbone_lr_scale: float = 0.1  # backbone learns at this fraction of the head's rate; 0 = linear probe
+    mode: str = 'full'  # one of FINETUNE_MODES
+    frozen_blocks: int = 0  # 'partial': the patch embedding and this many first blocks stay as pretrained
+    layer_decay: float = 0.75  # 'full': each layer down from the head learns at this fraction of the one above
+
+    def __post_init__(self):
+        if self.mode not in FINETUNE_MODES:
+            raise ValueError(f'fine-tuning must be one of {", ".join(FINETUNE_MODES)}, not {self.mode!r}')
+        depth = self.model.config.depth
+        if not 0 <= self.frozen_blocks <= depth:
+            raise ValueError(f'frozen blocks must be between 0 and {depth}, got {self.frozen_blocks}')
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f'layer decay must be in (0, 1], got {self.layer_decay}')
+
+    def lr_scale(self, name: str) -> float:
+        """The learning rate of parameter `name` as a fraction of the head's; 0 keeps it frozen."""
+        depth = self.model.config.depth
+        # layers counted as in BEiT's layer-wise decay: 0 the embeddings, 1..depth the blocks, depth + 1 the rest
+        layer = int(name.split('.')[1]) + 1 if name.startswith('blocks.') else \
+            depth + 1 if name.startswith(('head.', 'head_dist.', 'norm.', 'fc_norm.')) else 0
+        if self.mode == 'probe':
+            return 1.0 if name.startswith(('head.', 'head_dist.')) else 0.0
+        if self.mode == 'partial':
+            return 0.0 if layer <= self.frozen_blocks else 1.0
+        return self.layer_decay ** (depth + 1 - layer)
 
 
-def prepare_finetune(arch: str, num_classes: int, backbone_lr_scale: float = 0.1,
-                     weights_dir: Path | None = None) -> FineTune:
+def prepare_finetune(arch: str, num_classes: int, mode: str = 'full', frozen_blocks: int = 0,
+                     layer_decay: float = 0.75, weights_dir: Path | None = None) -> FineTune:
     """A timm-pretrained ViT (downloaded once, or weights/ARCH.safetensors offline) as our model."""
     timm_model = timm_pretrained(arch, Path(weights_dir or WEIGHTS_DIR))
     data_config = resolve_data_config({}, model=timm_model)
@@ -202,7 +233,7 @@ def prepare_finetune(arch: str, num_classes: int, backbone_lr_scale: float = 0.1
     model.head = torch.nn.Linear(model.config.embed_dim, num_classes)
     torch.nn.init.zeros_(model.head.weight)
     torch.nn.init.zeros_(model.head.bias)
-    return FineTune(model, list(data_config['mean']), list(data_config['std']), backbone_lr_scale)
+    return FineTune(model, list(data_config['mean']), list(data_config['std']), mode, frozen_blocks, layer_decay)
 
 
 def to_model_input(images: torch.Tensor, mean: list[float], std: list[float], size: int) -> torch.Tensor:
@@ -251,13 +282,14 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast('cpu', dtype=torch.bfloat16, enabled=enabled and torch.cpu._is_avx512_bf16_supported())
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, backbone_lr_scale: float = 1.0) -> list[dict]:
-    # no decay on biases, norms and what the model names (its tokens and position embeddings);
-    # the backbone (all but the heads) may learn slower, or not at all (a linear probe)
+def param_groups(model: torch.nn.Module, weight_decay: float,
+                 lr_scale: Callable[[str], float] = lambda name: 1.0) -> list[dict]:
+    # no decay on biases, norms and what the model names (its tokens and position embeddings); each
+    # parameter learns at its `lr_scale` of the schedule's rate (a fine-tune's), 0 leaves it frozen
     groups = {}
     skip = model.no_weight_decay() if hasattr(model, 'no_weight_decay') else set()
     for name, p in model.named_parameters():
-        scale = 1.0 if name.startswith(('head.', 'head_dist.')) else backbone_lr_scale
+        scale = lr_scale(name)
         if scale == 0:
             p.requires_grad_(False)
             continue
@@ -302,6 +334,8 @@ def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data:
     """Train a new model of `model_config` (or fine-tune `finetune.model`) on `data` within `cfg`'s budget;
     with `distillation`, a teacher's predictions join the labels (DeiT)."""
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if finetune is not None and finetune.mode == 'probe':
+        return linear_probe(finetune, cfg, data, out, on_event, stop, device)
     model_config = finetune.model.config if finetune else model_config
     assert model_config.num_classes == len(data.classes), \
         f'model has {model_config.num_classes} classes, data has {len(data.classes)}'
@@ -322,7 +356,7 @@ def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data:
     rank_seed = cfg.seed + 1000 * rank
     torch.manual_seed(rank_seed)
     forward = torch.compile(net) if cfg.compile else net
-    groups = param_groups(model, cfg.weight_decay, finetune.backbone_lr_scale if finetune else 1.0)
+    groups = param_groups(model, cfg.weight_decay, *([finetune.lr_scale] if finetune else []))
     # fused: one kernel per tensor instead of a dozen (on the CPU the default is a Python loop over tensors)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=True)
     batch_size = min(cfg.batch_size, len(train_data) // world)
@@ -426,6 +460,99 @@ def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data:
     return TrainResult(model=model, history=history, metrics=metrics, path=path, stopped=stopped)
 
 
+def linear_probe(finetune: FineTune, cfg: TrainConfig, data: ImageData, out: str | Path | None = None,
+                 on_event: Callable[[TrainEvent], None] | None = None, stop: threading.Event | None = None,
+                 device: torch.device = torch.device('cpu')) -> TrainResult:
+    """Fit a new head on a frozen pretrained ViT: every image's features once (the slow part, the 90% of
+    the progress bar), then PROBE_EPOCHS (or `cfg.epochs`) of the head alone over them, in seconds. The
+    run ends early, with what it has, on a stop request or when the minutes run out."""
+    seed_everything(cfg.seed)
+    train_data, val_data = split(data, cfg)
+    model = finetune.model.to(device).eval()
+    epochs = cfg.epochs or PROBE_EPOCHS
+    total = len(train_data) + (len(val_data) if val_data else 0)
+    start, embedded, epoch, step, stopped = time.perf_counter(), 0, 0, 0, False
+
+    def emit(kind: str, progress: float, **kw) -> None:
+        if on_event is not None:
+            elapsed = time.perf_counter() - start
+            eta = elapsed * (1 - progress) / max(progress, 1e-9)
+            on_event(TrainEvent(kind=kind, epoch=epoch, step=step, progress=progress, eta_seconds=eta, **kw))
+
+    def out_of_time() -> bool:
+        late = bool(cfg.minutes) and time.perf_counter() - start > 60 * cfg.minutes
+        return late or (stop is not None and stop.is_set())
+
+    @torch.no_grad()
+    def features(images: torch.Tensor) -> torch.Tensor:
+        nonlocal embedded, stopped
+        chunks = []
+        for i in range(0, len(images), cfg.batch_size):
+            if stopped or (stopped := out_of_time()):
+                break
+            x = to_model_input(images[i:i + cfg.batch_size], finetune.mean, finetune.std, model.config.img_size)
+            with autocast(device, cfg.amp):
+                chunks.append(model.forward_head(model.forward_features(x.to(device)), pre_logits=True).float())
+            embedded += len(chunks[-1])
+            emit('step', 0.9 * embedded / total, lr=0.0, loss=float('nan'), accuracy=0.0, epoch_fraction=0.0,
+                 images_per_sec=embedded / (time.perf_counter() - start))
+        return torch.cat(chunks) if chunks else torch.empty(0, model.config.embed_dim, device=device)
+
+    # 1) the features, once: the training images unaugmented, and the validation images
+    train_x = features(train_data.images)
+    train_y = train_data.labels[:len(train_x)].to(device)
+    val_x = features(val_data.images) if val_data else None
+    val_y = val_data.labels[:len(val_x)].to(device) if val_data else None
+    if val_x is not None and len(val_x) == 0:
+        val_x = None
+    # 2) the head alone, on those features, with the run's schedule over its epochs
+    head = model.head.train()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batch_size = max(1, min(cfg.batch_size, len(train_x)))
+    steps_per_epoch = len(train_x) // batch_size
+    generator = torch.Generator().manual_seed(cfg.seed)
+    history: list[dict] = []
+    while steps_per_epoch and epoch < epochs and not (history and out_of_time()):
+        epoch += 1
+        order, loss_sum, correct = torch.randperm(len(train_x), generator=generator), 0.0, 0
+        for i in range(steps_per_epoch):
+            lr = get_lr((step + 1) / (epochs * steps_per_epoch), cfg)
+            optimizer.param_groups[0]['lr'] = lr
+            idx = order[i * batch_size:(i + 1) * batch_size].to(device)
+            logits = head(train_x[idx])
+            loss = F.cross_entropy(logits, train_y[idx], label_smoothing=cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            loss_sum += loss.item() * len(idx)
+            correct += (logits.argmax(1) == train_y[idx]).sum().item()
+        seen = steps_per_epoch * batch_size
+        val_loss = val_acc = None
+        if val_x is not None:
+            with torch.no_grad():
+                val_logits = head(val_x)
+            val_loss = F.cross_entropy(val_logits, val_y).item()
+            val_acc = (val_logits.argmax(1) == val_y).float().mean().item()
+        history.append(dict(epoch=epoch, step=step, lr=lr, train_loss=loss_sum / seen, train_accuracy=correct / seen,
+                            val_loss=val_loss, val_accuracy=val_acc, seconds=round(time.perf_counter() - start, 1),
+                            images_per_sec=round(embedded / (time.perf_counter() - start), 1)))
+        emit('epoch', 0.9 + 0.1 * epoch / epochs, lr=lr, loss=history[-1]['train_loss'],
+             accuracy=history[-1]['train_accuracy'], images_per_sec=history[-1]['images_per_sec'],
+             val_loss=val_loss, val_accuracy=val_acc, model=model, normalization=(finetune.mean, finetune.std))
+    model.eval()
+    if out and history:
+        _save(out, model, data.classes, finetune.mean, finetune.std, history, cfg)
+    metrics = {k: history[-1][k] for k in METRICS} if history else {}
+    last = history[-1] if history else {}
+    emit('done', 1.0, lr=last.get('lr', 0.0), loss=last.get('train_loss', float('nan')),
+         accuracy=last.get('train_accuracy', 0.0), images_per_sec=last.get('images_per_sec', 0.0),
+         val_loss=last.get('val_loss'), val_accuracy=last.get('val_accuracy'), model=model,
+         normalization=(finetune.mean, finetune.std))
+    return TrainResult(model=model, history=history, metrics=metrics, path=Path(out) if out and history else None,
+                       stopped=stopped)
+
+
 def _save(out, model, classes, mean, std, history, cfg) -> Path:
     return save_checkpoint(out, model, classes, mean, std, torch.float16 if cfg.half_checkpoint else torch.float32,
                            history=history, train_config=asdict(cfg),
@@ -461,9 +588,12 @@ def main(argv: list[str] | None = None) -> None:
     # fine-tuning a pretrained ViT instead (inputs upscaled to its size: wants a GPU)
     parser.add_argument('--finetune', metavar='ARCH', help='start from timm ARCH, e.g. vit_tiny_patch16_224 '
                         '(downloaded once, or weights/ARCH.safetensors); the model flags above are ignored')
-    parser.add_argument('--backbone-lr-scale', type=float, default=0.1,
-                        help='with --finetune: backbone learning rate as a fraction of the head\'s')
-    parser.add_argument('--linear-probe', action='store_true', help='with --finetune: train the head only')
+    parser.add_argument('--finetune-mode', choices=list(FINETUNE_MODES), default='full',
+                        help='with --finetune: ' + '; '.join(FINETUNE_MODES.values()))
+    parser.add_argument('--frozen-blocks', type=int, default=0, metavar='K',
+                        help='with --finetune-mode partial: keep the embedding and the first K blocks as pretrained')
+    parser.add_argument('--layer-decay', type=float, default=0.75,
+                        help='with --finetune-mode full: each layer learns at this fraction of the one above')
     # distillation (DeiT): a trained teacher's predictions join the labels
     parser.add_argument('--teacher', metavar='CHECKPOINT', help='a checkpoint of ours over the same classes, e.g. '
                         'weights/vit_cifar10.safetensors or a ResNet-18; a ViT student gets a distillation token')
@@ -529,9 +659,9 @@ def main(argv: list[str] | None = None) -> None:
     finetune = None
     if args.finetune:
         try:
-            finetune = prepare_finetune(args.finetune, len(data.classes),
-                                        0.0 if args.linear_probe else args.backbone_lr_scale)
-        except (ModelUnavailable, CheckpointError) as e:
+            finetune = prepare_finetune(args.finetune, len(data.classes), args.finetune_mode, args.frozen_blocks,
+                                        args.layer_decay)
+        except (ModelUnavailable, CheckpointError, ValueError) as e:
             parser.error(str(e))
     distillation = None
     if args.teacher:
