@@ -78,7 +78,7 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None,
         with gr.Tab('Predict'):
             lists = predict_tab(server)
         with gr.Tab('Train'):
-            saved = train_tab(server)
+            saved = train_tab(server, demo.load)
         with gr.Tab('Compare'):
             lists += compare_tab(server)
         with gr.Tab('Inspect'):

@@ -258,8 +258,8 @@ def test_the_train_endpoint_passes_every_field_by_name_and_the_session(tmp_path,
     demo.launch(prevent_thread_lock=True, server_name='127.0.0.1', server_port=port, quiet=True)
     try:
         params = demo.get_api_info()['named_endpoints']['/train']['parameters']
-        assert [p['parameter_name'] for p in params] == ['name'] + list(asdict(TrainForm()))
-        assert {p['parameter_name']: p['parameter_default'] for p in params[1:]} == asdict(TrainForm())
+        assert [p['parameter_name'] for p in params] == ['name', 'images'] + list(asdict(TrainForm()))
+        assert {p['parameter_name']: p['parameter_default'] for p in params[2:]} == asdict(TrainForm())
         client = connect(port, tmp_path / 'downloads')
         client.predict('recorded', embed_dim=96, depth=3, num_heads=3, patch_size=8, pos_embed='learn', stem='patch',
                        minutes=7, batch_size=64, lr=5e-4, crop_padding=5, api_name='/train')

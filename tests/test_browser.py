@@ -5,6 +5,7 @@ is skipped, unless VITDEMO_REQUIRE_BROWSER is set (CI sets it), when their absen
 Screenshots go to test-output/browser/.
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -275,6 +276,52 @@ def test_a_trained_model_is_kept_across_a_reload_and_for_other_clients(browser, 
     labels, *_ = Client(app_url, verbose=False, download_files=str(tmp_path)).predict(
         handle_file(str(ROOT / 'examples' / 'cat.jpg')), 'trained/browser_run', api_name='/predict')
     assert {c['label'] for c in labels['confidences']} <= {f'class{i}' for i in range(10)}
+
+
+def test_a_distillation_run_from_the_train_tab(page):
+    page.reload()
+    open_tab(page, 'Train')
+    page.get_by_text('Distillation: a trained model teaches (DeiT)').click()
+    pick(page, 'Teacher', 'trained/browser_run')  # trained above on this server's classes
+    page.get_by_label('Save as').fill('taught')
+    page.get_by_role('button', name='Start', exact=True).click()
+    expect(page.get_by_text('val acc').first).to_be_visible()
+    page.get_by_role('button', name='Stop', exact=True).click()
+    expect(page.get_by_text('saved as trained/taught').first).to_be_visible()
+    page.screenshot(path=SHOTS / '7c_distilled.png', full_page=True)
+    open_tab(page, 'Predict')  # the student has DeiT's two tokens: the method list offers them side by side
+    pick(page, 'Model', 'trained/taught')
+    page.locator('[role=tabpanel]:visible').first.get_by_label('Explain with', exact=True).first.click()
+    expect(page.get_by_role('option', name=re.compile('CLS and distillation'))).to_be_visible()
+    page.keyboard.press('Escape')
+
+
+def test_a_finetune_on_an_uploaded_zip_and_a_hostile_zip_refused(page, tmp_path):
+    from test_archive import good_entries, make_zip, png
+    page.reload()
+    open_tab(page, 'Train')
+    panel = page.locator('[role=tabpanel]:visible').first
+    page.get_by_label('my own images (.zip)').check()
+    hostile = make_zip(tmp_path / 'hostile.zip', good_entries() | {'../../evil.png': png()})
+    panel.locator('input[type=file]').first.set_input_files(str(hostile))
+    expect(panel.get_by_text('hostile.zip')).to_be_visible()
+    page.get_by_role('button', name='Start', exact=True).click()
+    expect(page.get_by_text('points outside the archive').first).to_be_visible()
+    panel.get_by_role('button', name='Clear').first.click()
+    pets = make_zip(tmp_path / 'pets.zip', {f'cat/{i}.png': png((200, 20 * i, 0)) for i in range(6)} |
+                    {f'dog/{i}.png': png((0, 20 * i, 200)) for i in range(6)})
+    panel.locator('input[type=file]').first.set_input_files(str(pets))
+    expect(panel.get_by_text('pets.zip')).to_be_visible()
+    pick(page, 'Start from', 'vit_tiny_patch16_224 (pretrained on ImageNet): fine-tune')
+    expect(page.get_by_text('linear probe: the head alone')).to_be_visible()
+    page.get_by_label('Save as').fill('my_pets')
+    page.get_by_role('button', name='Start', exact=True).click()
+    expect(page.get_by_text('saved as trained/my_pets').first).to_be_visible()
+    page.screenshot(path=SHOTS / '7d_finetuned_on_a_zip.png', full_page=True)
+    open_tab(page, 'Predict')  # the fine-tuned model knows the zip's classes
+    pick(page, 'Model', 'trained/my_pets')
+    upload(page, ROOT / 'examples' / 'cat.jpg')
+    expect(page.locator('[role=tabpanel]:visible').first.get_by_text('dog').first).to_be_visible()
 
 
 @pytest.mark.parametrize('width,height', [(1440, 1000), (390, 844)])

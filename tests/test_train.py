@@ -155,7 +155,7 @@ def test_finetune_a_locally_saved_timm_vit_as_linear_probe_partially_and_in_full
     for name, p in result.model.named_parameters():  # the head learned, nothing else moved
         assert name.startswith('head.') or torch.equal(p, pretrained.get_parameter(name)), name
     # features once (32 training + 16 validation images, batches of 16), then the head's two epochs
-    assert [e.kind for e in events] == ['step'] * 3 + ['epoch'] * 2 + ['done']
+    assert [e.kind for e in events] == ['features'] * 3 + ['epoch'] * 2 + ['done']
     assert [round(e.progress, 3) for e in events] == [0.3, 0.6, 0.9, 0.95, 1.0, 1.0]
     assert len(result.history) == 2 and result.history[-1]['val_accuracy'] is not None
     model, meta = load_checkpoint(out)

@@ -160,3 +160,32 @@ def test_a_teacher_is_one_of_the_owners_listed_models_and_knows_the_data_classes
             list(job.run(model_config, replace(cfg, teacher=name), 'refused', data=data))
     with pytest.raises(ValueError, match="distillation 'hard' or 'soft'"):
         form(32, 2, 2, 8, 1, 32, 1e-3, teacher='scratch/colours_cnn', distill='lukewarm').configs()
+
+
+def test_a_finetune_form_checks_its_fields_and_records_them_in_the_run(tmp_path):
+    model_config, cfg = TrainForm(start_from='vit_tiny_patch16_224', finetune='partial', frozen_blocks=10).configs()
+    assert (model_config.img_size, model_config.depth, model_config.embed_dim) == (224, 12, 192)  # what is checked
+    assert (cfg.finetune_from, cfg.finetune, cfg.frozen_blocks) == ('vit_tiny_patch16_224', 'partial', 10)
+    for extra, message in [(dict(start_from='resnet50'), 'fine-tune one of'), (dict(finetune='half'), 'one of'),
+                           (dict(frozen_blocks=13), 'frozen blocks must be between 0 and 12'),
+                           (dict(layer_decay=0), 'above 0'), (dict(teacher='scratch/x'), 'from the labels alone')]:
+        with pytest.raises(ValueError, match=message):
+            TrainForm(**{'start_from': 'vit_tiny_patch16_224', **extra}).configs()
+
+
+def test_a_linear_probe_on_a_visitors_zip_runs_as_a_job_and_joins_the_store(tmp_path, weights_dir):
+    from test_archive import good_entries, make_zip
+    from vitdemo.archive import read_image_zip
+    data = read_image_zip(make_zip(tmp_path / 'pets.zip', good_entries()), size=64)
+    store = ModelStore(weights_dir, runs_dir=tmp_path / 'runs')
+    job = TrainingJob('unused', store)
+    model_config, cfg = TrainForm(start_from='vit_tiny_patch16_224', finetune='probe', batch_size=4).configs()
+    snaps = list(job.run(model_config, cfg, 'pets', data=data))
+    assert any('pretrained features' in s.status for s in snaps)
+    final = snaps[-1]
+    assert final.done and final.checkpoint == store.path('trained/pets')
+    model, meta = load_checkpoint(final.checkpoint)
+    assert meta['classes'] == ['cat', 'dog'] and meta['config']['img_size'] == 224
+    recipe = meta['train_config']
+    assert (recipe['finetune'], recipe['finetune_from']) == ('probe', 'vit_tiny_patch16_224')
+    assert len(meta['history']) == 30  # the head's epochs over the cached features

@@ -129,10 +129,13 @@ def size(nbytes: float) -> str:
 
 
 def estimate_training_memory(model_config: ViTConfig | ResNetConfig, batch_size: int,
-                             num_images: int = CIFAR10_IMAGES, img_size: int = 32) -> MemoryEstimate:
+                             num_images: int = CIFAR10_IMAGES, img_size: int = 32,
+                             frozen: bool = False) -> MemoryEstimate:
     """What a training run of this model and batch needs, counted without allocating it: the model is
     built on PyTorch's meta device (shapes only), and one forward pass at the real batch size counts
-    every tensor autograd saves for the backward pass. Counted in fp32: an upper bound under bf16 autocast."""
+    every tensor autograd saves for the backward pass. Counted in fp32: an upper bound under bf16 autocast.
+    A `frozen` model (a linear probe's) only answers: no optimiser state, and a pass that keeps one
+    block's tensors at a time (bounded here by twice a block's share of what training saves)."""
     with torch.device('meta'):
         model = build_model(model_config).train()
         if hasattr(model, 'set_fused_attn'):
@@ -150,19 +153,22 @@ def estimate_training_memory(model_config: ViTConfig | ResNetConfig, batch_size:
         model(x)
     params = sum(p.numel() for p in model.parameters())
     data = 2 * num_images * 3 * img_size * img_size  # uint8 images, then the split's indexed copies
+    if frozen:
+        blocks = max(getattr(model_config, 'depth', 1), 1)
+        return MemoryEstimate(params, 4 * params, 2 * saved // blocks, data)
     return MemoryEstimate(params, 16 * params, saved, data)
 
 
 def check_training(policy: ServerPolicy, model_config: ViTConfig | ResNetConfig, minutes: float | None,
                    batch_size: int, num_images: int = CIFAR10_IMAGES,
-                   teacher: ViTConfig | ResNetConfig | None = None) -> MemoryEstimate:
+                   teacher: ViTConfig | ResNetConfig | None = None, frozen: bool = False) -> MemoryEstimate:
     """Refuse, before any work, a run this server cannot afford; returns the run's memory estimate (with a
     distillation `teacher`: its weights, and what its pass at the batch size holds)."""
     if policy.max_train_minutes is not None and (minutes is None or minutes > policy.max_train_minutes):
         asked = 'a budget in epochs' if minutes is None else f'{minutes:g} minutes'
         raise ValueError(f'this server trains for at most {policy.max_train_minutes:g} minutes a run, not '
                          f'{asked}; run the app on your own machine for longer runs')
-    estimate = estimate_training_memory(model_config, batch_size, num_images)
+    estimate = estimate_training_memory(model_config, batch_size, num_images, frozen=frozen)
     if teacher is not None:
         # the teacher only answers, in inference mode: what its training pass would save bounds what it holds
         taught = estimate_training_memory(teacher, batch_size, 0)

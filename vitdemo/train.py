@@ -30,7 +30,7 @@ import os
 import random
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -43,11 +43,11 @@ from torch.nn.parallel import DistributedDataParallel
 from timm.data import resolve_data_config
 
 from . import __version__
-from .backends import WEIGHTS_DIR, ModelUnavailable, timm_pretrained
+from .backends import TIMM_ARCHS, WEIGHTS_DIR, ModelUnavailable, timm_pretrained
 from .data import ImageData, augment, load_dataset, mix, normalize, rand_augment, train_val_split
 from .distill import Distillation
 from .cnn import ResNetConfig
-from .model import ViTConfig, VisionTransformer, preset
+from .model import PRESETS, ViTConfig, VisionTransformer, preset
 from .policy import checked_number
 from .weights import CheckpointError, Classifier, build_model, from_timm, save_checkpoint
 
@@ -74,6 +74,10 @@ class TrainConfig:
     half_checkpoint: bool = False  # store weights as float16: half the file, the same predictions to 3 digits
     teacher: str = ''  # distillation: the teacher checkpoint's file name, kept in the student's metadata
     distill: str = ''  # 'hard' or 'soft' with a teacher (see `vitdemo.distill`)
+    finetune_from: str = ''  # a fine-tune: the pretrained timm ViT it starts from (see `FineTune`) ...
+    finetune: str = ''  # ... how it learns (FINETUNE_MODES) ...
+    frozen_blocks: int = 0  # ... and that mode's settings
+    layer_decay: float = 0.75
 
     def __post_init__(self):
         if (self.epochs is None) == (self.minutes is None):
@@ -117,6 +121,10 @@ class TrainForm:
     crop_padding: int = 2  # a ten-minute run underfits: light augmentation
     teacher: str = ''  # distillation: a model of the list (ours, the same classes) teaches; '' none
     distill: str = 'hard'  # with a teacher: 'hard' (its top class) or 'soft' (its distribution)
+    start_from: str = ''  # '' random weights; or a pretrained ViT of FINETUNE_ARCHS, fine-tuned instead
+    finetune: str = 'probe'  # with start_from: one of FINETUNE_MODES
+    frozen_blocks: int = 8  # with 'partial': the first blocks kept as pretrained
+    layer_decay: float = 0.75  # with 'full': each layer learns at this fraction of the one above
 
     def configs(self, img_size: int = 32, mlp_ratio: float = 2.0, seed: int = 0) -> tuple[ViTConfig | ResNetConfig,
                                                                                           TrainConfig]:
@@ -128,6 +136,9 @@ class TrainForm:
         crop_padding = checked_number(self.crop_padding, 'crop padding', -10 ** 6, 10 ** 6, integer=True)
         if not isinstance(self.teacher, str) or (self.teacher and self.distill not in ('hard', 'soft')):
             raise ValueError("the teacher must be a model's name and the distillation 'hard' or 'soft'")
+        if self.start_from:
+            return self._finetune_configs(TrainConfig(minutes=minutes, batch_size=batch_size, lr=lr,
+                                                      crop_padding=crop_padding, seed=seed))
         if self.arch == 'resnet18':
             model_config = ResNetConfig(img_size=img_size)
         else:
@@ -141,8 +152,25 @@ class TrainForm:
         return model_config, TrainConfig(minutes=minutes, batch_size=batch_size, lr=lr, crop_padding=crop_padding,
                                          seed=seed, teacher=self.teacher, distill=self.distill if self.teacher else '')
 
+    def _finetune_configs(self, cfg: TrainConfig) -> tuple[ViTConfig, TrainConfig]:
+        """The pretrained ViT's shape (what the server's limits are checked against) and the run's recipe."""
+        if self.start_from not in FINETUNE_ARCHS:
+            raise ValueError(f'fine-tune one of {", ".join(FINETUNE_ARCHS)}, not {self.start_from!r}')
+        if self.finetune not in FINETUNE_MODES:
+            raise ValueError(f'fine-tuning must be one of {", ".join(FINETUNE_MODES)}, not {self.finetune!r}')
+        if self.teacher:
+            raise ValueError('a fine-tune learns from the labels alone: choose no teacher, or random weights')
+        model_config = preset(self.start_from, num_classes=10)
+        frozen = checked_number(self.frozen_blocks, 'frozen blocks', 0, model_config.depth, integer=True)
+        decay = checked_number(self.layer_decay, 'layer decay', 0, 1)
+        if decay == 0:
+            raise ValueError('layer decay must be above 0 (1 gives every layer the same rate)')
+        return model_config, replace(cfg, finetune_from=self.start_from, finetune=self.finetune,
+                                     frozen_blocks=frozen, layer_decay=decay)
+
 
 ARCHS = ['vit', 'resnet18']
+FINETUNE_ARCHS = [a for a in TIMM_ARCHS if a in PRESETS]  # the plain ViTs (not DeiT's distilled one)
 # Presets for the Train tab and `--preset`, sized for a 2-core CPU. The first is the default.
 TRAIN_PRESETS: dict[str, TrainForm] = {
     # measured: 10-13 epochs, 75.5-76.2% validation with the conv stem (68.3-69.5% with a patch projection)
@@ -157,7 +185,7 @@ TRAIN_PRESETS: dict[str, TrainForm] = {
 
 @dataclass
 class TrainEvent:
-    kind: str  # 'step', 'epoch' or 'done'
+    kind: str  # 'step', 'epoch' or 'done'; a linear probe's 'features' while it computes them
     epoch: int
     step: int
     progress: float  # fraction of the budget used, 0..1
@@ -494,7 +522,7 @@ def linear_probe(finetune: FineTune, cfg: TrainConfig, data: ImageData, out: str
             with autocast(device, cfg.amp):
                 chunks.append(model.forward_head(model.forward_features(x.to(device)), pre_logits=True).float())
             embedded += len(chunks[-1])
-            emit('step', 0.9 * embedded / total, lr=0.0, loss=float('nan'), accuracy=0.0, epoch_fraction=0.0,
+            emit('features', 0.9 * embedded / total, lr=0.0, loss=float('nan'), accuracy=0.0, epoch_fraction=0.0,
                  images_per_sec=embedded / (time.perf_counter() - start))
         return torch.cat(chunks) if chunks else torch.empty(0, model.config.embed_dim, device=device)
 
@@ -651,7 +679,9 @@ def main(argv: list[str] | None = None) -> None:
                           val_size=args.val_size, train_limit=args.train_limit, val_limit=args.val_limit,
                           amp=not args.no_amp, compile=args.compile, half_checkpoint=args.half_checkpoint,
                           teacher=Path(args.teacher).name if args.teacher else '',
-                          distill=args.distill if args.teacher else '')
+                          distill=args.distill if args.teacher else '', finetune_from=args.finetune or '',
+                          finetune=args.finetune_mode if args.finetune else '', frozen_blocks=args.frozen_blocks,
+                          layer_decay=args.layer_decay)
     except (AssertionError, ValueError) as e:
         parser.error(str(e))
     data = load_dataset(args.data)  # every rank decodes from the same cache; the first run builds it
@@ -675,6 +705,8 @@ def main(argv: list[str] | None = None) -> None:
     def report(ev: TrainEvent) -> None:
         bar.n = int(ev.progress * 1000)
         post = f'ep {ev.epoch} loss {ev.loss:.3f} acc {ev.accuracy:.3f} {ev.images_per_sec:.0f} img/s'
+        if ev.kind == 'features':
+            post = f'features {ev.progress / 0.9:.0%} {ev.images_per_sec:.0f} img/s'
         if ev.kind == 'epoch':
             val = f' val {ev.val_accuracy:.4f}' if ev.val_accuracy is not None else ''
             tqdm.write(f'epoch {ev.epoch}: train loss {ev.loss:.4f} acc {ev.accuracy:.4f}{val} '

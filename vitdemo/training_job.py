@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from .attention import overlay
-from .backends import TIMM_ARCHS, checkpoint_model
+from .backends import TIMM_ARCHS, ModelUnavailable, checkpoint_model
 from .data import ImageData, load_dataset
 from .distill import Distillation
 from .explain import from_prediction
@@ -27,7 +27,7 @@ from .cnn import ResNetConfig
 from .model import ViTConfig
 from .policy import CIFAR10_IMAGES, ServerPolicy, check_training, release_memory
 from .store import NAME_PATTERN, ModelStore
-from .train import TrainConfig, TrainEvent, split, train
+from .train import TrainConfig, TrainEvent, prepare_finetune, split, train
 from .weights import Classifier, config_of, read_metadata
 
 log = logging.getLogger(__name__)
@@ -122,8 +122,9 @@ class TrainingJob:
         name = checkpoint_name(name, reserved)
         teacher = self._teacher(cfg.teacher, owner)
         teacher_config = config_of(read_metadata(teacher)) if teacher else None
+        probe = cfg.finetune == 'probe'
         estimate = check_training(self.policy, model_config, cfg.minutes, cfg.batch_size,
-                                  len(data) if data is not None else CIFAR10_IMAGES, teacher_config)
+                                  len(data) if data is not None else CIFAR10_IMAGES, teacher_config, probe)
         if not self._running.acquire(blocking=False):
             raise TrainingBusy('a training run is already in progress on this server; '
                                'try again when it ends (predictions keep working meanwhile)')
@@ -136,13 +137,22 @@ class TrainingJob:
             if data is None:
                 data = load_dataset(self.data_path)
                 # the first check assumed CIFAR-10's size: check again with the real one
-                check_training(self.policy, model_config, cfg.minutes, cfg.batch_size, len(data), teacher_config)
+                check_training(self.policy, model_config, cfg.minutes, cfg.batch_size, len(data), teacher_config,
+                               probe)
             model_config = replace(model_config, num_classes=len(data.classes))  # the form's 10 is a guess
             distillation = Distillation.from_checkpoint(teacher, data.classes, cfg.distill) if teacher else None
+            finetune = None
+            if cfg.finetune_from:
+                yield Snapshot(0.0, f'loading the pretrained {cfg.finetune_from} (downloaded the first time)')
+                try:
+                    finetune = prepare_finetune(cfg.finetune_from, len(data.classes), cfg.finetune,
+                                                cfg.frozen_blocks, cfg.layer_decay, self.store.weights_dir)
+                except ModelUnavailable as e:
+                    raise TrainingFailed(f'the pretrained weights are not at hand ({e})') from None
             train_data, val_data = split(data, cfg)
             shown = val_data or train_data  # one image: what changes is the model
             fixed, fixed_class = shown.images[0], data.classes[int(shown.labels[0])]
-            yield from self._follow(model_config, cfg, data, fixed, fixed_class, out, distillation)
+            yield from self._follow(model_config, cfg, data, fixed, fixed_class, out, distillation, finetune)
         finally:
             self._stop.clear()
             self._owner = None
@@ -158,14 +168,16 @@ class TrainingJob:
                              f'not {name!r}')
         return path
 
-    def _follow(self, model_config, cfg, data, fixed, fixed_class, out, distillation=None) -> Iterator[Snapshot]:
+    def _follow(self, model_config, cfg, data, fixed, fixed_class, out, distillation=None,
+                finetune=None) -> Iterator[Snapshot]:
         events: queue.Queue = queue.Queue()
         outcome: dict = {}
 
         def on_event(event: TrainEvent) -> None:
             # runs in the training thread, between steps: safe to look at the model here
             picture = None
-            if event.kind == 'epoch':
+            # a linear probe's backbone never changes: one picture, of the final model, instead of one an epoch
+            if event.kind == ('done' if cfg.finetune == 'probe' else 'epoch') and event.model is not None:
                 overlaid, predicted = attention_snapshot(event.model, fixed, *event.normalization)
                 right = ' ✓' if data.classes[predicted] == fixed_class else ''
                 picture = (overlaid, f'epoch {event.epoch}: {data.classes[predicted]}{right}')
@@ -174,7 +186,7 @@ class TrainingJob:
         def work() -> None:
             try:
                 outcome['result'] = train(model_config, cfg, data, out=out, on_event=on_event, stop=self._stop,
-                                          distillation=distillation)
+                                          distillation=distillation, finetune=finetune)
             except Exception as e:  # reported to the person; the server goes on
                 # keep the message only: the exception's traceback holds the run's frames, and with them
                 # the model, its optimiser state and the batch's activations
@@ -228,6 +240,10 @@ class TrainingJob:
 
     @staticmethod
     def _status(event: TrainEvent) -> str:
+        if event.kind == 'features':
+            return (f'computing the pretrained features of every image (then the head trains in seconds): '
+                    f'{event.progress / 0.9:.0%}, {event.images_per_sec:.0f} images/s, '
+                    f'ETA {format_eta(event.eta_seconds)}')
         val = f', val acc {event.val_accuracy:.1%}' if event.val_accuracy is not None else ''
         return (f'epoch {event.epoch}, step {event.step}: loss {event.loss:.3f}, acc {event.accuracy:.1%}{val}, '
                 f'lr {event.lr:.1e}, {event.images_per_sec:.0f} images/s, ETA {format_eta(event.eta_seconds)}')

@@ -8,26 +8,38 @@ from dataclasses import asdict, fields
 import gradio as gr
 
 from ..serving import publish_image
-from ..train import TRAIN_PRESETS, TrainForm
+from ..archive import ZipLimits, read_image_zip
+from ..train import FINETUNE_ARCHS, FINETUNE_MODES, TRAIN_PRESETS, TrainForm
 from ..views import progress_html, runs_frame, training_curves
 from ..weights import read_metadata
 from .common import Number, Server, keeps_errors, shows_user_errors
 
 FORM_FIELDS = [f.name for f in fields(TrainForm)]
+# measured on a 2-core AMD EPYC with bf16 (docs/benchmarks.md, "Fine-tuning"); the run's status gives its own ETA
+FINETUNE_COST = ('On a 2-core CPU, ViT-Ti/16 computes a probe\'s features at ~100 images/s (all of CIFAR-10: ~8 '
+                 'minutes; 2,000 of your own: ~20 s), and learns at ~60 images/s in a full fine-tune, ~110 with 8 '
+                 'blocks frozen; ViT-S/16 takes 2-3x as long, ViT-B/16 ~10x. The minutes bound every run: a probe '
+                 'stopped early trains its head on the features it has.')
 SNAPSHOT_LABEL = ('Where the last layer\'s CLS token looks (a CNN: last-stage Grad-CAM) on one validation image, '
                   'after each epoch')
 
 
-def train_tab(server: Server) -> gr.State:
-    """Builds the tab and wires its events; returns a state that changes when a run saved a model."""
+def train_tab(server: Server, page_load) -> gr.State:
+    """Builds the tab and wires its events; returns a state that changes when a run saved a model.
+    `page_load`: the page's load event, when the lists of the visitor's models are filled."""
     @shows_user_errors(server)
-    def start_training(name: str, *values):
+    def start_training(name: str, images: str | None, *values):
         *values, request = values
         if len(values) != len(FORM_FIELDS) or not isinstance(request, gr.Request | None):
             raise RuntimeError('the /train handler got its arguments out of step with TrainForm')
-        model_config, train_config = TrainForm(**dict(zip(FORM_FIELDS, values))).configs()
+        form = TrainForm(**dict(zip(FORM_FIELDS, values)))
+        model_config, train_config = form.configs()
+        data = None
+        if images:  # the visitor's own classes; a pretrained ViT gets more of each image to upscale
+            yield progress_html(0.0, 'reading your images'), *(gr.skip(),) * 4
+            data = read_image_zip(images, size=64 if form.start_from else 32)
         epochs, points = 0, 0
-        for snap in server.job.run(model_config, train_config, name, server.owner(request)):
+        for snap in server.job.run(model_config, train_config, name, server.owner(request), data):
             # curves when they have new points, once the first epoch gave both splits (an empty first frame
             # leaves the plots' colour legend empty); the strip of attention snapshots when an epoch ends
             new_epoch = len(snap.history) > epochs or snap.done
@@ -46,7 +58,9 @@ def train_tab(server: Server) -> gr.State:
 
     # the API's named parameters: the run's name, then the form's fields with the default preset's values;
     # Gradio reads the signature for the parameters and the annotations for the request it passes
-    parameters = [inspect.Parameter('name', inspect.Parameter.POSITIONAL_OR_KEYWORD, default='my_vit', annotation=str)]
+    parameters = [inspect.Parameter('name', inspect.Parameter.POSITIONAL_OR_KEYWORD, default='my_vit', annotation=str),
+                  inspect.Parameter('images', inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                                    annotation=str | None)]
     parameters += [inspect.Parameter(k, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=v, annotation=type(v))
                    for k, v in asdict(TrainForm()).items()]
     parameters += [inspect.Parameter('request', inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
@@ -82,13 +96,31 @@ def train_tab(server: Server) -> gr.State:
     gr.Markdown('Train a small ViT from scratch on CIFAR-10 and watch it learn. The defaults finish in about ten '
                 'minutes on a 2-core CPU (10-17 epochs, 75-80% validation accuracy measured there; a random guess '
                 'is 10%); the result joins every model list as `trained/NAME`. Train the CNN baseline '
-                '(ResNet-18) the same way, then set the two side by side in Compare: ViT vs CNN on small data.')
+                '(ResNet-18) the same way, then set the two side by side in Compare: ViT vs CNN on small data. '
+                'Or fine-tune an ImageNet-pretrained ViT, on CIFAR-10 or on a zip of your own images.')
     default = TrainForm()
     with gr.Row():
         with gr.Column(scale=1, min_width=300):
             preset = gr.Dropdown(list(TRAIN_PRESETS), value=next(iter(TRAIN_PRESETS)), label='Preset')
-            form = dict(arch=gr.Radio([('ViT', 'vit'), ('ResNet-18, the CNN baseline', 'resnet18')],
-                                      value=default.arch, label='Model'))
+            source = gr.Radio(['CIFAR-10', 'my own images (.zip)'], value='CIFAR-10', label='Train on')
+            images = gr.File(file_types=['.zip'], type='filepath', label='Your images', visible=False)
+            images_note = gr.Markdown(f'{ZipLimits().describe()}; each image is cropped to a square and shrunk '
+                                      '(32 px, 64 px for a fine-tune). Nothing of it is kept but the model.',
+                                      visible=False)
+            form = dict(start_from=gr.Dropdown([('random weights: train from scratch', '')] +
+                                               [(f'{a} (pretrained on ImageNet): fine-tune', a)
+                                                for a in FINETUNE_ARCHS],
+                                               value=default.start_from, label='Start from'))
+            form['arch'] = gr.Radio([('ViT', 'vit'), ('ResNet-18, the CNN baseline', 'resnet18')],
+                                    value=default.arch, label='Model', visible=not default.start_from)
+            with gr.Group(visible=bool(default.start_from)) as finetune_settings:
+                form['finetune'] = gr.Radio([(v, k) for k, v in FINETUNE_MODES.items()], value=default.finetune,
+                                            label='Fine-tune how')
+                with gr.Row():
+                    form['frozen_blocks'] = Number(default.frozen_blocks, precision=0,
+                                                   label='Frozen blocks (partial)')
+                    form['layer_decay'] = Number(default.layer_decay, label='Layer decay (full)')
+                gr.Markdown(FINETUNE_COST)
             name = gr.Textbox('my_vit', label='Save as', info='listed as trained/NAME; a name in use gets -2, -3, ...')
             with gr.Row():
                 start = gr.Button('Start', variant='primary')
@@ -142,10 +174,16 @@ def train_tab(server: Server) -> gr.State:
     preset.change(lambda p: [getattr(TRAIN_PRESETS[p], k) for k in FORM_FIELDS], preset, inputs,
                   api_visibility='private')
     form['arch'].change(lambda a: gr.Column(visible=a == 'vit'), form['arch'], vit_settings, api_visibility='private')
-    keeps_errors(start.click(start_training, [name] + inputs, [status, loss_plot, accuracy_plot, snapshot, saved],
+    source.change(lambda s: (gr.File(visible=s != 'CIFAR-10', value=None), gr.Markdown(visible=s != 'CIFAR-10')),
+                  source, [images, images_note], api_visibility='private')
+    form['start_from'].change(lambda a: (gr.Group(visible=bool(a)), gr.Radio(visible=not a)), form['start_from'],
+                              [finetune_settings, form['arch']], api_visibility='private')
+    keeps_errors(start.click(start_training, [name, images] + inputs,
+                             [status, loss_plot, accuracy_plot, snapshot, saved],
                              api_name='train', concurrency_limit=2, concurrency_id='train'), server, status)
     stop.click(stop_training, None, status, api_name='stop_training')
-    saved.change(refresh_teachers, None, [form['teacher'], runs], api_visibility='private')
+    gr.on([page_load, saved.change], refresh_teachers, None, [form['teacher'], runs], api_visibility='private',
+          show_progress='hidden')
     keeps_errors(gr.on([runs.change, against.change], show_runs, [runs, against], runs_plot,
                        api_visibility='private'), server, runs_note)
     return saved
