@@ -178,3 +178,42 @@ def test_finetune_a_locally_saved_timm_vit_as_linear_probe_partially_and_in_full
     assert not torch.equal(tuned.blocks[0].attn.qkv.weight, pretrained.blocks[0].attn.qkv.weight)
     with pytest.raises(ValueError, match='frozen blocks must be between 0 and 12'):
         prepare_finetune('vit_tiny_patch16_224', 4, mode='partial', frozen_blocks=13, weights_dir=weights_dir)
+
+def test_a_run_stopped_after_an_epoch_and_resumed_ends_as_one_that_never_stopped(tmp_path):
+    # crops, CutMix/MixUp and the batch order all draw from random generators: the resumed run must draw alike
+    cfg = TrainConfig(epochs=4, minutes=None, batch_size=64, val_size=128, crop_padding=2, mix_prob=0.5,
+                      keep_state=True)
+    data = colour_data()
+    whole = train(CONFIG, cfg, data, out=tmp_path / 'whole.safetensors')
+    stop = threading.Event()
+    part = tmp_path / 'part.safetensors'
+    first = train(CONFIG, cfg, data, out=part, stop=stop,
+                  on_event=lambda e: e.kind == 'epoch' and e.epoch == 2 and stop.set())
+    assert first.stopped and len(first.history) == 2 and part.with_suffix('.state').is_file()
+    resumed = train(CONFIG, cfg, data, out=part, resume=part)
+    assert [h['epoch'] for h in resumed.history] == [1, 2, 3, 4]
+    assert [h['lr'] for h in resumed.history] == [h['lr'] for h in whole.history]  # the same schedule
+    assert [h['val_loss'] for h in resumed.history] == [h['val_loss'] for h in whole.history]
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    model, meta = load_checkpoint(part)
+    assert len(meta['history']) == 4 and torch.equal(model.head.weight, whole.model.head.weight)
+
+
+def test_cli_resumes_a_run_from_its_checkpoint_and_refuses_one_without_state(tmp_path, capsys):
+    from test_data import make_folder
+    make_folder(tmp_path / 'ds', classes=['a', 'b', 'c', 'd'], per_class=40, size=32)
+    out = tmp_path / 'run.safetensors'
+    stop = threading.Event()
+    cfg = TrainConfig(epochs=3, minutes=None, batch_size=32, val_size=32, keep_state=True)
+    data = load_dataset(tmp_path / 'ds', cache_dir=tmp_path / 'cache')
+    train(CONFIG, cfg, data, out=out, stop=stop, on_event=lambda e: e.kind == 'epoch' and stop.set())
+    train_cli.main(['--data', str(tmp_path / 'ds'), '--resume', str(out), '--lr', '0.5'])  # its own recipe wins
+    printed = capsys.readouterr().out
+    assert 'epoch 2:' in printed and 'epoch 3:' in printed and 'epoch 1:' not in printed
+    _, meta = load_checkpoint(out)
+    assert [h['epoch'] for h in meta['history']] == [1, 2, 3] and meta['train_config']['lr'] == cfg.lr
+    out.with_suffix('.state').unlink()
+    with pytest.raises(SystemExit):
+        train_cli.main(['--data', str(tmp_path / 'ds'), '--resume', str(out)])
+    assert 'no training state beside run.safetensors' in capsys.readouterr().err

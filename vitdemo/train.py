@@ -30,7 +30,7 @@ import os
 import random
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
 from timm.data import resolve_data_config
@@ -49,7 +50,8 @@ from .distill import Distillation
 from .cnn import ResNetConfig
 from .model import PRESETS, ViTConfig, VisionTransformer, preset
 from .policy import checked_number
-from .weights import CheckpointError, Classifier, build_model, from_timm, save_checkpoint
+from .train_state import TrainState, existing_state, load_state, save_state
+from .weights import CheckpointError, Classifier, build_model, config_of, from_timm, read_metadata, save_checkpoint
 
 
 @dataclass
@@ -72,6 +74,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CPUs with AVX-512 BF16 / AMX, fp16 AMP on CUDA
     compile: bool = False  # torch.compile the training forward: faster on long runs, slow to start
     half_checkpoint: bool = False  # store weights as float16: half the file, the same predictions to 3 digits
+    keep_state: bool = False  # write NAME.state beside the checkpoint: what resuming the run needs
     teacher: str = ''  # distillation: the teacher checkpoint's file name, kept in the student's metadata
     distill: str = ''  # 'hard' or 'soft' with a teacher (see `vitdemo.distill`)
     finetune_from: str = ''  # a fine-tune: the pretrained timm ViT it starts from (see `FineTune`) ...
@@ -358,9 +361,11 @@ def evaluate(model: Classifier, data: ImageData, mean: list[float], std: list[fl
 def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data: ImageData,
           out: str | Path | None = None, on_event: Callable[[TrainEvent], None] | None = None,
           stop: threading.Event | None = None, device: str | None = None,
-          finetune: FineTune | None = None, distillation: Distillation | None = None) -> TrainResult:
+          finetune: FineTune | None = None, distillation: Distillation | None = None,
+          resume: str | Path | None = None) -> TrainResult:
     """Train a new model of `model_config` (or fine-tune `finetune.model`) on `data` within `cfg`'s budget;
-    with `distillation`, a teacher's predictions join the labels (DeiT)."""
+    with `distillation`, a teacher's predictions join the labels (DeiT); with `resume`, go on from that
+    checkpoint and the state saved beside it (`train_state`), in the same schedule and budget."""
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if finetune is not None and finetune.mode == 'probe':
         return linear_probe(finetune, cfg, data, out, on_event, stop, device)
@@ -397,6 +402,17 @@ def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data:
     history: list[dict] = []
     step, epoch, stopped = 0, 0, False
     start = time.perf_counter()
+    if resume is not None:  # the weights, moments, schedule position and random draws where the run stopped
+        if world > 1:
+            raise ValueError('resume a run in a single process (its random state is one process\'s)')
+        state = load_state(resume)
+        model.load_state_dict(load_file(str(resume)))
+        optimizer.load_state_dict(state.optimizer)
+        step, epoch, history = state.step, state.epoch, state.history
+        start -= state.seconds
+        torch.set_rng_state(state.generators['torch'])
+        order_generator.set_state(state.generators['order'])
+        augment_generator.set_state(state.generators['augment'])
 
     def progress_now() -> float:
         if total_steps:
@@ -469,6 +485,10 @@ def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data:
         history.append(record)
         if out and rank == 0:
             _save(out, model, data.classes, mean, std, history, cfg)
+            if cfg.keep_state:
+                save_state(out, TrainState(step, epoch, time.perf_counter() - start, history, optimizer.state_dict(),
+                                           {'torch': torch.get_rng_state(), 'order': order_generator.get_state(),
+                                            'augment': augment_generator.get_state()}))
         elapsed = time.perf_counter() - start
         p = progress_now()
         emit('epoch', lr=lr, loss=record['train_loss'], accuracy=record['train_accuracy'],
@@ -587,13 +607,35 @@ def _save(out, model, classes, mean, std, history, cfg) -> Path:
                            metrics={k: history[-1][k] for k in METRICS}, seed=cfg.seed, vitdemo_version=__version__)
 
 
+def resumed(checkpoint: str, teacher: str | None) -> tuple[ViTConfig | ResNetConfig, TrainConfig]:
+    """The model and recipe of the run that wrote `checkpoint`, to go on with it."""
+    meta = read_metadata(checkpoint)
+    existing_state(checkpoint)
+    known = {f.name for f in fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in (meta.get('train_config') or {}).items() if k in known})
+    if cfg.finetune == 'probe':
+        raise ValueError('a linear probe is not resumed: its head trains in seconds once the features are computed; '
+                         'run it again')
+    if cfg.teacher and not teacher:
+        raise ValueError(f'{Path(checkpoint).name} learned from the teacher {cfg.teacher}: give --teacher again')
+    return config_of(meta), replace(cfg, keep_state=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--preset', choices=list(TRAIN_PRESETS),
                         help="a Train-tab preset's model, budget and recipe as the defaults; flags given still win")
     # data and output
     parser.add_argument('--data', required=True, help='CIFAR-10 root, image folder (train/<class>/...) or .tar.gz')
-    parser.add_argument('--out', default='weights/vit_cifar10_run.safetensors', help='checkpoint to write')
+    parser.add_argument('--out', help='checkpoint to write (default weights/vit_cifar10_run.safetensors; '
+                        'with --resume, the checkpoint resumed)')
+    parser.add_argument('--resume', metavar='CHECKPOINT',
+                        help='continue the run that wrote CHECKPOINT where it stopped: its model, recipe and budget '
+                             'from the checkpoint, the optimiser and schedule from CHECKPOINT.state beside it. Give '
+                             'the same --data (and --teacher again for a distilled run); other flags are ignored')
+    parser.add_argument('--no-state', action='store_true',
+                        help="don't keep the optimiser and schedule beside the checkpoint (NAME.state, ~3x its "
+                             'size); such a run cannot be resumed')
     # budget
     parser.add_argument('--epochs', type=int, help='train for this many epochs (instead of --minutes)')
     parser.add_argument('--minutes', type=float, help='train for this many minutes (default 10)')
@@ -681,22 +723,27 @@ def main(argv: list[str] | None = None) -> None:
                           teacher=Path(args.teacher).name if args.teacher else '',
                           distill=args.distill if args.teacher else '', finetune_from=args.finetune or '',
                           finetune=args.finetune_mode if args.finetune else '', frozen_blocks=args.frozen_blocks,
-                          layer_decay=args.layer_decay)
-    except (AssertionError, ValueError) as e:
+                          layer_decay=args.layer_decay, keep_state=not args.no_state)
+        if args.resume:
+            model_config, cfg = resumed(args.resume, args.teacher)
+    except (AssertionError, ValueError, CheckpointError) as e:
         parser.error(str(e))
+    out = args.out or args.resume or 'weights/vit_cifar10_run.safetensors'
     data = load_dataset(args.data)  # every rank decodes from the same cache; the first run builds it
     model_config.num_classes = len(data.classes)
+    if args.resume and read_metadata(args.resume)['classes'] != data.classes:
+        parser.error(f'{args.resume} was trained on other classes than those of {args.data}: give the same --data')
     finetune = None
-    if args.finetune:
+    if cfg.finetune_from:
         try:
-            finetune = prepare_finetune(args.finetune, len(data.classes), args.finetune_mode, args.frozen_blocks,
-                                        args.layer_decay)
+            finetune = prepare_finetune(cfg.finetune_from, len(data.classes), cfg.finetune, cfg.frozen_blocks,
+                                        cfg.layer_decay)
         except (ModelUnavailable, CheckpointError, ValueError) as e:
             parser.error(str(e))
     distillation = None
     if args.teacher:
         try:
-            distillation = Distillation.from_checkpoint(args.teacher, data.classes, args.distill,
+            distillation = Distillation.from_checkpoint(args.teacher, data.classes, cfg.distill,
                                                         once=args.teacher_once)
         except (CheckpointError, FileNotFoundError, ValueError) as e:
             parser.error(str(e))
@@ -714,8 +761,8 @@ def main(argv: list[str] | None = None) -> None:
         bar.set_postfix_str(post, refresh=True)
 
     device = f'cuda:{torch.cuda.current_device()}' if torch.cuda.is_available() else 'cpu'
-    result = train(model_config, cfg, data, out=args.out, on_event=report if rank == 0 else None, device=device,
-                   finetune=finetune, distillation=distillation)
+    result = train(model_config, cfg, data, out=out, on_event=report if rank == 0 else None, device=device,
+                   finetune=finetune, distillation=distillation, resume=args.resume)
     bar.close()
     if world > 1:
         dist.destroy_process_group()

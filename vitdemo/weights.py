@@ -43,6 +43,11 @@ def save_checkpoint(path: str | Path, model: Classifier, classes: list[str], mea
     metadata.update({k: json.dumps(v) for k, v in extra.items()})
     tensors = {k: v.detach().to('cpu', dtype if v.is_floating_point() else v.dtype).contiguous()
                for k, v in model.state_dict().items()}
+    return save_atomically(tensors, path, metadata)
+
+
+def save_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
+    """A safetensors file that appears whole or not at all (a reader never sees half of it)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     os.close(fd)
     try:
