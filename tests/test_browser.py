@@ -251,6 +251,8 @@ def test_a_trained_model_is_kept_across_a_reload_and_for_other_clients(browser, 
     page.get_by_role('button', name='Start', exact=True).click()
     expect(page.get_by_text('ETA').first).to_be_visible()
     expect(page.get_by_text('val acc').first).to_be_visible()  # an epoch ended: curves and attention drawn
+    train_panel = page.locator('[role=tabpanel]:visible').first
+    expect(train_panel.locator('.filmstrip img').first).to_be_visible()
     page.screenshot(path=SHOTS / '6_training.png', full_page=True)
     page.get_by_role('button', name='Stop', exact=True).click()
     expect(page.get_by_text('stopped after').first).to_be_visible()
@@ -260,6 +262,12 @@ def test_a_trained_model_is_kept_across_a_reload_and_for_other_clients(browser, 
     pick(page, 'Runs', 'trained/browser_run')
     expect(page.locator('[role=tabpanel]:visible').first.get_by_text('validation accuracy').first).to_be_visible()
     page.screenshot(path=SHOTS / '7b_runs_side_by_side.png', full_page=True)
+    open_tab(page, 'Inspect')  # the run kept every layer's attention after each epoch: its filmstrip
+    pick(page, 'Model', 'trained/browser_run')
+    page.get_by_role('button', name=re.compile('^Attention through training:')).click()
+    section = page.locator('[role=tabpanel]:visible').first
+    expect(section.locator('.filmstrip img').first).to_be_visible()
+    page.screenshot(path=SHOTS / '7e_filmstrip_in_inspect.png', full_page=True)
 
     open_tab(page, 'Predict')  # the new model is offered without a restart
     pick(page, 'Model', 'trained/browser_run')

@@ -198,6 +198,8 @@ def test_a_run_stopped_after_an_epoch_and_resumed_ends_as_one_that_never_stopped
         assert torch.equal(a, b), name
     model, meta = load_checkpoint(part)
     assert len(meta['history']) == 4 and torch.equal(model.head.weight, whole.model.head.weight)
+    _, whole_meta = load_checkpoint(tmp_path / 'whole.safetensors')
+    assert meta['filmstrip']['epochs'] == [1, 2, 3, 4] and meta['filmstrip'] == whole_meta['filmstrip']
 
 
 def test_cli_resumes_a_run_from_its_checkpoint_and_refuses_one_without_state(tmp_path, capsys):

@@ -47,6 +47,7 @@ from . import __version__
 from .backends import TIMM_ARCHS, WEIGHTS_DIR, ModelUnavailable, timm_pretrained
 from .data import ImageData, augment, load_dataset, mix, normalize, rand_augment, train_val_split
 from .distill import Distillation
+from .filmstrip import IMAGES, Filmstrip
 from .cnn import ResNetConfig
 from .model import PRESETS, ViTConfig, VisionTransformer, preset
 from .policy import checked_number
@@ -75,6 +76,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training forward: faster on long runs, slow to start
     half_checkpoint: bool = False  # store weights as float16: half the file, the same predictions to 3 digits
     keep_state: bool = False  # write NAME.state beside the checkpoint: what resuming the run needs
+    filmstrip: int = IMAGES  # a ViT's CLS attention on this many validation images after each epoch, kept
     teacher: str = ''  # distillation: the teacher checkpoint's file name, kept in the student's metadata
     distill: str = ''  # 'hard' or 'soft' with a teacher (see `vitdemo.distill`)
     finetune_from: str = ''  # a fine-tune: the pretrained timm ViT it starts from (see `FineTune`) ...
@@ -201,6 +203,7 @@ class TrainEvent:
     val_accuracy: float | None = None
     epoch_fraction: float = 1.0  # 'step': how far into its epoch this step is, 0..1
     model: Classifier | None = field(default=None, repr=False)  # on 'epoch' and 'done'
+    filmstrip: Filmstrip | None = field(default=None, repr=False)  # on 'epoch', a ViT's attention so far
     normalization: tuple[list[float], list[float]] | None = None  # (mean, std) the model's inputs get
 
 
@@ -402,6 +405,9 @@ def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data:
     history: list[dict] = []
     step, epoch, stopped = 0, 0, False
     start = time.perf_counter()
+    filmstrip = None
+    if cfg.filmstrip and isinstance(model, VisionTransformer):  # the same few images, every epoch
+        filmstrip = Filmstrip.of(val_data or train_data, cfg.filmstrip)
     if resume is not None:  # the weights, moments, schedule position and random draws where the run stopped
         if world > 1:
             raise ValueError('resume a run in a single process (its random state is one process\'s)')
@@ -413,6 +419,8 @@ def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data:
         torch.set_rng_state(state.generators['torch'])
         order_generator.set_state(state.generators['order'])
         augment_generator.set_state(state.generators['augment'])
+        kept = read_metadata(resume).get('filmstrip')
+        filmstrip = Filmstrip.from_metadata(kept) if kept and filmstrip is not None else filmstrip
 
     def progress_now() -> float:
         if total_steps:
@@ -483,8 +491,10 @@ def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data:
                       val_loss=val_loss, val_accuracy=val_acc, seconds=round(time.perf_counter() - start, 1),
                       images_per_sec=round(seen / (time.perf_counter() - epoch_start), 1))
         history.append(record)
+        if filmstrip is not None:
+            filmstrip.record(model, mean, std, epoch)
         if out and rank == 0:
-            _save(out, model, data.classes, mean, std, history, cfg)
+            _save(out, model, data.classes, mean, std, history, cfg, filmstrip)
             if cfg.keep_state:
                 save_state(out, TrainState(step, epoch, time.perf_counter() - start, history, optimizer.state_dict(),
                                            {'torch': torch.get_rng_state(), 'order': order_generator.get_state(),
@@ -493,7 +503,7 @@ def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data:
         p = progress_now()
         emit('epoch', lr=lr, loss=record['train_loss'], accuracy=record['train_accuracy'],
              images_per_sec=record['images_per_sec'], eta_seconds=elapsed * (1 - p) / max(p, 1e-9),
-             val_loss=val_loss, val_accuracy=val_acc, model=model, normalization=(mean, std))
+             val_loss=val_loss, val_accuracy=val_acc, model=model, normalization=(mean, std), filmstrip=filmstrip)
 
     model.eval()
     if isinstance(model, VisionTransformer):
@@ -601,10 +611,11 @@ def linear_probe(finetune: FineTune, cfg: TrainConfig, data: ImageData, out: str
                        stopped=stopped)
 
 
-def _save(out, model, classes, mean, std, history, cfg) -> Path:
+def _save(out, model, classes, mean, std, history, cfg, filmstrip: Filmstrip | None = None) -> Path:
+    extra = {'filmstrip': filmstrip.to_metadata()} if filmstrip is not None and filmstrip.epochs else {}
     return save_checkpoint(out, model, classes, mean, std, torch.float16 if cfg.half_checkpoint else torch.float32,
-                           history=history, train_config=asdict(cfg),
-                           metrics={k: history[-1][k] for k in METRICS}, seed=cfg.seed, vitdemo_version=__version__)
+                           history=history, train_config=asdict(cfg), metrics={k: history[-1][k] for k in METRICS},
+                           seed=cfg.seed, vitdemo_version=__version__, **extra)
 
 
 def resumed(checkpoint: str, teacher: str | None) -> tuple[ViTConfig | ResNetConfig, TrainConfig]:

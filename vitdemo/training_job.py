@@ -23,6 +23,7 @@ from .backends import TIMM_ARCHS, ModelUnavailable, checkpoint_model
 from .data import ImageData, load_dataset
 from .distill import Distillation
 from .explain import from_prediction
+from .filmstrip import Filmstrip
 from .cnn import ResNetConfig
 from .model import ViTConfig
 from .policy import CIFAR10_IMAGES, ServerPolicy, check_training, release_memory
@@ -49,6 +50,8 @@ class Snapshot:
     steps: list[dict] = field(default_factory=list)  # training loss and accuracy within epochs, ~20 an epoch
     strip: list[tuple[Image.Image, str]] = field(default_factory=list)  # the fixed image's attention, an epoch each
     subject: str = ''  # the fixed image's true class
+    filmstrip: Filmstrip | None = None  # a ViT's every layer on a few fixed images, an epoch each
+    classes: list[str] = field(default_factory=list)
     checkpoint: Path | None = None  # set on the final snapshot when a checkpoint was written
     done: bool = False
 
@@ -181,6 +184,9 @@ class TrainingJob:
                 overlaid, predicted = attention_snapshot(event.model, fixed, *event.normalization)
                 right = ' ✓' if data.classes[predicted] == fixed_class else ''
                 picture = (overlaid, f'epoch {event.epoch}: {data.classes[predicted]}{right}')
+            if event.filmstrip is not None:  # the training thread appends to it: hand the watcher a copy
+                f = event.filmstrip
+                event.filmstrip = replace(f, epochs=list(f.epochs), maps=list(f.maps), predicted=list(f.predicted))
             events.put((event, picture))
 
         def work() -> None:
@@ -201,13 +207,14 @@ class TrainingJob:
         history: list[dict] = []
         steps: list[dict] = []  # a point of the training curves every 5% of an epoch, its batches' mean loss
         strip: list[tuple[Image.Image, str]] = []
-        losses, progress, last_yield = [], 0.0, 0.0
+        losses, progress, last_yield, filmstrip = [], 0.0, 0.0, None
         try:
             while (item := events.get()) is not None:
                 event, picture = item
                 progress = event.progress
                 if picture is not None:
                     strip.append(picture)
+                filmstrip = event.filmstrip or filmstrip
                 if event.kind == 'step':
                     losses.append(event.loss)
                     if not steps or event.epoch - 1 + event.epoch_fraction - steps[-1]['epoch'] >= 0.05:
@@ -221,7 +228,7 @@ class TrainingJob:
                     continue
                 last_yield = time.monotonic()
                 yield Snapshot(event.progress, self._status(event), list(history), list(steps), list(strip),
-                               fixed_class)
+                               fixed_class, filmstrip=filmstrip, classes=data.classes)
         finally:
             if worker.is_alive():  # the watcher left (browser closed): stop cleanly, keep what was learned
                 self._stop.set()
@@ -236,7 +243,7 @@ class TrainingJob:
         status += f': validation accuracy {val:.1%}' if val is not None else ''
         status += f'; saved as trained/{out.stem}' if result.path else '; nothing was saved (no epoch completed)'
         yield Snapshot(progress, status, list(history), list(steps), list(strip), fixed_class, checkpoint=result.path,
-                       done=True)
+                       done=True, filmstrip=filmstrip, classes=data.classes)
 
     @staticmethod
     def _status(event: TrainEvent) -> str:

@@ -2,9 +2,17 @@
 import gradio as gr
 
 from ..figures import inspect_view, patch_view
+from ..filmstrip import Filmstrip, filmstrip_figure
+from ..policy import checked_number
+from ..weights import read_metadata
 from ..views import FUSIONS, fusion_mode
 from ..serving import publish_image
 from .common import MODEL_WORK, Server, Slider, example_picker, image_box, keeps_errors, model_list, shows_user_errors
+
+
+NO_FILMSTRIP = ("This model kept no filmstrip: a ViT trained here (the Train tab or the command line) keeps "
+                "every layer's attention on four validation images after each epoch. The shipped and pretrained "
+                "models were trained before, or elsewhere.")
 
 
 def inspect_tab(server: Server) -> list[gr.Dropdown]:
@@ -25,6 +33,16 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
         fusion = fusion_mode(fusion)
         picture, caption = patch_view(server.model(model, request), image, tuple(point), layer, fusion)
         return publish_image(picture), caption
+
+    @shows_user_errors(server)
+    def through_training(model: str, which, request: gr.Request):
+        path = server.cache.store.path(model, server.owner(request))
+        meta = read_metadata(path) if path else {}
+        if not meta.get('filmstrip'):
+            return None, NO_FILMSTRIP
+        strip = Filmstrip.from_metadata(meta['filmstrip'])
+        which = checked_number(which, 'image', 1, len(strip.labels), integer=True)
+        return filmstrip_figure(strip, which - 1, meta['classes']), ''
 
     def clicked(evt: gr.SelectData):
         return evt.index
@@ -65,6 +83,12 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
                 distance_plot = gr.Plot(label='Mean attention distance', show_label=False)
                 entropy_plot = gr.Plot(label='Attention entropy', show_label=False)
             filters_plot = gr.Plot(label='Patch embedding filters', show_label=False)
+            with gr.Accordion('Attention through training: every layer, after each epoch, on a few validation '
+                              'images (the runs trained here keep it)', open=False) as film_section:
+                film_image = gr.Radio([1, 2, 3, 4], value=1, label='Image')
+                film_note = gr.Markdown()
+                film_plot = gr.Plot(label='Attention through training', show_label=False,
+                                    elem_classes=['filmstrip'])
     point = gr.State(None)
     keeps_errors(run.click(inspect, [image, model], [grid_image, costs, position_plot, filters_plot, distance_plot,
                                                       entropy_plot, deletion_plot, sizes], api_name='inspect',
@@ -74,4 +98,6 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
                        [image, model, patch_layer, patch_fusion, point], [patch_image, patch_caption],
                        api_visibility='private', trigger_mode='always_last', **MODEL_WORK), server, patch_caption)
     model.change(bound_layer, [model, patch_layer], patch_layer, api_visibility='private')
+    keeps_errors(gr.on([film_section.expand, model.change, film_image.change], through_training, [model, film_image],
+                       [film_plot, film_note], api_visibility='private'), server, film_note)
     return [model]

@@ -9,6 +9,7 @@ import gradio as gr
 
 from ..serving import publish_image
 from ..archive import ZipLimits, read_image_zip
+from ..filmstrip import filmstrip_figure
 from ..train import FINETUNE_ARCHS, FINETUNE_MODES, TRAIN_PRESETS, TrainForm
 from ..views import progress_html, runs_frame, training_curves
 from ..weights import read_metadata
@@ -36,7 +37,7 @@ def train_tab(server: Server, page_load) -> gr.State:
         model_config, train_config = form.configs()
         data = None
         if images:  # the visitor's own classes; a pretrained ViT gets more of each image to upscale
-            yield progress_html(0.0, 'reading your images'), *(gr.skip(),) * 4
+            yield progress_html(0.0, 'reading your images'), *(gr.skip(),) * 5
             data = read_image_zip(images, size=64 if form.start_from else 32)
         epochs, points = 0, 0
         for snap in server.job.run(model_config, train_config, name, server.owner(request), data):
@@ -45,7 +46,9 @@ def train_tab(server: Server, page_load) -> gr.State:
             new_epoch = len(snap.history) > epochs or snap.done
             moved = snap.history and (new_epoch or len(snap.steps) > points)
             loss, accuracy = training_curves(snap.history, snap.steps) if moved else (gr.skip(),) * 2
-            strip = gr.skip()
+            strip = film = gr.skip()
+            if new_epoch and snap.filmstrip is not None and snap.filmstrip.epochs:
+                film = filmstrip_figure(snap.filmstrip, 0, snap.classes)
             if new_epoch and snap.strip:
                 strip = gr.Gallery([(publish_image(p), c) for p, c in reversed(snap.strip)],
                                    label=f'{SNAPSHOT_LABEL}: a {snap.subject}; the class it gives, newest first')
@@ -54,7 +57,7 @@ def train_tab(server: Server, page_load) -> gr.State:
             if snap.checkpoint:  # every model list picks the new model up
                 server.cache.forget(snap.checkpoint)
                 saved = str(snap.checkpoint)
-            yield progress_html(snap.progress, snap.status), loss, accuracy, strip, saved
+            yield progress_html(snap.progress, snap.status), loss, accuracy, strip, film, saved
 
     # the API's named parameters: the run's name, then the form's fields with the default preset's values;
     # Gradio reads the signature for the parameters and the annotations for the request it passes
@@ -160,6 +163,8 @@ def train_tab(server: Server, page_load) -> gr.State:
                                             y_title='accuracy', x_title='epoch', height=260)
             snapshot = gr.Gallery(label=SNAPSHOT_LABEL, columns=5, fit_columns=False, height='auto',
                                   object_fit='contain', format='jpeg', allow_preview=False, elem_classes=['maps'])
+            film_plot = gr.Plot(label='Attention through training', show_label=False,
+                                elem_classes=['filmstrip'])
             with gr.Accordion('Runs side by side: the validation accuracy of any of your models', open=False):
                 with gr.Row():
                     runs = gr.Dropdown(checkpoints(None), multiselect=True, label='Runs', scale=3,
@@ -179,7 +184,7 @@ def train_tab(server: Server, page_load) -> gr.State:
     form['start_from'].change(lambda a: (gr.Group(visible=bool(a)), gr.Radio(visible=not a)), form['start_from'],
                               [finetune_settings, form['arch']], api_visibility='private')
     keeps_errors(start.click(start_training, [name, images] + inputs,
-                             [status, loss_plot, accuracy_plot, snapshot, saved],
+                             [status, loss_plot, accuracy_plot, snapshot, film_plot, saved],
                              api_name='train', concurrency_limit=2, concurrency_id='train'), server, status)
     stop.click(stop_training, None, status, api_name='stop_training')
     gr.on([page_load, saved.change], refresh_teachers, None, [form['teacher'], runs], api_visibility='private',
