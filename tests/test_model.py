@@ -184,3 +184,25 @@ def test_config_checks_hold_under_python_O():
 def test_wrong_input_size_is_refused():
     with pytest.raises(AssertionError, match='expected 32x32'):
         VisionTransformer(TINY_CIFAR)(torch.randn(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize('patch_size', [1, 4, 8])
+def test_hybrid_stem_makes_tokens_from_a_resnet_stage_under_timm_hybrid_names(patch_size):
+    from torchvision.models.resnet import BasicBlock
+    config = ViTConfig(**{**TINY_CIFAR.to_dict(), 'patch_size': patch_size, 'stem': 'hybrid'})
+    model = randomize_(VisionTransformer(config)).eval()
+    assert {n.split('.')[1] for n, _ in model.named_parameters() if n.startswith('patch_embed.')} == {'backbone', 'proj'}
+    assert [type(m) for m in model.patch_embed.backbone[3:]] == [BasicBlock, BasicBlock]  # ResNet-18's first stage
+    assert model.patch_embed.backbone[0].stride[0] * model.patch_embed.proj.stride[0] == patch_size
+    with torch.no_grad():
+        logits, attentions = model.forward_with_attention(torch.randn(2, 3, 32, 32))
+    tokens = 1 + (32 // patch_size) ** 2
+    assert logits.shape == (2, 10) and attentions[0].shape == (2, config.num_heads, tokens, tokens)
+    # the residual blocks see 3x3 neighbourhoods: a change in one corner never reaches the far quadrant
+    x = torch.randn(1, 3, 32, 32)
+    y = x.clone()
+    y[..., :2, :2] += 1.0
+    with torch.no_grad():
+        change = (model.patch_embed(y) - model.patch_embed(x)).norm(dim=-1)[0].reshape(32 // patch_size, -1)
+    half = 16 // patch_size
+    assert change[0, 0] > 0 and change[half:, half:].max() == 0

@@ -31,7 +31,7 @@ def test_every_preset_is_a_valid_configuration_and_the_defaults_are_the_first():
 @pytest.mark.parametrize('extra,message', [
     (dict(crop_padding=-1), 'crop padding must be between'), (dict(crop_padding=1.5), 'must be a whole number'),
     (dict(pos_embed='rope'), 'pos_embed must be learn or sincos'), (dict(arch='vgg'), 'model must be one of'),
-    (dict(stem='pixels'), 'stem must be patch or conv'),
+    (dict(stem='pixels'), 'stem must be patch, conv or hybrid'),
 ])
 def test_bad_augmentation_and_model_choices_are_refused(extra, message):
     with pytest.raises(ValueError, match=message):

@@ -49,7 +49,7 @@ from .data import ImageData, augment, load_dataset, mix, normalize, rand_augment
 from .distill import Distillation
 from .filmstrip import IMAGES, Filmstrip
 from .cnn import ResNetConfig
-from .model import PRESETS, ViTConfig, VisionTransformer, preset
+from .model import PRESETS, STEMS, ViTConfig, VisionTransformer, preset
 from .policy import checked_number
 from .train_state import TrainState, existing_state, load_state, save_state
 from .weights import CheckpointError, Classifier, build_model, config_of, from_timm, read_metadata, save_checkpoint
@@ -663,8 +663,9 @@ def main(argv: list[str] | None = None) -> None:
                         help='classify from the CLS token or the mean patch token')
     parser.add_argument('--pos-embed', choices=['learn', 'sincos'], default=base.pos_embed,
                         help='learned position embeddings, or fixed 2-D sin-cos ones')
-    parser.add_argument('--stem', choices=['patch', 'conv'], default=base.stem,
-                        help='tokens from one patch projection, or from small convolutions (learns faster)')
+    parser.add_argument('--stem', choices=list(STEMS), default=base.stem,
+                        help='tokens from one patch projection, from small convolutions (learns faster), or from '
+                             "a ResNet's first stage (the ViT paper's hybrid)")
     parser.add_argument('--drop-path', type=float, default=0.0, help='stochastic depth rate at the last block')
     # fine-tuning a pretrained ViT instead (inputs upscaled to its size: wants a GPU)
     parser.add_argument('--finetune', metavar='ARCH', help='start from timm ARCH, e.g. vit_tiny_patch16_224 '

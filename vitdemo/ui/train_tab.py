@@ -139,8 +139,9 @@ def train_tab(server: Server, page_load) -> gr.State:
                         form['pos_embed'] = gr.Radio(['learn', 'sincos'], value=default.pos_embed,
                                                      label='Position embedding: learned, or fixed sin-cos')
                         form['stem'] = gr.Radio([('3x3 convolutions (learns faster)', 'conv'),
-                                                 ("one patch projection (timm's ViT)", 'patch')], value=default.stem,
-                                                label='Tokens from')
+                                                 ("one patch projection (timm's ViT)", 'patch'),
+                                                 ("a ResNet stage (the ViT paper's hybrid)", 'hybrid')],
+                                                value=default.stem, label='Tokens from')
                 with gr.Row():
                     form['minutes'] = Number(default.minutes, label='Minutes')
                     form['batch_size'] = Number(default.batch_size, label='Batch size', precision=0)
