@@ -219,3 +219,19 @@ def test_cli_resumes_a_run_from_its_checkpoint_and_refuses_one_without_state(tmp
     with pytest.raises(SystemExit):
         train_cli.main(['--data', str(tmp_path / 'ds'), '--resume', str(out)])
     assert 'no training state beside run.safetensors' in capsys.readouterr().err
+
+
+def test_cli_preset_gives_the_forms_model_and_recipe_and_flags_still_win(tmp_path, capsys):
+    from test_data import make_folder
+    from vitdemo.train import TRAIN_PRESETS
+    make_folder(tmp_path / 'ds', classes=['a', 'b'], per_class=40, size=32)
+    out = tmp_path / 'quick.safetensors'
+    train_cli.main(['--preset', '2-minute quick look', '--data', str(tmp_path / 'ds'), '--epochs', '1',
+                    '--lr', '1e-3', '--out', str(out)])
+    _, meta = load_checkpoint(out)
+    form = TRAIN_PRESETS['2-minute quick look']
+    assert (meta['config']['embed_dim'], meta['config']['depth'], meta['config']['stem']) == \
+        (form.embed_dim, form.depth, form.stem)
+    recipe = meta['train_config']
+    assert (recipe['lr'], recipe['epochs'], recipe['minutes'], recipe['crop_padding']) == (1e-3, 1, None, 0)
+    assert (recipe['finetune_from'], recipe['teacher']) == ('', '')  # the form's fine-tune fields stay off

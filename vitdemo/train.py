@@ -705,7 +705,10 @@ def main(argv: list[str] | None = None) -> None:
     preset_name = parser.parse_known_args(argv)[0].preset
     if preset_name:
         form = asdict(TRAIN_PRESETS[preset_name])
+        # the form's names where the flags are named otherwise
         form['heads'] = form.pop('num_heads')
+        form['finetune'], form['finetune_mode'] = form.pop('start_from') or None, form['finetune']
+        form['teacher'] = form['teacher'] or None
         parser.set_defaults(**form)
     args = parser.parse_args(argv)
 
