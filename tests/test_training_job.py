@@ -136,7 +136,7 @@ def test_progress_is_a_bar_with_its_share_and_an_escaped_status():
     assert 'width: 100.0%' in progress_html(1.7, 'done')
 
 
-def test_a_teacher_is_one_of_the_owners_listed_models_and_knows_the_data_classes(tmp_path):
+def test_a_teacher_is_one_of_the_owners_listed_models_and_knows_the_data_classes(tmp_path, monkeypatch):
     from conftest import randomize_
     from vitdemo.cnn import CifarResNet
     from vitdemo.weights import read_metadata, save_checkpoint
@@ -149,9 +149,17 @@ def test_a_teacher_is_one_of_the_owners_listed_models_and_knows_the_data_classes
                     ['a', 'b'], [0.5] * 3, [0.25] * 3)
     job = TrainingJob(tmp_path / 'unused', store, update_seconds=0)
     model_config, cfg = form(32, 2, 2, 8, 1, 32, 1e-3, teacher='scratch/colours_cnn', distill='soft').configs()
-    assert model_config.distilled and (cfg.teacher, cfg.distill) == ('scratch/colours_cnn', 'soft')
-    cfg = TrainConfig(epochs=1, minutes=None, batch_size=32, val_size=20, teacher=cfg.teacher, distill=cfg.distill)
+    assert model_config.distilled and (cfg.teacher, cfg.distill, cfg.teacher_once) == ('scratch/colours_cnn', 'soft',
+                                                                                       True)
+    cfg = TrainConfig(epochs=1, minutes=None, batch_size=32, val_size=20, teacher=cfg.teacher, distill=cfg.distill,
+                      teacher_once=cfg.teacher_once)
+    from vitdemo.distill import Distillation
+    answered = []  # the form's default: the teacher answers every image once, before the first step
+    remember = Distillation.remember
+    monkeypatch.setattr(Distillation, 'remember', lambda self, images, *a: answered.append(len(images)) or
+                        remember(self, images, *a))
     snapshots = list(job.run(model_config, cfg, 'taught', data=data))
+    assert answered == [100]  # 120 images, 20 held out
     meta = read_metadata(snapshots[-1].checkpoint)
     assert meta['config']['distilled'] and meta['train_config']['teacher'] == 'scratch/colours_cnn'
     for name, message in [('/etc/passwd', 'must be one of your models'), ('timm/vit_tiny_patch16_224', 'one of your'),

@@ -79,6 +79,7 @@ class TrainConfig:
     filmstrip: int = IMAGES  # a ViT's CLS attention on this many validation images after each epoch, kept
     teacher: str = ''  # distillation: the teacher checkpoint's file name, kept in the student's metadata
     distill: str = ''  # 'hard' or 'soft' with a teacher (see `vitdemo.distill`)
+    teacher_once: bool = False  # the teacher answers once per image and its mirror, before the first step
     finetune_from: str = ''  # a fine-tune: the pretrained timm ViT it starts from (see `FineTune`) ...
     finetune: str = ''  # ... how it learns (FINETUNE_MODES) ...
     frozen_blocks: int = 0  # ... and that mode's settings
@@ -126,6 +127,7 @@ class TrainForm:
     crop_padding: int = 2  # a ten-minute run underfits: light augmentation
     teacher: str = ''  # distillation: a model of the list (ours, the same classes) teaches; '' none
     distill: str = 'hard'  # with a teacher: 'hard' (its top class) or 'soft' (its distribution)
+    teacher_once: bool = True  # with a teacher: its answers once per image and mirror (measured: more epochs)
     start_from: str = ''  # '' random weights; or a pretrained ViT of FINETUNE_ARCHS, fine-tuned instead
     finetune: str = 'probe'  # with start_from: one of FINETUNE_MODES
     frozen_blocks: int = 8  # with 'partial': the first blocks kept as pretrained
@@ -155,7 +157,8 @@ class TrainForm:
                 patch_size=checked_number(self.patch_size, 'patch size', 1, img_size, integer=True),
                 distilled=bool(self.teacher))  # a taught ViT gets DeiT's distillation token
         return model_config, TrainConfig(minutes=minutes, batch_size=batch_size, lr=lr, crop_padding=crop_padding,
-                                         seed=seed, teacher=self.teacher, distill=self.distill if self.teacher else '')
+                                         seed=seed, teacher=self.teacher, distill=self.distill if self.teacher else '',
+                                         teacher_once=bool(self.teacher_once) and bool(self.teacher))
 
     def _finetune_configs(self, cfg: TrainConfig) -> tuple[ViTConfig, TrainConfig]:
         """The pretrained ViT's shape (what the server's limits are checked against) and the run's recipe."""
@@ -736,7 +739,9 @@ def main(argv: list[str] | None = None) -> None:
                           val_size=args.val_size, train_limit=args.train_limit, val_limit=args.val_limit,
                           amp=not args.no_amp, compile=args.compile, half_checkpoint=args.half_checkpoint,
                           teacher=Path(args.teacher).name if args.teacher else '',
-                          distill=args.distill if args.teacher else '', finetune_from=args.finetune or '',
+                          distill=args.distill if args.teacher else '',
+                          teacher_once=args.teacher_once and bool(args.teacher),
+                          finetune_from=args.finetune or '',
                           finetune=args.finetune_mode if args.finetune else '', frozen_blocks=args.frozen_blocks,
                           layer_decay=args.layer_decay, keep_state=not args.no_state)
         if args.resume:
@@ -759,7 +764,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.teacher:
         try:
             distillation = Distillation.from_checkpoint(args.teacher, data.classes, cfg.distill,
-                                                        once=args.teacher_once)
+                                                        once=cfg.teacher_once)
         except (CheckpointError, FileNotFoundError, ValueError) as e:
             parser.error(str(e))
     bar = tqdm(total=1000, unit='‰', bar_format='{l_bar}{bar}| {elapsed}<{remaining} {postfix}', disable=rank > 0)

@@ -143,7 +143,8 @@ class TrainingJob:
                 check_training(self.policy, model_config, cfg.minutes, cfg.batch_size, len(data), teacher_config,
                                probe)
             model_config = replace(model_config, num_classes=len(data.classes))  # the form's 10 is a guess
-            distillation = Distillation.from_checkpoint(teacher, data.classes, cfg.distill) if teacher else None
+            distillation = (Distillation.from_checkpoint(teacher, data.classes, cfg.distill, once=cfg.teacher_once)
+                            if teacher else None)
             finetune = None
             if cfg.finetune_from:
                 yield Snapshot(0.0, f'loading the pretrained {cfg.finetune_from} (downloaded the first time)')
