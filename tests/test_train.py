@@ -10,7 +10,7 @@ from vitdemo import train as train_cli
 from vitdemo.data import ImageData, load_dataset
 from vitdemo.model import ViTConfig
 from vitdemo.train import TrainConfig, get_lr, train
-from vitdemo.weights import load_checkpoint
+from vitdemo.weights import build_model, load_checkpoint
 
 COLOURS = torch.tensor([[220, 30, 30], [30, 220, 30], [30, 30, 220], [220, 220, 30]], dtype=torch.float32)
 CONFIG = ViTConfig(**{**TINY_CIFAR.to_dict(), 'num_classes': 4})
@@ -235,3 +235,28 @@ def test_cli_preset_gives_the_forms_model_and_recipe_and_flags_still_win(tmp_pat
     recipe = meta['train_config']
     assert (recipe['lr'], recipe['epochs'], recipe['minutes'], recipe['crop_padding']) == (1e-3, 1, None, 0)
     assert (recipe['finetune_from'], recipe['teacher']) == ('', '')  # the form's fine-tune fields stay off
+
+
+def test_float16_training_scales_the_loss_and_bfloat16_does_not(monkeypatch):
+    made = []
+
+    class Recording(torch.amp.GradScaler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(torch.amp, 'GradScaler', Recording)
+    # float16 on a CPU without float16 arithmetic is slow: two steps (that it learns is bench/gpu_check.sh's)
+    torch.manual_seed(0)
+    before = build_model(CONFIG).state_dict()
+    cfg = TrainConfig(epochs=1, minutes=None, batch_size=32, val_size=32, amp_dtype='float16')
+    result = train(CONFIG, cfg, colour_data(n=96))
+    assert len(made) == 1 and made[0].is_enabled() and made[0]._scale is not None  # the scaler scaled the loss
+    after = result.model.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert not torch.equal(after['head.weight'], before['head.weight'])  # the unscaled gradients made a step
+    train(CONFIG, TrainConfig(epochs=1, minutes=None, batch_size=32, val_size=32, amp_dtype='bfloat16'),
+          colour_data(n=96))
+    assert len(made) == 2 and not made[1].is_enabled()  # bfloat16 has float32's range: nothing to scale
+    with pytest.raises(ValueError, match='amp dtype'):
+        TrainConfig(amp_dtype='float8')

@@ -14,10 +14,10 @@ Run from the repository root:
         --teacher weights/vit_cifar10.safetensors --distill hard --out weights/distilled.safetensors
 
 The loop, top to bottom: AdamW with warm-up then cosine decay over the budget (epochs, or minutes: the
-schedule follows the clock), label smoothing, gradient clipping, bf16 autocast on a CPU that has it (AMP
-on CUDA), batch augmentation on uint8 tensors. After every epoch it evaluates on a seeded validation
-split and writes a safetensors checkpoint atomically. A stop request ends at the next step and still
-saves what was learned.
+schedule follows the clock), label smoothing, gradient clipping, bf16 autocast where the hardware has it
+(float16 with a loss scaler on older GPUs), batch augmentation on uint8 tensors. After every epoch it
+evaluates on a seeded validation split and writes a safetensors checkpoint atomically. A stop request
+ends at the next step and still saves what was learned.
 
 Past one machine, the same entry point runs under torchrun with DistributedDataParallel (gloo on CPU,
 nccl on GPU), each rank training on its shard of every epoch:
@@ -72,7 +72,8 @@ class TrainConfig:
     val_size: int = 5000  # held out of the training images, never trained on
     train_limit: int | None = None  # use only this many training images (quick runs)
     val_limit: int | None = None  # and this many validation images; 0 skips validation
-    amp: bool = True  # bf16 autocast on CPUs with AVX-512 BF16 / AMX, fp16 AMP on CUDA
+    amp: bool = True  # mixed precision where it pays: see `precision`
+    amp_dtype: str = ''  # '' chooses by hardware; 'bfloat16' or 'float16' forces one (float16 with a loss scaler)
     compile: bool = False  # torch.compile the training forward: faster on long runs, slow to start
     half_checkpoint: bool = False  # store weights as float16: half the file, the same predictions to 3 digits
     keep_state: bool = False  # write NAME.state beside the checkpoint: what resuming the run needs
@@ -104,6 +105,8 @@ class TrainConfig:
             raise ValueError(f'RandAugment strength must be between 0 and 30, got {self.rand_augment}')
         if not 0 <= self.mix_prob <= 1:
             raise ValueError(f'mix probability must be in [0, 1], got {self.mix_prob}')
+        if self.amp_dtype not in ('', 'bfloat16', 'float16'):
+            raise ValueError(f"amp dtype must be '', 'bfloat16' or 'float16', got {self.amp_dtype!r}")
         if not 0 <= self.warmup_frac < 1:
             raise ValueError(f'warm-up fraction must be in [0, 1), got {self.warmup_frac}')
 
@@ -313,10 +316,21 @@ def get_lr(progress: float, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(decay, 1.0)))
 
 
-def autocast(device: torch.device, enabled: bool):
+def precision(device: torch.device, amp: bool = True, forced: str = '') -> torch.dtype | None:
+    """The autocast dtype of a step: bfloat16 where the hardware computes it (CPUs with AVX-512 BF16 or
+    AMX, GPUs from Ampere on), float16 on older GPUs, None (float32) on other CPUs or without `amp`."""
+    if not amp:
+        return None
+    if forced:
+        return {'bfloat16': torch.bfloat16, 'float16': torch.float16}[forced]
     if device.type == 'cuda':
-        return torch.autocast('cuda', dtype=torch.float16, enabled=enabled)
-    return torch.autocast('cpu', dtype=torch.bfloat16, enabled=enabled and torch.cpu._is_avx512_bf16_supported())
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else None
+
+
+def autocast(device: torch.device, enabled: bool = True, forced: str = ''):
+    dtype = precision(device, enabled, forced)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float,
@@ -385,7 +399,9 @@ def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data:
     rank, world = rank_and_world()
     model = (finetune.model if finetune else build_model(model_config)).to(device).train()
     if isinstance(model, VisionTransformer):
-        model.set_fused_attn(False)  # measured faster than SDPA for bf16 training at CIFAR's 65 tokens
+        # SDPA's fused kernels pay on a GPU; on a CPU the manual path measured faster for bf16 training at
+        # CIFAR's 65 tokens
+        model.set_fused_attn(device.type == 'cuda')
         model.set_distilled_training(distillation is not None)  # a distilled ViT's heads, each with its target
     if distillation is not None:
         distillation.teacher.to(device)
@@ -398,6 +414,9 @@ def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data:
     groups = param_groups(model, cfg.weight_decay, *([finetune.lr_scale] if finetune else []))
     # fused: one kernel per tensor instead of a dozen (on the CPU the default is a Python loop over tensors)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=True)
+    # float16's narrow range lets small gradients underflow to zero: the scaler multiplies the loss before
+    # the backward pass and divides the gradients after it (skipping a step that overflowed); off otherwise
+    scaler = torch.amp.GradScaler(device.type, enabled=precision(device, cfg.amp, cfg.amp_dtype) == torch.float16)
     batch_size = min(cfg.batch_size, len(train_data) // world)
     steps_per_epoch = len(train_data) // world // batch_size  # whole batches only: one shape for compile
     total_steps = cfg.epochs * steps_per_epoch if cfg.epochs else None
@@ -442,7 +461,7 @@ def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data:
             on_event(TrainEvent(kind=kind, epoch=epoch, step=step, progress=min(progress_now(), 1.0), **kw))
 
     if distillation is not None and distillation.once:  # inside the budget: what it costs counts
-        with autocast(device, cfg.amp):
+        with autocast(device, cfg.amp, cfg.amp_dtype):
             distillation.remember(train_data.images, mean, std,
                                   lambda c, m, sd: to_model_input(c, m, sd, model_config.img_size).to(device))
     while progress_now() < 1.0 and not stopped:
@@ -466,7 +485,7 @@ def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data:
                 x, target = mix(x, y, model_config.num_classes)
             x, y, target = x.to(device), y.to(device), target.to(device)
             # forward, the teacher's answer when there is one, and the loss
-            with autocast(device, cfg.amp):
+            with autocast(device, cfg.amp, cfg.amp_dtype):
                 outputs = forward(x)
                 taught = distillation.answer(x, mean, std, idx, flips) if distillation is not None else None
             if distillation is not None:
@@ -475,9 +494,11 @@ def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data:
                 logits = outputs
                 loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # clip the true gradients
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip_grad)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
             seen += len(idx)
             loss_sum += loss.item() * len(idx)
@@ -552,7 +573,7 @@ def linear_probe(finetune: FineTune, cfg: TrainConfig, data: ImageData, out: str
             if stopped or (stopped := out_of_time()):
                 break
             x = to_model_input(images[i:i + cfg.batch_size], finetune.mean, finetune.std, model.config.img_size)
-            with autocast(device, cfg.amp):
+            with autocast(device, cfg.amp, cfg.amp_dtype):
                 chunks.append(model.forward_head(model.forward_features(x.to(device)), pre_logits=True).float())
             embedded += len(chunks[-1])
             emit('features', 0.9 * embedded / total, lr=0.0, loss=float('nan'), accuracy=0.0, epoch_fraction=0.0,
@@ -703,6 +724,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--train-limit', type=int, help='use only N training images')
     parser.add_argument('--val-limit', type=int, help='use only M validation images (0 skips validation)')
     parser.add_argument('--no-amp', action='store_true', help='train in fp32')
+    parser.add_argument('--amp-dtype', choices=['bfloat16', 'float16'], default='',
+                        help='force this autocast dtype (default: bfloat16 where the hardware has it, float16 on '
+                             'older GPUs; float16 always with a loss scaler)')
     parser.add_argument('--compile', action='store_true', help='torch.compile the model (faster on long runs)')
     parser.add_argument('--half-checkpoint', action='store_true', help='store the weights as float16 (half the file)')
     preset_name = parser.parse_known_args(argv)[0].preset
@@ -737,7 +761,8 @@ def main(argv: list[str] | None = None) -> None:
                           weight_decay=args.weight_decay, crop_padding=args.crop_padding,
                           rand_augment=args.rand_augment, mix_prob=args.mix_prob, seed=args.seed,
                           val_size=args.val_size, train_limit=args.train_limit, val_limit=args.val_limit,
-                          amp=not args.no_amp, compile=args.compile, half_checkpoint=args.half_checkpoint,
+                          amp=not args.no_amp, amp_dtype=args.amp_dtype, compile=args.compile,
+                          half_checkpoint=args.half_checkpoint,
                           teacher=Path(args.teacher).name if args.teacher else '',
                           distill=args.distill if args.teacher else '',
                           teacher_once=args.teacher_once and bool(args.teacher),
