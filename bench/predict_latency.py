@@ -4,6 +4,7 @@ plain forward of the same network with the same weights, measured side by side i
     python bench/predict_latency.py            # all backends, 30 rounds
     python bench/predict_latency.py --rounds 10 --models timm/vit_tiny_patch16_224
     python bench/predict_latency.py --explain  # each explanation method's cost, shipped model and ViT-B/16
+    python bench/predict_latency.py --device cuda --models timm/vit_base_patch16_224 ours/vit_base_patch16_224
 
 Speed does not depend on the weights' values, so the pretrained models run on random weights written to a
 temporary folder (no download needed); the scratch model is the shipped checkpoint when present.
@@ -43,9 +44,16 @@ def plain_timm_twin(model) -> torch.nn.Module:
 
 
 def time_ms(fn) -> float:
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return (time.perf_counter() - start) * 1000
+
+
+def sync() -> None:
+    if torch.cuda.is_available():  # GPU work is queued: wait for it, or the clock measures the queueing
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -54,6 +62,7 @@ def main() -> None:
     parser.add_argument('--models', nargs='*', help='model names (default: every backend)')
     parser.add_argument('--explain', action='store_true',
                         help='time every explanation method instead (default models: the shipped one and ViT-B/16)')
+    parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (the models and inputs go there)")
     args = parser.parse_args()
 
     weights = Path(tempfile.mkdtemp(prefix='vitdemo-bench-'))
@@ -64,15 +73,16 @@ def main() -> None:
         [f'timm/{a}' for a in TIMM_ARCHS] + [f'ours/{a}' for a in OURS_ARCHS]
 
     if args.explain:
-        return explanation_costs([load_model(n, weights) for n in (args.models or
+        return explanation_costs([load_model(n, weights, args.device) for n in (args.models or
                                   [str(scratch), 'timm/vit_base_patch16_224'])], args.rounds)
-    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds, median ms\n')
+    where = torch.cuda.get_device_name() if args.device == 'cuda' else f'{torch.get_num_threads()} CPU threads'
+    print(f'torch {torch.__version__}, {where}, {args.rounds} rounds, median ms\n')
     print(f'{"model":42s} {"timm plain":>10s} {"attention":>10s} {"ratio":>6s} {"predict":>8s}')
     for name in names:
-        model = load_model(name, weights)
-        twin = plain_timm_twin(model)
+        model = load_model(name, weights, args.device)
+        twin = plain_timm_twin(model).to(args.device)
         image = EXAMPLE
-        x = model.transform(model.predict(image).image).unsqueeze(0)
+        x = model.transform(model.predict(image).image).unsqueeze(0).to(args.device)
         with torch.inference_mode():
             for _ in range(3):  # warm up all three
                 twin(x), model.attend(x), model.predict(image)
@@ -94,7 +104,7 @@ def explanation_costs(models, rounds: int) -> None:
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads; median ms, and x a plain forward\n')
     for model in models:
         pred = model.predict(EXAMPLE)
-        x = model.transform(pred.image).unsqueeze(0)
+        x = model.transform(pred.image).unsqueeze(0).to(model.device)
         with torch.inference_mode():
             for _ in range(3):
                 model.module(x)

@@ -1,0 +1,13 @@
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='with a GPU the check runs for minutes: run it yourself')
+def test_the_gpu_check_says_there_is_no_gpu_and_succeeds():
+    done = subprocess.run(['bash', str(ROOT / 'bench' / 'gpu_check.sh')], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and 'no CUDA GPU here' in done.stdout
