@@ -1,4 +1,5 @@
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,3 +127,18 @@ def test_the_package_exports_the_public_api(weights_dir):
     assert vitdemo.list_models(weights_dir)[0] == DEFAULT_SCRATCH
     model = vitdemo.load_model(weights_dir / 'vit_cifar10.safetensors')
     assert isinstance(model, vitdemo.Model) and isinstance(model.predict(np.zeros((8, 8, 3))), vitdemo.Prediction)
+
+
+def test_the_hub_ids_written_out_are_timms_own():
+    import timm
+    from vitdemo.backends import HUB_IDS, TIMM_ARCHS
+    assert HUB_IDS == {arch: timm.models.get_pretrained_cfg(arch).hf_hub_id for arch in TIMM_ARCHS}
+
+
+def test_the_app_starts_without_importing_timm():
+    import subprocess
+    import sys
+    code = 'import sys, app; app.create_demo(); print("timm" in sys.modules)'
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.stdout.strip().splitlines()[-1] == 'False', done.stderr[-2000:]

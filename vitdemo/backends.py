@@ -22,11 +22,8 @@ from typing import Callable
 from urllib.parse import urlparse
 
 import huggingface_hub
-import timm
 import torch
 from PIL import Image
-from timm.data import ImageNetInfo, create_transform, resolve_data_config
-from timm.utils import AttentionExtract
 
 from .cnn import CifarResNet
 from .images import load_image
@@ -40,6 +37,13 @@ WEIGHTS_DIR = Path(os.environ.get('VITDEMO_WEIGHTS', Path(__file__).resolve().pa
 TIMM_ARCHS = ['vit_tiny_patch16_224', 'vit_small_patch16_224', 'vit_base_patch16_224', 'deit_small_patch16_224',
               'deit_small_distilled_patch16_224']
 OURS_ARCHS = TIMM_ARCHS
+# where the hub keeps each one's default weights (timm's pretrained config says the same: a test holds them
+# equal), written out so that the start-up needs no timm import to know which are on disk
+HUB_IDS = {'vit_tiny_patch16_224': 'timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k',
+           'vit_small_patch16_224': 'timm/vit_small_patch16_224.augreg_in21k_ft_in1k',
+           'vit_base_patch16_224': 'timm/vit_base_patch16_224.augreg2_in21k_ft_in1k',
+           'deit_small_patch16_224': 'timm/deit_small_patch16_224.fb_in1k',
+           'deit_small_distilled_patch16_224': 'timm/deit_small_distilled_patch16_224.fb_in1k'}
 DEFAULT_SCRATCH = 'scratch/vit_cifar10'
 
 
@@ -85,6 +89,7 @@ class Model:
         self.module = module
         self.classes = classes
         self.data_config = data_config
+        from timm.data import create_transform  # timm (with torch._dynamo) is imported when a model first loads
         self.transform = create_transform(**data_config)
         self.num_prefix_tokens = num_prefix_tokens
         self.description = description
@@ -132,6 +137,7 @@ class TimmAttention:
     `attn_drop`, which only runs on the manual (non-fused) path, so fused attention is off for this pass."""
 
     def __init__(self, module: torch.nn.Module):
+        from timm.utils import AttentionExtract
         self.module = module
         self.extract = AttentionExtract(module, method='hook')
         self.attn_modules = [m for m in module.modules() if hasattr(m, 'fused_attn')]
@@ -151,6 +157,7 @@ class TimmAttention:
 
 
 def imagenet_classes() -> list[str]:
+    from timm.data import ImageNetInfo
     info = ImageNetInfo()
     return [info.index_to_description(i).split(',')[0] for i in range(info.num_classes())]
 
@@ -170,6 +177,8 @@ def load_model(name_or_path: str | Path, weights_dir: Path | None = None, device
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     name = str(name_or_path)
     kind, _, arch = name.partition('/')
+    if kind in ('timm', 'ours'):
+        from timm.data import resolve_data_config
     if kind == 'timm' and arch in TIMM_ARCHS:
         module = timm_pretrained(arch, weights_dir).to(device).eval()
         return Model(name, module, imagenet_classes(), resolve_data_config({}, model=module),
@@ -212,6 +221,7 @@ def checkpoint_model(name: str, module: torch.nn.Module, classes: list[str], mea
 
 @functools.lru_cache(maxsize=16)
 def _timm_shape(arch: str) -> tuple[int, int, int]:
+    import timm
     with torch.device('meta'):  # shapes only: no memory, no download
         module = timm.create_model(arch, pretrained=False)
     return len(module.blocks), module.blocks[0].attn.num_heads, module.num_prefix_tokens
@@ -248,8 +258,7 @@ def local_weights(arch: str, weights_dir: Path) -> Path | None:
     local = weights_dir / f'{arch}.safetensors'
     if local.is_file():
         return local
-    cached = huggingface_hub.try_to_load_from_cache(timm.models.get_pretrained_cfg(arch).hf_hub_id,
-                                                    'model.safetensors')
+    cached = huggingface_hub.try_to_load_from_cache(HUB_IDS[arch], 'model.safetensors')
     return Path(cached) if isinstance(cached, str) else None
 
 
@@ -259,7 +268,8 @@ def needs_download(weights_dir: Path | None = None) -> list[str]:
 
 
 def timm_pretrained(arch: str, weights_dir: Path) -> torch.nn.Module:
-    hub_id = timm.models.get_pretrained_cfg(arch).hf_hub_id
+    import timm
+    hub_id = HUB_IDS[arch]
     local = local_weights(arch, weights_dir)
     if local is None and not hub_reachable():
         raise ModelUnavailable(

@@ -41,8 +41,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
-from timm.data import resolve_data_config
-
 from . import __version__
 from .backends import TIMM_ARCHS, WEIGHTS_DIR, ModelUnavailable, timm_pretrained
 from .data import ImageData, augment, load_dataset, mix, normalize, rand_augment, train_val_split
@@ -266,6 +264,7 @@ class FineTune:
 def prepare_finetune(arch: str, num_classes: int, mode: str = 'full', frozen_blocks: int = 0,
                      layer_decay: float = 0.75, weights_dir: Path | None = None) -> FineTune:
     """A timm-pretrained ViT (downloaded once, or weights/ARCH.safetensors offline) as our model."""
+    from timm.data import resolve_data_config
     timm_model = timm_pretrained(arch, Path(weights_dir or WEIGHTS_DIR))
     data_config = resolve_data_config({}, model=timm_model)
     model = from_timm(timm_model)
