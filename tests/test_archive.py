@@ -141,3 +141,12 @@ def test_an_image_over_the_pixel_limit_is_refused_by_its_header(tmp_path, monkey
     monkeypatch.setattr(vitdemo.images, 'MAX_PIXELS', 1000)
     with pytest.raises(ArchiveError, match=r"'cat/0.png': the image is too large"):
         read_image_zip(make_zip(tmp_path / 'a.zip', good_entries()))
+
+
+def test_the_pixels_and_seconds_of_a_whole_archive_are_bounded(tmp_path):
+    path = make_zip(tmp_path / 'a.zip', good_entries())  # five 40x30 images: 6,000 pixels
+    with pytest.raises(ArchiveError, match=r"more than 0 megapixels together \(reached at 'cat/2.png'\)"):
+        read_image_zip(path, limits=ZipLimits(max_pixels=3 * 1200 - 1))
+    with pytest.raises(ArchiveError, match='took more than 0 s'):
+        read_image_zip(path, limits=ZipLimits(max_seconds=0))
+    assert len(read_image_zip(path, limits=ZipLimits(max_pixels=5 * 1200))) == 5

@@ -5,19 +5,22 @@ the sizes they declare (in total, each, and against what they take compressed: a
 more than it holds), names that climb out (`../`, absolute paths, drive letters), links, nested archives,
 files that are not images, and the layout (`[any/folders/]<class>/<image>`). Then each image is
 decompressed into memory, at most the size it declared, and decoded by `vitdemo.images` under its pixel
-limits. Nothing is extracted: no file is written, so none is left behind.
+limits, the whole archive within a budget of pixels (read from each header first) and of seconds.
+Nothing is extracted: no file is written, so none is left behind.
 """
+import io
 import re
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
-from PIL import ImageOps
+from PIL import Image, ImageOps
 
 from .data import IMAGE_SUFFIXES, ImageData
-from .images import ImageError, load_image
+from .images import FORMATS, ImageError, load_image
 
 MB = 2 ** 20
 ARCHIVE_SUFFIXES = ('.zip', '.tar', '.gz', '.tgz', '.bz2', '.xz', '.7z', '.rar', '.zst', '.jar')
@@ -40,6 +43,8 @@ class ZipLimits:
     max_member: int = 20 * MB  # what one image declares, decompressed
     max_total: int = 300 * MB  # what all of them declare together
     max_ratio: float = 200.0  # declared / compressed size of one entry; images hardly compress
+    max_pixels: int = 400_000_000  # all images together, from their headers: decoding time is bounded too
+    max_seconds: float = 120.0  # and measured
 
     def describe(self) -> str:
         return (f'a .zip of at most {self.max_bytes // MB} MB with one folder per class ({self.min_classes} to '
@@ -56,9 +61,9 @@ def read_image_zip(path: str | Path, size: int = 32, limits: ZipLimits = ZipLimi
     try:
         with zipfile.ZipFile(path) as archive:
             members, classes = _check_directory(archive.infolist(), limits)
-            images, labels = [], []
+            images, labels, budget = [], [], _Budget(limits)
             for info, label in members:
-                images.append(_decode(archive, info, size))
+                images.append(_decode(archive, info, size, budget))
                 labels.append(label)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, RuntimeError) as e:
         # a damaged archive, a checksum that fails, an entry that holds more than it declares, encryption
@@ -117,10 +122,32 @@ def _check_directory(infos: list[zipfile.ZipInfo], limits: ZipLimits) -> tuple[l
     return [(info, index[p[-2]]) for info, p in zip(files, parts)], classes
 
 
-def _decode(archive: zipfile.ZipFile, info: zipfile.ZipInfo, size: int) -> np.ndarray:
+class _Budget:
+    """The pixels and seconds a whole archive may take to decode."""
+
+    def __init__(self, limits: ZipLimits):
+        self.limits, self.pixels, self.start = limits, 0, time.monotonic()
+
+    def spend(self, name: str, pixels: int) -> None:
+        self.pixels += pixels
+        if self.pixels > self.limits.max_pixels:
+            raise ArchiveError(f'the images hold more than {self.limits.max_pixels / 1e6:,.0f} megapixels together '
+                               f'(reached at {name!r}); shrink them before zipping')
+        if time.monotonic() - self.start > self.limits.max_seconds:
+            raise ArchiveError(f'decoding the images took more than {self.limits.max_seconds:.0f} s '
+                               f'(reached at {name!r}); send fewer or smaller images')
+
+
+def _decode(archive: zipfile.ZipFile, info: zipfile.ZipInfo, size: int, budget: _Budget) -> np.ndarray:
     with archive.open(info) as f:
         # the reader stops at the declared size, and the checksum then fails on an entry that holds more
         data = f.read()
+    try:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as header:  # the header only, before any pixel
+            pixels = header.width * header.height
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        pixels = 0  # not an image PIL can open: load_image says so in its words
+    budget.spend(info.filename, pixels)
     try:
         image = load_image(data)
     except ImageError as e:
