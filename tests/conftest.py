@@ -48,3 +48,17 @@ def weights_dir(tmp_path_factory) -> Path:
     save_checkpoint(d / 'vit_cifar10.safetensors', model, classes, mean=[0.49, 0.48, 0.45], std=[0.25, 0.24, 0.26],
                     metrics={'val_accuracy': 0.5})
     return d
+
+
+@pytest.fixture
+def scalers(monkeypatch) -> list:
+    """Every torch.amp.GradScaler a run makes, in order (the class is swapped for a recording subclass)."""
+    made = []
+
+    class Recording(torch.amp.GradScaler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(torch.amp, 'GradScaler', Recording)
+    return made

@@ -13,19 +13,11 @@ pytestmark = [pytest.mark.cuda,
 
 
 @pytest.mark.parametrize('dtype', ['', 'float16'])
-def test_training_on_the_gpu_learns_with_its_precision_and_fused_attention(dtype, monkeypatch):
-    made = []
-
-    class Recording(torch.amp.GradScaler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(torch.amp, 'GradScaler', Recording)
+def test_training_on_the_gpu_learns_with_its_precision_and_fused_attention(dtype, scalers):
     cfg = TrainConfig(epochs=4, minutes=None, batch_size=64, val_size=128, amp_dtype=dtype)
     result = train(CONFIG, cfg, colour_data(), device='cuda')
     expected = precision(torch.device('cuda'), True, dtype)
-    assert made[0].is_enabled() == (expected == torch.float16)  # float16 always with the scaler
+    assert scalers[0].is_enabled() == (expected == torch.float16)  # float16 always with the scaler
     assert result.model.blocks[0].attn.fused_attn  # SDPA trained it
     assert result.history[-1]['val_accuracy'] > 0.9
     assert next(result.model.parameters()).device.type == 'cuda'

@@ -122,6 +122,23 @@ def test_fused_and_manual_attention_agree():
     torch.testing.assert_close(fused, manual, atol=1e-5, rtol=0)
 
 
+def assert_local_tokens(model: VisionTransformer, config: ViTConfig, corner: int) -> None:
+    """One token per patch, and local: changing the image's top-left `corner` pixels moves the first token
+    and none in the far quadrant."""
+    patch_size = config.patch_size
+    with torch.no_grad():
+        logits, attentions = model.forward_with_attention(torch.randn(2, 3, 32, 32))
+    tokens = 1 + (32 // patch_size) ** 2
+    assert logits.shape == (2, 10) and attentions[0].shape == (2, config.num_heads, tokens, tokens)
+    x = torch.randn(1, 3, 32, 32)
+    y = x.clone()
+    y[..., :corner, :corner] += 1.0
+    with torch.no_grad():
+        change = (model.patch_embed(y) - model.patch_embed(x)).norm(dim=-1)[0].reshape(32 // patch_size, -1)
+    half = 16 // patch_size
+    assert change[0, 0] > 0 and change[half:, half:].max() == 0
+
+
 @pytest.mark.parametrize('patch_size', [2, 4, 8])
 def test_conv_stem_gives_one_token_per_patch_under_timm_hybrid_names(patch_size):
     config = ViTConfig(**{**TINY_CIFAR.to_dict(), 'patch_size': patch_size, 'stem': 'conv'})
@@ -130,18 +147,7 @@ def test_conv_stem_gives_one_token_per_patch_under_timm_hybrid_names(patch_size)
     assert stem == {'backbone', 'proj'}  # timm's HybridEmbed layout
     strides = [m.stride[0] for m in model.patch_embed.backbone if isinstance(m, torch.nn.Conv2d)]
     assert strides == [1] + [2] * (patch_size.bit_length() - 1)  # one halving per conv after the first
-    with torch.no_grad():
-        logits, attentions = model.forward_with_attention(torch.randn(2, 3, 32, 32))
-    tokens = 1 + (32 // patch_size) ** 2
-    assert logits.shape == (2, 10) and attentions[0].shape == (2, config.num_heads, tokens, tokens)
-    # tokens stay local: changing the top-left patch moves its token, and none in the far quadrant
-    x = torch.randn(1, 3, 32, 32)
-    y = x.clone()
-    y[..., :patch_size, :patch_size] += 1.0
-    with torch.no_grad():
-        change = (model.patch_embed(y) - model.patch_embed(x)).norm(dim=-1)[0].reshape(32 // patch_size, -1)
-    half = 16 // patch_size
-    assert change[0, 0] > 0 and change[half:, half:].max() == 0
+    assert_local_tokens(model, config, corner=patch_size)  # changing the top-left patch moves its token only
 
 
 def test_conv_stem_keeps_some_channels_for_a_narrow_model_with_large_patches():
@@ -195,15 +201,4 @@ def test_hybrid_stem_makes_tokens_from_a_resnet_stage_under_timm_hybrid_names(pa
     assert stem == {'backbone', 'proj'}
     assert [type(m) for m in model.patch_embed.backbone[3:]] == [BasicBlock, BasicBlock]  # ResNet-18's first stage
     assert model.patch_embed.backbone[0].stride[0] * model.patch_embed.proj.stride[0] == patch_size
-    with torch.no_grad():
-        logits, attentions = model.forward_with_attention(torch.randn(2, 3, 32, 32))
-    tokens = 1 + (32 // patch_size) ** 2
-    assert logits.shape == (2, 10) and attentions[0].shape == (2, config.num_heads, tokens, tokens)
-    # the residual blocks see 3x3 neighbourhoods: a change in one corner never reaches the far quadrant
-    x = torch.randn(1, 3, 32, 32)
-    y = x.clone()
-    y[..., :2, :2] += 1.0
-    with torch.no_grad():
-        change = (model.patch_embed(y) - model.patch_embed(x)).norm(dim=-1)[0].reshape(32 // patch_size, -1)
-    half = 16 // patch_size
-    assert change[0, 0] > 0 and change[half:, half:].max() == 0
+    assert_local_tokens(model, config, corner=2)  # the residual blocks see 3x3 neighbourhoods: still local

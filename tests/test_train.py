@@ -237,26 +237,18 @@ def test_cli_preset_gives_the_forms_model_and_recipe_and_flags_still_win(tmp_pat
     assert (recipe['finetune_from'], recipe['teacher']) == ('', '')  # the form's fine-tune fields stay off
 
 
-def test_float16_training_scales_the_loss_and_bfloat16_does_not(monkeypatch):
-    made = []
-
-    class Recording(torch.amp.GradScaler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(torch.amp, 'GradScaler', Recording)
+def test_float16_training_scales_the_loss_and_bfloat16_does_not(scalers):
     # float16 on a CPU without float16 arithmetic is slow: two steps (that it learns is bench/gpu_check.sh's)
     torch.manual_seed(0)
     before = build_model(CONFIG).state_dict()
     cfg = TrainConfig(epochs=1, minutes=None, batch_size=32, val_size=32, amp_dtype='float16')
     result = train(CONFIG, cfg, colour_data(n=96))
-    assert len(made) == 1 and made[0].is_enabled() and made[0]._scale is not None  # the scaler scaled the loss
+    assert len(scalers) == 1 and scalers[0].is_enabled() and scalers[0]._scale is not None  # it scaled the loss
     after = result.model.state_dict()
     assert all(torch.isfinite(v).all() for v in after.values())
     assert not torch.equal(after['head.weight'], before['head.weight'])  # the unscaled gradients made a step
     train(CONFIG, TrainConfig(epochs=1, minutes=None, batch_size=32, val_size=32, amp_dtype='bfloat16'),
           colour_data(n=96))
-    assert len(made) == 2 and not made[1].is_enabled()  # bfloat16 has float32's range: nothing to scale
+    assert len(scalers) == 2 and not scalers[1].is_enabled()  # bfloat16 has float32's range: nothing to scale
     with pytest.raises(ValueError, match='amp dtype'):
         TrainConfig(amp_dtype='float8')

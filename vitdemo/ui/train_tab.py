@@ -16,8 +16,8 @@ from ..weights import read_metadata
 from .common import Number, Server, keeps_errors, shows_user_errors
 
 FORM_FIELDS = [f.name for f in fields(TrainForm)]
-# measured on a 2-core AMD EPYC with bf16 (docs/benchmarks.md, "Fine-tuning"); the run's status gives its own ETA
-FINETUNE_COST = ('On a 2-core CPU, ViT-Ti/16 computes a probe\'s features at ~100 images/s (all of CIFAR-10: ~8 '
+# bench/finetune_cost.py on a 2-core AMD EPYC (docs/benchmarks.md); the run's status gives its own ETA
+FINETUNE_COST = ('On a 2-core CPU, ViT-Ti/16 computes a probe\'s features at ~120 images/s (all of CIFAR-10: ~7 '
                  'minutes; 2,000 of your own: ~20 s), and learns at ~60 images/s in a full fine-tune, ~110 with 8 '
                  'blocks frozen; ViT-S/16 takes 2-3x as long, ViT-B/16 ~10x. The minutes bound every run: a probe '
                  'stopped early trains its head on the features it has.')
