@@ -532,3 +532,22 @@ def test_in_public_one_slow_explanation_runs_at_a_time_and_fast_ones_never_wait(
             assert explain(model, CAT, 'relevance', progress=bobs).target  # a fast method reports nothing
     with server.explaining(bob, None, 'occlusion') as bobs:  # alice is done: the slot is free again
         assert explain(model, CAT, 'occlusion', progress=bobs).overall[1].shape == (8, 8)
+
+
+def test_the_train_endpoint_takes_an_uploaded_zip_only_never_a_server_path(tmp_path, weights_dir):
+    from test_app import RecordingJob
+    policy = ServerPolicy(public=True)
+    job = RecordingJob('unused', public_store(weights_dir, tmp_path), policy)
+    demo, port = launch(app.create_demo(ModelCache(weights_dir=weights_dir), job=job, policy=policy), policy)
+    try:
+        params = demo.get_api_info()['named_endpoints']['/train']['parameters']
+        from test_archive import good_entries, make_zip
+        on_server = make_zip(tmp_path / 'not_uploaded.zip', good_entries())  # readable, had it been allowed
+        secret = {'path': str(on_server), 'meta': {'_type': 'gradio.FileData'}}
+        data = ['stolen', secret] + [p['parameter_default'] for p in params[2:]]
+        event = httpx.post(f'http://127.0.0.1:{port}/gradio_api/call/train', json={'data': data}).json()['event_id']
+        answer = httpx.get(f'http://127.0.0.1:{port}/gradio_api/call/train/{event}', timeout=30).text
+    finally:
+        demo.close()
+    assert 'event: error' in answer
+    assert not hasattr(job, 'asked')  # refused before the handler read it: no run was asked for
