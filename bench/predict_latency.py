@@ -31,8 +31,10 @@ EXAMPLE = Path(__file__).resolve().parent.parent / 'examples' / 'cat.jpg'
 
 def plain_timm_twin(model) -> torch.nn.Module:
     """timm's VisionTransformer with the weights of `model.module`, run with fused attention. A conv stem
-    has no plain timm twin: our module's own plain forward (fused attention too) stands in."""
-    if isinstance(model.module, VisionTransformer) and model.module.config.stem == 'patch':
+    or a distillation token has no plain timm twin: our module's own plain forward (fused attention too)
+    stands in."""
+    if isinstance(model.module, VisionTransformer) and model.module.config.stem == 'patch' \
+            and not model.module.config.distilled:
         c = model.module.config
         twin = timm.create_model('vit_tiny_patch16_224', img_size=c.img_size, patch_size=c.patch_size,
                                  num_classes=c.num_classes, embed_dim=c.embed_dim, depth=c.depth,
