@@ -38,6 +38,13 @@ def cls_attention(attentions: torch.Tensor, grid: tuple[int, int], num_prefix_to
     return patches.reshape(-1, *grid)
 
 
+def received(attention: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int = 1) -> torch.Tensor:
+    """(..., tokens, tokens) -> (..., rows, cols): what each patch gets from the patch tokens, averaged over
+    them: what a mean-pooled ViT's pooled token takes from each patch."""
+    p = num_prefix_tokens
+    return attention[..., p:, p:].mean(-2).reshape(*attention.shape[:-2], *grid)
+
+
 def rollout(attentions: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int = 1,
             fusion: Fusion = 'mean', discard_ratio: float = 0.0) -> torch.Tensor:
     """Attention rollout (Abnar & Zuidema, 2020): how much each patch flows into CLS through all layers,

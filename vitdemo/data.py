@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -160,3 +161,9 @@ def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torc
     mean_t = torch.tensor(mean).view(1, -1, 1, 1) * 255
     std_t = torch.tensor(std).view(1, -1, 1, 1) * 255
     return (images.float() - mean_t) / std_t
+
+
+def to_model_input(images: torch.Tensor, mean: list[float], std: list[float], size: int) -> torch.Tensor:
+    """uint8 batch -> normalised float batch at the model's input size (upscaled for a pretrained ViT)."""
+    x = normalize(images, mean, std)
+    return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)

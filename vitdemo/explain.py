@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Fusion, cls_attention, fuse_heads, rollout, rollout_matrix
+from .attention import Fusion, cls_attention, fuse_heads, received, rollout, rollout_matrix
 from .backends import Model, Prediction, TimmAttention
 
 Progress = Callable[[float], None]  # told the share done, from 0 to 1; raises Stopped to stop the work
@@ -130,8 +130,8 @@ def from_prediction(pred: Prediction, fusion: Fusion = 'mean', discard_ratio: fl
         return Explanation('gradcam', None, maps, ('last-stage Grad-CAM', maps[-1][1]), METHODS['gradcam'].description)
     if pred.pooling == 'avg':
         fused = fuse_heads(pred.attentions, fusion).float()
-        maps = [received(a, pred) for a in fused]
-        flow = received(rollout_matrix(fused, discard_ratio), pred)
+        maps = list(received(fused, pred.grid, pred.num_prefix_tokens))
+        flow = received(rollout_matrix(fused, discard_ratio), pred.grid, pred.num_prefix_tokens)
         description = ('this ViT classifies the mean of its patch tokens, not its CLS token: each map is the '
                        'attention each patch receives, averaged over all patch tokens; the same for every class')
     else:
@@ -140,13 +140,6 @@ def from_prediction(pred: Prediction, fusion: Fusion = 'mean', discard_ratio: fl
         description = METHODS['attention'].description
     return Explanation('attention', None, [(f'layer {i + 1}', m) for i, m in enumerate(maps)],
                        (f'rollout · all {len(maps)} layers', flow), description)
-
-
-def received(a: torch.Tensor, pred: Prediction) -> torch.Tensor:
-    """(tokens, tokens) -> (rows, cols): what each patch gets from the patch tokens, averaged over them:
-    what a mean-pooled ViT's pooled token takes from each patch."""
-    p = pred.num_prefix_tokens
-    return a[p:, p:].mean(0).reshape(pred.grid)
 
 
 def class_index(model: Model, target: int | str | None, pred: Prediction) -> int:
@@ -231,7 +224,7 @@ def _heads(job: _Job):
         raise ValueError(f'the share of attention to keep must be from 0 (all) to below 1, got {job.keep}')
     a = job.pred.attentions[layer - 1].float()
     if job.pred.pooling == 'avg':
-        maps = [received(h, job.pred) for h in a]
+        maps = list(received(a, job.pred.grid, job.pred.num_prefix_tokens))
     else:
         maps = [h[0, job.pred.num_prefix_tokens:].reshape(job.pred.grid) for h in a]
     if job.keep:

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from .attention import cls_attention
-from .data import ImageData, normalize
+from .attention import cls_attention, received
+from .data import ImageData, to_model_input
 from .model import VisionTransformer
 
 IMAGES = 4  # fixed validation images a run follows
@@ -47,15 +47,14 @@ class Filmstrip:
         was_training = model.training
         model.eval()
         size = model.config.img_size
-        x = normalize(torch.from_numpy(self.images).permute(0, 3, 1, 2), mean, std)
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode='bilinear') if x.shape[-1] != size else x
+        x = to_model_input(torch.from_numpy(self.images).permute(0, 3, 1, 2), mean, std, size)
         logits, attentions = model.forward_with_attention(x.to(next(model.parameters()).device))
         model.train(was_training)
         grid = (size // model.config.patch_size,) * 2
         stacked = torch.stack(attentions, dim=1).float().cpu()  # (N, layers, heads, T, T)
         p = model.num_prefix_tokens
         if model.config.global_pool == 'avg':
-            maps = stacked.mean(2)[:, :, p:, p:].mean(2).reshape(len(x), -1, *grid)
+            maps = received(stacked.mean(2), grid, p)
         else:
             maps = torch.stack([cls_attention(a, grid, p) for a in stacked])
         peak = maps.flatten(2).amax(2).clamp(min=1e-12)[:, :, None, None]

@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
 from .backends import TIMM_ARCHS, WEIGHTS_DIR, ModelUnavailable, timm_pretrained
-from .data import ImageData, augment, load_dataset, mix, normalize, rand_augment, train_val_split
+from .data import ImageData, augment, load_dataset, mix, rand_augment, to_model_input, train_val_split
 from .distill import Distillation
 from .filmstrip import IMAGES, Filmstrip
 from .cnn import ResNetConfig
@@ -273,12 +273,6 @@ def prepare_finetune(arch: str, num_classes: int, mode: str = 'full', frozen_blo
     torch.nn.init.zeros_(model.head.weight)
     torch.nn.init.zeros_(model.head.bias)
     return FineTune(model, list(data_config['mean']), list(data_config['std']), mode, frozen_blocks, layer_decay)
-
-
-def to_model_input(images: torch.Tensor, mean: list[float], std: list[float], size: int) -> torch.Tensor:
-    """uint8 batch -> normalised float batch at the model's input size (upscaled for a pretrained ViT)."""
-    x = normalize(images, mean, std)
-    return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
 
 
 METRICS = ('train_loss', 'train_accuracy', 'val_loss', 'val_accuracy')  # what a checkpoint reports
