@@ -205,7 +205,7 @@ class TrainEvent:
     eta_seconds: float
     val_loss: float | None = None
     val_accuracy: float | None = None
-    epoch_fraction: float = 1.0  # 'step': how far into its epoch this step is, 0..1
+    epoch_fraction: float = 1.0  # 'step': how far into its epoch this step is; 'features': how far through, 0..1
     model: Classifier | None = field(default=None, repr=False)  # on 'epoch' and 'done'
     filmstrip: Filmstrip | None = field(default=None, repr=False)  # on 'epoch', a ViT's attention so far
     normalization: tuple[list[float], list[float]] | None = None  # (mean, std) the model's inputs get
@@ -226,6 +226,7 @@ FINETUNE_MODES = {  # how a pretrained ViT learns the new classes
     'full': 'full: every weight, earlier layers slower (layer-wise learning-rate decay)',
 }
 PROBE_EPOCHS = 30  # of the head over cached features: seconds, whatever the dataset
+FEATURES_SHARE = 0.9  # of a probe's progress bar: computing the features is nearly all of its time
 
 
 @dataclass
@@ -538,9 +539,9 @@ def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data:
 def linear_probe(finetune: FineTune, cfg: TrainConfig, data: ImageData, out: str | Path | None = None,
                  on_event: Callable[[TrainEvent], None] | None = None, stop: threading.Event | None = None,
                  device: torch.device = torch.device('cpu')) -> TrainResult:
-    """Fit a new head on a frozen pretrained ViT: every image's features once (the slow part, the 90% of
-    the progress bar), then PROBE_EPOCHS (or `cfg.epochs`) of the head alone over them, in seconds. The
-    run ends early, with what it has, on a stop request or when the minutes run out."""
+    """Fit a new head on a frozen pretrained ViT: every image's features once (the slow part, the first
+    FEATURES_SHARE of the progress bar), then PROBE_EPOCHS (or `cfg.epochs`) of the head alone over them,
+    in seconds. The run ends early, with what it has, on a stop request or when the minutes run out."""
     seed_everything(cfg.seed)
     train_data, val_data = split(data, cfg)
     model = finetune.model.to(device).eval()
@@ -569,8 +570,8 @@ def linear_probe(finetune: FineTune, cfg: TrainConfig, data: ImageData, out: str
             with autocast(device, cfg.amp, cfg.amp_dtype):
                 chunks.append(model.forward_head(model.forward_features(x.to(device)), pre_logits=True).float())
             embedded += len(chunks[-1])
-            emit('features', 0.9 * embedded / total, lr=0.0, loss=float('nan'), accuracy=0.0, epoch_fraction=0.0,
-                 images_per_sec=embedded / (time.perf_counter() - start))
+            emit('features', FEATURES_SHARE * embedded / total, lr=0.0, loss=float('nan'), accuracy=0.0,
+                 epoch_fraction=embedded / total, images_per_sec=embedded / (time.perf_counter() - start))
         return torch.cat(chunks) if chunks else torch.empty(0, model.config.embed_dim, device=device)
 
     # 1) the features, once: the training images unaugmented, and the validation images
@@ -612,7 +613,7 @@ def linear_probe(finetune: FineTune, cfg: TrainConfig, data: ImageData, out: str
         history.append(dict(epoch=epoch, step=step, lr=lr, train_loss=loss_sum / seen, train_accuracy=correct / seen,
                             val_loss=val_loss, val_accuracy=val_acc, seconds=round(time.perf_counter() - start, 1),
                             images_per_sec=round(embedded / (time.perf_counter() - start), 1)))
-        emit('epoch', 0.9 + 0.1 * epoch / epochs, lr=lr, loss=history[-1]['train_loss'],
+        emit('epoch', FEATURES_SHARE + (1 - FEATURES_SHARE) * epoch / epochs, lr=lr, loss=history[-1]['train_loss'],
              accuracy=history[-1]['train_accuracy'], images_per_sec=history[-1]['images_per_sec'],
              val_loss=val_loss, val_accuracy=val_acc, model=model, normalization=(finetune.mean, finetune.std))
     model.eval()
@@ -791,7 +792,7 @@ def main(argv: list[str] | None = None) -> None:
         bar.n = int(ev.progress * 1000)
         post = f'ep {ev.epoch} loss {ev.loss:.3f} acc {ev.accuracy:.3f} {ev.images_per_sec:.0f} img/s'
         if ev.kind == 'features':
-            post = f'features {ev.progress / 0.9:.0%} {ev.images_per_sec:.0f} img/s'
+            post = f'features {ev.epoch_fraction:.0%} {ev.images_per_sec:.0f} img/s'
         if ev.kind == 'epoch':
             val = f' val {ev.val_accuracy:.4f}' if ev.val_accuracy is not None else ''
             tqdm.write(f'epoch {ev.epoch}: train loss {ev.loss:.4f} acc {ev.accuracy:.4f}{val} '

@@ -250,7 +250,7 @@ class TrainingJob:
     def _status(event: TrainEvent) -> str:
         if event.kind == 'features':
             return (f'computing the pretrained features of every image (then the head trains in seconds): '
-                    f'{event.progress / 0.9:.0%}, {event.images_per_sec:.0f} images/s, '
+                    f'{event.epoch_fraction:.0%}, {event.images_per_sec:.0f} images/s, '
                     f'ETA {format_eta(event.eta_seconds)}')
         val = f', val acc {event.val_accuracy:.1%}' if event.val_accuracy is not None else ''
         return (f'epoch {event.epoch}, step {event.step}: loss {event.loss:.3f}, acc {event.accuracy:.1%}{val}, '

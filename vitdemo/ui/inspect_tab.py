@@ -2,7 +2,7 @@
 import gradio as gr
 
 from ..figures import inspect_view, patch_view
-from ..filmstrip import Filmstrip, filmstrip_figure
+from ..filmstrip import IMAGES, Filmstrip, filmstrip_figure
 from ..policy import checked_number
 from ..weights import read_metadata
 from ..views import FUSIONS, fusion_mode
@@ -85,7 +85,7 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
             filters_plot = gr.Plot(label='Patch embedding filters', show_label=False)
             with gr.Accordion('Attention through training: every layer, after each epoch, on a few validation '
                               'images (the runs trained here keep it)', open=False) as film_section:
-                film_image = gr.Radio([1, 2, 3, 4], value=1, label='Image')
+                film_image = gr.Radio(list(range(1, IMAGES + 1)), value=1, label='Image')
                 film_note = gr.Markdown()
                 film_plot = gr.Plot(label='Attention through training', show_label=False,
                                     elem_classes=['filmstrip'])
