@@ -526,14 +526,9 @@ def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data:
     model.eval()
     if isinstance(model, VisionTransformer):
         model.set_distilled_training(False)
-    metrics = {k: history[-1][k] for k in METRICS} if history else {}
     path = Path(out) if out and history and rank == 0 else None
-    last = history[-1] if history else {}
-    emit('done', lr=last.get('lr', 0.0), loss=last.get('train_loss', float('nan')),
-         accuracy=last.get('train_accuracy', 0.0), images_per_sec=last.get('images_per_sec', 0.0),
-         eta_seconds=0.0, val_loss=last.get('val_loss'), val_accuracy=last.get('val_accuracy'), model=model,
-         normalization=(mean, std))
-    return TrainResult(model=model, history=history, metrics=metrics, path=path, stopped=stopped)
+    emit('done', eta_seconds=0.0, model=model, normalization=(mean, std), **_last_epoch(history))
+    return TrainResult(model=model, history=history, metrics=_metrics(history), path=path, stopped=stopped)
 
 
 def linear_probe(finetune: FineTune, cfg: TrainConfig, data: ImageData, out: str | Path | None = None,
@@ -619,20 +614,27 @@ def linear_probe(finetune: FineTune, cfg: TrainConfig, data: ImageData, out: str
     model.eval()
     if out and history:
         _save(out, model, data.classes, finetune.mean, finetune.std, history, cfg)
-    metrics = {k: history[-1][k] for k in METRICS} if history else {}
+    emit('done', 1.0, model=model, normalization=(finetune.mean, finetune.std), **_last_epoch(history))
+    path = Path(out) if out and history else None
+    return TrainResult(model=model, history=history, metrics=_metrics(history), path=path, stopped=stopped)
+
+
+def _last_epoch(history: list[dict]) -> dict:
+    """The 'done' event's figures: the last epoch's (none yet: zeros and no loss)."""
     last = history[-1] if history else {}
-    emit('done', 1.0, lr=last.get('lr', 0.0), loss=last.get('train_loss', float('nan')),
-         accuracy=last.get('train_accuracy', 0.0), images_per_sec=last.get('images_per_sec', 0.0),
-         val_loss=last.get('val_loss'), val_accuracy=last.get('val_accuracy'), model=model,
-         normalization=(finetune.mean, finetune.std))
-    return TrainResult(model=model, history=history, metrics=metrics, path=Path(out) if out and history else None,
-                       stopped=stopped)
+    return dict(lr=last.get('lr', 0.0), loss=last.get('train_loss', float('nan')),
+                accuracy=last.get('train_accuracy', 0.0), images_per_sec=last.get('images_per_sec', 0.0),
+                val_loss=last.get('val_loss'), val_accuracy=last.get('val_accuracy'))
+
+
+def _metrics(history: list[dict]) -> dict:
+    return {k: history[-1][k] for k in METRICS} if history else {}
 
 
 def _save(out, model, classes, mean, std, history, cfg, filmstrip: Filmstrip | None = None) -> Path:
     extra = {'filmstrip': filmstrip.to_metadata()} if filmstrip is not None and filmstrip.epochs else {}
     return save_checkpoint(out, model, classes, mean, std, torch.float16 if cfg.half_checkpoint else torch.float32,
-                           history=history, train_config=asdict(cfg), metrics={k: history[-1][k] for k in METRICS},
+                           history=history, train_config=asdict(cfg), metrics=_metrics(history),
                            seed=cfg.seed, vitdemo_version=__version__, **extra)
 
 
