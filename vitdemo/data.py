@@ -130,7 +130,7 @@ def augment(images: torch.Tensor, padding: int = 4, generator: torch.Generator |
     """Random crop with reflect padding and horizontal flip, for a whole uint8 batch (B, C, H, W) at once;
     with `return_flips`, also which images were mirrored (B,) bool."""
     B, C, H, W = images.shape
-    padded = torch.nn.functional.pad(images, (padding,) * 4, mode='reflect') if padding else images
+    padded = F.pad(images, (padding,) * 4, mode='reflect') if padding else images
     dy = torch.randint(0, 2 * padding + 1, (B,), generator=generator)
     dx = torch.randint(0, 2 * padding + 1, (B,), generator=generator)
     rows = (dy[:, None] + torch.arange(H))[:, None, :, None]  # (B, 1, H, 1)
