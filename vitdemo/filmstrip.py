@@ -84,7 +84,8 @@ def filmstrip_figure(strip: Filmstrip, index: int, classes: list[str]) -> Figure
     layers = strip.maps[0].shape[1]
     image = strip.images[index]
     cell = 0.9
-    fig = Figure(figsize=(0.9 + cell * len(columns), 0.7 + cell * layers), layout='constrained')
+    # wide enough for the title however few epochs there are
+    fig = Figure(figsize=(max(3.6, 0.9 + cell * len(columns)), 0.9 + cell * layers), layout='constrained')
     axes = fig.subplots(layers, len(columns), squeeze=False)
     h, w = image.shape[:2]
     for col, e in enumerate(columns):
@@ -100,5 +101,5 @@ def filmstrip_figure(strip: Filmstrip, index: int, classes: list[str]) -> Figure
             ax.set_yticks([])
             if col == 0:
                 ax.set_ylabel(f'layer {layer + 1}', fontsize=7)
-    fig.suptitle(f'Where each layer looks as training goes on: a {classes[strip.labels[index]]}', fontsize=9)
+    fig.suptitle(f'Where each layer looks as training goes on:\na {classes[strip.labels[index]]}', fontsize=9)
     return fig
