@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.resnet import BasicBlock, ResNet
 
 
 @dataclass
@@ -30,17 +29,27 @@ class ResNetConfig:
         return asdict(self)
 
 
-class CifarResNet(ResNet):
-    """ResNet-18 (four stages of two basic blocks) with a small-image stem."""
+class CifarResNet(nn.Module):
+    """ResNet-18 (four stages of two basic blocks) with a small-image stem: torchvision's own modules under
+    their own names, so its checkpoints load as torchvision's would."""
 
     arch = 'resnet18'  # recorded in checkpoints, next to the config
 
     def __init__(self, config: ResNetConfig):
-        super().__init__(BasicBlock, [2, 2, 2, 2], num_classes=config.num_classes)
+        super().__init__()
+        # imported here: torchvision's package import (its models and ops) costs a second of the app's start
+        from torchvision.models.resnet import BasicBlock, ResNet
         self.config = config
+        for name, module in ResNet(BasicBlock, [2, 2, 2, 2], num_classes=config.num_classes).named_children():
+            self.add_module(name, module)
         self.conv1 = nn.Conv2d(config.in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
         self.maxpool = nn.Identity()
         nn.init.kaiming_normal_(self.conv1.weight, mode='fan_out', nonlinearity='relu')  # as ResNet does its own
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
 
     def forward_with_saliency(self, x: torch.Tensor,
                               target: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torchvision.transforms import v2
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 CACHE_DIR = Path(os.environ.get('VITDEMO_CACHE', Path.home() / '.cache' / 'vitdemo'))
@@ -144,6 +143,7 @@ def augment(images: torch.Tensor, padding: int = 4, generator: torch.Generator |
 def rand_augment(images: torch.Tensor, magnitude: int, group: int = 8) -> torch.Tensor:
     """RandAugment (two random ops of the given strength, 0-30) on a uint8 batch. torchvision draws one
     choice of ops per call, so each group of `group` images gets its own draw."""
+    from torchvision.transforms import v2  # imported where used: torchvision's package import slows the app's start
     augmenter = v2.RandAugment(num_ops=2, magnitude=magnitude)
     return torch.cat([augmenter(chunk) for chunk in images.split(group)])
 
@@ -151,6 +151,7 @@ def rand_augment(images: torch.Tensor, magnitude: int, group: int = 8) -> torch.
 def mix(images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """CutMix or MixUp, one of the two at random (DeiT's strengths), of a float batch with itself rolled
     by one: the mixed images and their soft labels (B, num_classes)."""
+    from torchvision.transforms import v2
     mixer = v2.RandomChoice([v2.CutMix(alpha=1.0, num_classes=num_classes),
                              v2.MixUp(alpha=0.8, num_classes=num_classes)])
     return mixer(images, labels)
