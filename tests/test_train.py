@@ -179,6 +179,31 @@ def test_finetune_a_locally_saved_timm_vit_as_linear_probe_partially_and_in_full
     with pytest.raises(ValueError, match='frozen blocks must be between 0 and 12'):
         prepare_finetune('vit_tiny_patch16_224', 4, mode='partial', frozen_blocks=13, weights_dir=weights_dir)
 
+
+def test_a_second_run_goes_on_from_one_of_our_checkpoints_with_its_head_or_a_new_one(tmp_path):
+    # the shipped model was trained on in a second, longer run: `--finetune CHECKPOINT --layer-decay 1`
+    from vitdemo.cnn import CifarResNet, ResNetConfig
+    from vitdemo.train import prepare_finetune
+    from vitdemo.weights import CheckpointError, save_checkpoint
+    first = build_model(CONFIG)
+    path = save_checkpoint(tmp_path / 'first.safetensors', first, ['a', 'b', 'c', 'd'], [0.4, 0.5, 0.6], [0.2] * 3)
+    again = prepare_finetune(str(path), 4, mode='full', layer_decay=1.0)
+    assert (again.mean, again.std) == ([0.4, 0.5, 0.6], [0.2] * 3)  # the first run's normalisation
+    for name, p in again.model.named_parameters():  # every weight, the head too, as the first run left it
+        assert torch.equal(p, first.get_parameter(name)) and again.lr_scale(name) == 1, name
+    cfg = TrainConfig(epochs=1, minutes=None, batch_size=32, lr=1e-3, train_limit=64, val_size=128, val_limit=32)
+    second = train(None, cfg, colour_data(n=256), finetune=again).model
+    assert second.config == first.config and not torch.equal(second.head.weight, first.head.weight)
+
+    other = prepare_finetune(str(path), 3, mode='full')  # other classes: a new head, the body kept
+    assert other.model.head.weight.shape == (3, CONFIG.embed_dim) and other.model.head.weight.abs().sum() == 0
+    assert torch.equal(other.model.blocks[0].attn.qkv.weight, first.blocks[0].attn.qkv.weight)
+    cnn = save_checkpoint(tmp_path / 'cnn.safetensors', CifarResNet(ResNetConfig()), list('abcdefghij'),
+                          [0.5] * 3, [0.2] * 3)
+    with pytest.raises(CheckpointError, match='not a ViT'):
+        prepare_finetune(str(cnn), 10)
+
+
 def test_a_run_stopped_after_an_epoch_and_resumed_ends_as_one_that_never_stopped(tmp_path):
     # crops, CutMix/MixUp and the batch order all draw from random generators: the resumed run must draw alike
     cfg = TrainConfig(epochs=4, minutes=None, batch_size=64, val_size=128, crop_padding=2, mix_prob=0.5,

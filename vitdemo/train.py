@@ -50,7 +50,8 @@ from .cnn import ResNetConfig
 from .model import PRESETS, STEMS, ViTConfig, VisionTransformer, preset
 from .policy import checked_number
 from .train_state import TrainState, existing_state, load_state, save_state
-from .weights import CheckpointError, Classifier, build_model, config_of, from_timm, read_metadata, save_checkpoint
+from .weights import (CheckpointError, Classifier, build_model, config_of, from_timm, load_checkpoint, read_metadata,
+                      save_checkpoint)
 
 
 @dataclass
@@ -264,16 +265,26 @@ class FineTune:
 
 def prepare_finetune(arch: str, num_classes: int, mode: str = 'full', frozen_blocks: int = 0,
                      layer_decay: float = 0.75, weights_dir: Path | None = None) -> FineTune:
-    """A timm-pretrained ViT (downloaded once, or weights/ARCH.safetensors offline) as our model."""
-    from timm.data import resolve_data_config
-    timm_model = timm_pretrained(arch, Path(weights_dir or WEIGHTS_DIR))
-    data_config = resolve_data_config({}, model=timm_model)
-    model = from_timm(timm_model)
+    """A timm-pretrained ViT (downloaded once, or weights/ARCH.safetensors offline) as our model; or, when
+    `arch` is one of our ViT checkpoints (a .safetensors path), that model, to train it on with a new
+    schedule. A checkpoint over `num_classes` classes keeps its head: a second run goes on from the first."""
+    if Path(arch).suffix == '.safetensors':
+        model, meta = load_checkpoint(arch)
+        if not isinstance(model, VisionTransformer):
+            raise CheckpointError(f'{Path(arch).name} is not a ViT: only a ViT is fine-tuned')
+        mean, std = list(meta['mean']), list(meta['std'])
+        if model.num_classes == num_classes:
+            return FineTune(model, mean, std, mode, frozen_blocks, layer_decay)
+    else:
+        from timm.data import resolve_data_config
+        timm_model = timm_pretrained(arch, Path(weights_dir or WEIGHTS_DIR))
+        data_config = resolve_data_config({}, model=timm_model)
+        model, mean, std = from_timm(timm_model), list(data_config['mean']), list(data_config['std'])
     model.config.num_classes = model.num_classes = num_classes
     model.head = torch.nn.Linear(model.config.embed_dim, num_classes)
     torch.nn.init.zeros_(model.head.weight)
     torch.nn.init.zeros_(model.head.bias)
-    return FineTune(model, list(data_config['mean']), list(data_config['std']), mode, frozen_blocks, layer_decay)
+    return FineTune(model, mean, std, mode, frozen_blocks, layer_decay)
 
 
 METRICS = ('train_loss', 'train_accuracy', 'val_loss', 'val_accuracy')  # what a checkpoint reports
@@ -689,7 +700,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--drop-path', type=float, default=0.0, help='stochastic depth rate at the last block')
     # fine-tuning a pretrained ViT instead (inputs upscaled to its size: wants a GPU)
     parser.add_argument('--finetune', metavar='ARCH', help='start from timm ARCH, e.g. vit_tiny_patch16_224 '
-                        '(downloaded once, or weights/ARCH.safetensors); the model flags above are ignored')
+                        '(downloaded once, or weights/ARCH.safetensors), or from one of our ViT checkpoints (a '
+                        '.safetensors path: a longer second run); the model flags above are ignored')
     parser.add_argument('--finetune-mode', choices=list(FINETUNE_MODES), default='full',
                         help='with --finetune: ' + '; '.join(FINETUNE_MODES.values()))
     parser.add_argument('--frozen-blocks', type=int, default=0, metavar='K',
