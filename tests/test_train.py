@@ -240,6 +240,10 @@ def test_cli_resumes_a_run_from_its_checkpoint_and_refuses_one_without_state(tmp
     assert 'epoch 2:' in printed and 'epoch 3:' in printed and 'epoch 1:' not in printed
     _, meta = load_checkpoint(out)
     assert [h['epoch'] for h in meta['history']] == [1, 2, 3] and meta['train_config']['lr'] == cfg.lr
+    make_folder(tmp_path / 'other', classes=['a', 'b', 'c', 'e'], per_class=10, size=32)
+    with pytest.raises(SystemExit):
+        train_cli.main(['--data', str(tmp_path / 'other'), '--resume', str(out)])
+    assert 'was trained on other classes than those of' in capsys.readouterr().err
     out.with_suffix('.state').unlink()
     with pytest.raises(SystemExit):
         train_cli.main(['--data', str(tmp_path / 'ds'), '--resume', str(out)])

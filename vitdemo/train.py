@@ -649,8 +649,8 @@ def _save(out, model, classes, mean, std, history, cfg, filmstrip: Filmstrip | N
                            seed=cfg.seed, vitdemo_version=__version__, **extra)
 
 
-def resumed(checkpoint: str, teacher: str | None) -> tuple[ViTConfig | ResNetConfig, TrainConfig]:
-    """The model and recipe of the run that wrote `checkpoint`, to go on with it."""
+def resumed(checkpoint: str, teacher: str | None) -> tuple[ViTConfig | ResNetConfig, TrainConfig, list[str]]:
+    """The model, recipe and classes of the run that wrote `checkpoint`, to go on with it."""
     meta = read_metadata(checkpoint)
     existing_state(checkpoint)
     known = {f.name for f in fields(TrainConfig)}
@@ -660,7 +660,7 @@ def resumed(checkpoint: str, teacher: str | None) -> tuple[ViTConfig | ResNetCon
                          'run it again')
     if cfg.teacher and not teacher:
         raise ValueError(f'{Path(checkpoint).name} learned from the teacher {cfg.teacher}: give --teacher again')
-    return config_of(meta), replace(cfg, keep_state=True)
+    return config_of(meta), replace(cfg, keep_state=True), meta['classes']
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -778,13 +778,13 @@ def main(argv: list[str] | None = None) -> None:
                           finetune=args.finetune_mode if args.finetune else '', frozen_blocks=args.frozen_blocks,
                           layer_decay=args.layer_decay, keep_state=not args.no_state)
         if args.resume:
-            model_config, cfg = resumed(args.resume, args.teacher)
+            model_config, cfg, resumed_classes = resumed(args.resume, args.teacher)
     except (AssertionError, ValueError, CheckpointError) as e:
         parser.error(str(e))
     out = args.out or args.resume or 'weights/vit_cifar10_run.safetensors'
     data = load_dataset(args.data)  # every rank decodes from the same cache; the first run builds it
     model_config.num_classes = len(data.classes)
-    if args.resume and read_metadata(args.resume)['classes'] != data.classes:
+    if args.resume and resumed_classes != data.classes:
         parser.error(f'{args.resume} was trained on other classes than those of {args.data}: give the same --data')
     finetune = None
     if cfg.finetune_from:
