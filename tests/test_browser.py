@@ -43,7 +43,8 @@ def app_url(weights_dir, tmp_path_factory):
     port = free_port()
     env = dict(os.environ, GRADIO_SERVER_NAME='127.0.0.1', GRADIO_SERVER_PORT=str(port), HF_HUB_OFFLINE='1',
                VITDEMO_WEIGHTS=str(tmp / 'weights'), VITDEMO_DATA=str(tmp / 'data'),
-               VITDEMO_CACHE=str(tmp / 'cache'), GRADIO_TEMP_DIR=str(tmp / 'gradio'))
+               VITDEMO_CACHE=str(tmp / 'cache'), GRADIO_TEMP_DIR=str(tmp / 'gradio'),
+               VITDEMO_TRAIN_MEMORY_MB='4000')  # a small server's training memory: a fine-tune's batch must fit
     log = open(tmp / 'app.log', 'w')
     server = subprocess.Popen([sys.executable, 'app.py'], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f'http://127.0.0.1:{port}/'
@@ -322,6 +323,12 @@ def test_a_finetune_on_an_uploaded_zip_and_a_hostile_zip_refused(page, tmp_path)
     expect(panel.get_by_text('pets.zip')).to_be_visible()
     pick(page, 'Start from', 'vit_tiny_patch16_224 (pretrained on ImageNet): fine-tune')
     expect(page.get_by_text('linear probe: the head alone')).to_be_visible()
+    if not page.get_by_label('Batch size').is_visible():
+        page.get_by_text('Model and recipe').click()
+    page.get_by_label('partial: the first K blocks frozen').check()  # 128 at 224 px needs ~6.7 GB: it offers 64
+    expect(page.get_by_label('Batch size')).to_have_value('64')
+    page.get_by_label('linear probe: the head alone').check()  # a probe keeps no activations: 128 fits
+    expect(page.get_by_label('Batch size')).to_have_value('128')
     page.get_by_label('Save as').fill('my_pets')
     page.get_by_role('button', name='Start', exact=True).click()
     expect(page.get_by_text('saved as trained/my_pets').first).to_be_visible()

@@ -197,3 +197,21 @@ def test_a_linear_probe_on_a_visitors_zip_runs_as_a_job_and_joins_the_store(tmp_
     recipe = meta['train_config']
     assert (recipe['finetune'], recipe['finetune_from']) == ('probe', 'vit_tiny_patch16_224')
     assert len(meta['history']) == 30  # the head's epochs over the cached features
+
+
+def test_the_form_suggests_the_largest_batch_this_server_can_train(tmp_path):
+    # a fine-tune's 224 px inputs need ~50x CIFAR's memory at the same batch: the form halves the preset's
+    # batch until the run fits, where Start would otherwise refuse it
+    from vitdemo.policy import ServerPolicy, check_training
+    policy = ServerPolicy.from_env({'VITDEMO_TRAIN_MEMORY_MB': '3000'})
+    job = TrainingJob(tmp_path / 'data', ModelStore(tmp_path / 'weights', runs_dir=tmp_path / 'runs'), policy)
+    scratch = TRAIN_PRESETS['10-minute CPU demo']
+    probe = replace(scratch, start_from='vit_tiny_patch16_224', finetune='probe')
+    assert job.batch_for(scratch) == job.batch_for(probe) == scratch.batch_size == 128  # both fit as they are
+    partial = replace(probe, finetune='partial')
+    batch = job.batch_for(partial)
+    model_config, cfg = partial.configs()
+    assert batch < 128
+    check_training(policy, model_config, cfg.minutes, batch)
+    with pytest.raises(ValueError, match='more than the 3,000 MB'):
+        check_training(policy, model_config, cfg.minutes, 2 * batch)

@@ -185,6 +185,17 @@ def check_training(policy: ServerPolicy, model_config: ViTConfig | ResNetConfig,
     return estimate
 
 
+def fitting_batch(policy: ServerPolicy, model_config: ViTConfig | ResNetConfig, batch_size: int,
+                  num_images: int = CIFAR10_IMAGES, frozen: bool = False) -> int:
+    """`batch_size`, halved until a run of `model_config` fits this server's training memory (at least 1):
+    the batch a form suggests, so that a fine-tune at 224 px is not refused for CIFAR's batch."""
+    budget = policy.training_memory_budget()
+    while batch_size > 1 and estimate_training_memory(model_config, batch_size, num_images,
+                                                      frozen=frozen).total > budget:
+        batch_size //= 2
+    return batch_size
+
+
 def release_memory() -> None:
     """Hand freed memory back to the operating system: collect reference cycles, then trim the heap."""
     gc.collect()

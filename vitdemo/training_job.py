@@ -26,9 +26,9 @@ from .explain import from_prediction
 from .filmstrip import Filmstrip
 from .cnn import ResNetConfig
 from .model import ViTConfig
-from .policy import CIFAR10_IMAGES, ServerPolicy, check_training, release_memory
+from .policy import CIFAR10_IMAGES, ServerPolicy, check_training, fitting_batch, release_memory
 from .store import NAME_PATTERN, ModelStore
-from .train import TrainConfig, TrainEvent, prepare_finetune, split, train
+from .train import TrainConfig, TrainEvent, TrainForm, prepare_finetune, split, train
 from .weights import Classifier, config_of, read_metadata
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,12 @@ class TrainingJob:
             return False
         self._stop.set()
         return True
+
+    def batch_for(self, form: TrainForm) -> int:
+        """The form's batch size, or the largest half of it this server can train (a fine-tune's 224 px
+        inputs need ~50x the memory of CIFAR's 32 px at the same batch)."""
+        model_config, cfg = form.configs()
+        return fitting_batch(self.policy, model_config, cfg.batch_size, frozen=cfg.finetune == 'probe')
 
     def run(self, model_config: ViTConfig | ResNetConfig, cfg: TrainConfig, name: str, owner: str | None = None,
             data: ImageData | None = None) -> Iterator[Snapshot]:

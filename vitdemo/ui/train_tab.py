@@ -3,7 +3,7 @@
 The form's fields, the presets and the `/train` API's named parameters all come from one definition,
 `vitdemo.train.TrainForm`."""
 import inspect
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 
 import gradio as gr
 
@@ -188,6 +188,18 @@ def train_tab(server: Server, page_load) -> gr.State:
                   source, [images, images_note], api_visibility='private')
     form['start_from'].change(lambda a: (gr.Group(visible=bool(a)), gr.Radio(visible=not a)), form['start_from'],
                               [finetune_settings, form['arch']], api_visibility='private')
+
+    def suggest_batch(preset_name: str, start_from: str, finetune: str):
+        # the preset's batch, or less where this server could not train it: not refused at Start
+        try:
+            return server.job.batch_for(replace(TRAIN_PRESETS[preset_name], start_from=start_from,
+                                                finetune=finetune))
+        except (KeyError, ValueError):  # a value the form refuses at Start, with its message
+            return gr.skip()
+
+    gr.on([form['start_from'].change, form['finetune'].change], suggest_batch,
+          [preset, form['start_from'], form['finetune']], form['batch_size'], api_visibility='private',
+          show_progress='hidden')
     keeps_errors(start.click(start_training, [name, images] + inputs,
                              [status, loss_plot, accuracy_plot, snapshot, film_plot, saved],
                              api_name='train', concurrency_limit=2, concurrency_id='train'), server, status)
