@@ -147,7 +147,7 @@ def test_finetune_a_locally_saved_timm_vit_as_linear_probe_partially_and_in_full
     data = colour_data(n=256)
     events = []
 
-    probe = prepare_finetune('vit_tiny_patch16_224', 4, mode='probe', weights_dir=weights_dir)
+    probe = prepare_finetune('vit_tiny_patch16_224', list('abcd'), mode='probe', weights_dir=weights_dir)
     assert probe.mean == [0.5, 0.5, 0.5] and probe.model.config.img_size == 224  # the pretrained recipe
     out = tmp_path / 'probe.safetensors'
     result = train(None, cfg, data, out=out, finetune=probe, on_event=events.append)
@@ -162,7 +162,8 @@ def test_finetune_a_locally_saved_timm_vit_as_linear_probe_partially_and_in_full
     assert meta['config']['img_size'] == 224 and meta['mean'] == [0.5, 0.5, 0.5] and len(meta['classes']) == 4
     assert torch.equal(model.head.weight, result.model.head.weight)
 
-    partial = prepare_finetune('vit_tiny_patch16_224', 4, mode='partial', frozen_blocks=10, weights_dir=weights_dir)
+    partial = prepare_finetune('vit_tiny_patch16_224', list('abcd'), mode='partial', frozen_blocks=10,
+                               weights_dir=weights_dir)
     tuned = train(None, cfg, data, finetune=partial).model
     for name, p in tuned.named_parameters():  # the embedding and blocks 0-9 stay; blocks 10-11 and the head learn
         moved = not torch.equal(p, pretrained.get_parameter(name))
@@ -170,14 +171,15 @@ def test_finetune_a_locally_saved_timm_vit_as_linear_probe_partially_and_in_full
         learns = name.startswith(('head.', 'norm.')) or (layer is not None and layer >= 10)
         assert moved == learns, name
 
-    full = prepare_finetune('vit_tiny_patch16_224', 4, mode='full', layer_decay=0.5, weights_dir=weights_dir)
+    full = prepare_finetune('vit_tiny_patch16_224', list('abcd'), mode='full', layer_decay=0.5, weights_dir=weights_dir)
     assert full.lr_scale('head.weight') == 1 and full.lr_scale('norm.weight') == 1
     assert full.lr_scale('blocks.11.mlp.fc1.weight') == 0.5 and full.lr_scale('blocks.0.attn.qkv.weight') == 0.5 ** 12
     assert full.lr_scale('patch_embed.proj.weight') == full.lr_scale('cls_token') == 0.5 ** 13
     tuned = train(None, cfg, data, finetune=full).model
     assert not torch.equal(tuned.blocks[0].attn.qkv.weight, pretrained.blocks[0].attn.qkv.weight)
     with pytest.raises(ValueError, match='frozen blocks must be between 0 and 12'):
-        prepare_finetune('vit_tiny_patch16_224', 4, mode='partial', frozen_blocks=13, weights_dir=weights_dir)
+        prepare_finetune('vit_tiny_patch16_224', list('abcd'), mode='partial', frozen_blocks=13,
+                         weights_dir=weights_dir)
 
 
 def test_a_second_run_goes_on_from_one_of_our_checkpoints_with_its_head_or_a_new_one(tmp_path):
@@ -186,8 +188,10 @@ def test_a_second_run_goes_on_from_one_of_our_checkpoints_with_its_head_or_a_new
     from vitdemo.train import prepare_finetune
     from vitdemo.weights import CheckpointError, save_checkpoint
     first = build_model(CONFIG)
+    with torch.no_grad():  # a trained head (a new one starts at zero): each row its own class
+        first.head.weight.normal_(), first.head.bias.normal_()
     path = save_checkpoint(tmp_path / 'first.safetensors', first, ['a', 'b', 'c', 'd'], [0.4, 0.5, 0.6], [0.2] * 3)
-    again = prepare_finetune(str(path), 4, mode='full', layer_decay=1.0)
+    again = prepare_finetune(str(path), ['a', 'b', 'c', 'd'], mode='full', layer_decay=1.0)
     assert (again.mean, again.std) == ([0.4, 0.5, 0.6], [0.2] * 3)  # the first run's normalisation
     for name, p in again.model.named_parameters():  # every weight, the head too, as the first run left it
         assert torch.equal(p, first.get_parameter(name)) and again.lr_scale(name) == 1, name
@@ -195,13 +199,22 @@ def test_a_second_run_goes_on_from_one_of_our_checkpoints_with_its_head_or_a_new
     second = train(None, cfg, colour_data(n=256), finetune=again).model
     assert second.config == first.config and not torch.equal(second.head.weight, first.head.weight)
 
-    other = prepare_finetune(str(path), 3, mode='full')  # other classes: a new head, the body kept
-    assert other.model.head.weight.shape == (3, CONFIG.embed_dim) and other.model.head.weight.abs().sum() == 0
-    assert torch.equal(other.model.blocks[0].attn.qkv.weight, first.blocks[0].attn.qkv.weight)
+    # the same classes in another order: each class keeps its own row of the head
+    shuffled = prepare_finetune(str(path), ['c', 'a', 'd', 'b'], mode='full').model
+    assert torch.equal(shuffled.head.weight, first.head.weight[[2, 0, 3, 1]])
+    assert torch.equal(shuffled.head.bias, first.head.bias[[2, 0, 3, 1]])
+    image = torch.randn(1, 3, CONFIG.img_size, CONFIG.img_size)
+    with torch.no_grad():
+        assert torch.allclose(shuffled.eval()(image), first.eval()(image)[:, [2, 0, 3, 1]], atol=1e-6)
+    for names in (['a', 'b', 'c'], ['a', 'b', 'c', 'e']):  # other classes, even as many: a new head, the body kept
+        other = prepare_finetune(str(path), names, mode='full')
+        assert other.model.head.weight.shape == (len(names), CONFIG.embed_dim), names
+        assert other.model.head.weight.abs().sum() == 0 and other.model.num_classes == len(names), names
+        assert torch.equal(other.model.blocks[0].attn.qkv.weight, first.blocks[0].attn.qkv.weight)
     cnn = save_checkpoint(tmp_path / 'cnn.safetensors', CifarResNet(ResNetConfig()), list('abcdefghij'),
                           [0.5] * 3, [0.2] * 3)
     with pytest.raises(CheckpointError, match='not a ViT'):
-        prepare_finetune(str(cnn), 10)
+        prepare_finetune(str(cnn), list('abcdefghij'))
 
 
 def test_a_run_stopped_after_an_epoch_and_resumed_ends_as_one_that_never_stopped(tmp_path):

@@ -263,23 +263,30 @@ class FineTune:
         return self.layer_decay ** (depth + 1 - layer)
 
 
-def prepare_finetune(arch: str, num_classes: int, mode: str = 'full', frozen_blocks: int = 0,
+def prepare_finetune(arch: str, classes: list[str], mode: str = 'full', frozen_blocks: int = 0,
                      layer_decay: float = 0.75, weights_dir: Path | None = None) -> FineTune:
     """A timm-pretrained ViT (downloaded once, or weights/ARCH.safetensors offline) as our model; or, when
     `arch` is one of our ViT checkpoints (a .safetensors path), that model, to train it on with a new
-    schedule. A checkpoint over `num_classes` classes keeps its head: a second run goes on from the first."""
+    schedule. A checkpoint trained on the same `classes` keeps its head, its rows put in their order: a
+    second run goes on from the first. Other classes, even as many, get a new head."""
     if Path(arch).suffix == '.safetensors':
         model, meta = load_checkpoint(arch)
         if not isinstance(model, VisionTransformer):
             raise CheckpointError(f'{Path(arch).name} is not a ViT: only a ViT is fine-tuned')
         mean, std = list(meta['mean']), list(meta['std'])
-        if model.num_classes == num_classes:
+        known = list(meta.get('classes') or [])
+        if sorted(known) == sorted(classes) and len(known) == model.num_classes:
+            rows = [known.index(name) for name in classes]
+            with torch.no_grad():
+                model.head.weight.copy_(model.head.weight[rows])
+                model.head.bias.copy_(model.head.bias[rows])
             return FineTune(model, mean, std, mode, frozen_blocks, layer_decay)
     else:
         from timm.data import resolve_data_config
         timm_model = timm_pretrained(arch, Path(weights_dir or WEIGHTS_DIR))
         data_config = resolve_data_config({}, model=timm_model)
         model, mean, std = from_timm(timm_model), list(data_config['mean']), list(data_config['std'])
+    num_classes = len(classes)
     model.config.num_classes = model.num_classes = num_classes
     model.head = torch.nn.Linear(model.config.embed_dim, num_classes)
     torch.nn.init.zeros_(model.head.weight)
@@ -701,7 +708,8 @@ def main(argv: list[str] | None = None) -> None:
     # fine-tuning a pretrained ViT instead (inputs upscaled to its size: wants a GPU)
     parser.add_argument('--finetune', metavar='ARCH', help='start from timm ARCH, e.g. vit_tiny_patch16_224 '
                         '(downloaded once, or weights/ARCH.safetensors), or from one of our ViT checkpoints (a '
-                        '.safetensors path: a longer second run); the model flags above are ignored')
+                        '.safetensors path: a longer second run, its head kept for the same classes); the model '
+                        'flags above are ignored')
     parser.add_argument('--finetune-mode', choices=list(FINETUNE_MODES), default='full',
                         help='with --finetune: ' + '; '.join(FINETUNE_MODES.values()))
     parser.add_argument('--frozen-blocks', type=int, default=0, metavar='K',
@@ -789,7 +797,7 @@ def main(argv: list[str] | None = None) -> None:
     finetune = None
     if cfg.finetune_from:
         try:
-            finetune = prepare_finetune(cfg.finetune_from, len(data.classes), cfg.finetune, cfg.frozen_blocks,
+            finetune = prepare_finetune(cfg.finetune_from, data.classes, cfg.finetune, cfg.frozen_blocks,
                                         cfg.layer_decay)
         except (ModelUnavailable, CheckpointError, ValueError) as e:
             parser.error(str(e))

@@ -155,7 +155,7 @@ class TrainingJob:
             if cfg.finetune_from:
                 yield Snapshot(0.0, f'loading the pretrained {cfg.finetune_from} (downloaded the first time)')
                 try:
-                    finetune = prepare_finetune(cfg.finetune_from, len(data.classes), cfg.finetune,
+                    finetune = prepare_finetune(cfg.finetune_from, data.classes, cfg.finetune,
                                                 cfg.frozen_blocks, cfg.layer_decay, self.store.weights_dir)
                 except ModelUnavailable as e:
                     raise TrainingFailed(f'the pretrained weights are not at hand ({e})') from None
