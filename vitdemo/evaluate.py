@@ -41,10 +41,10 @@ def plot_history(history: list[dict], path: str) -> None:
     epochs = [h['epoch'] for h in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, metric in zip(axes, ('loss', 'accuracy')):
-        for split, style in (('train', '-'), ('val', '--')):
-            values = [h[f'{split}_{metric}'] for h in history]
+        for part, style in (('train', '-'), ('val', '--')):
+            values = [h[f'{part}_{metric}'] for h in history]
             if all(v is not None for v in values):
-                ax.plot(epochs, values, style, label='train' if split == 'train' else 'validation')
+                ax.plot(epochs, values, style, label='train' if part == 'train' else 'validation')
         ax.set(title=metric.capitalize(), xlabel='epoch', ylabel=metric)
         ax.grid(alpha=0.3)
         ax.legend()
