@@ -202,7 +202,7 @@ def test_a_linear_probe_on_a_visitors_zip_runs_as_a_job_and_joins_the_store(tmp_
 def test_the_form_suggests_the_largest_batch_this_server_can_train(tmp_path):
     # a fine-tune's 224 px inputs need ~50x CIFAR's memory at the same batch: the form halves the preset's
     # batch until the run fits, where Start would otherwise refuse it
-    from vitdemo.policy import ServerPolicy, check_training
+    from vitdemo.policy import ServerPolicy, check_training, fitting_batch
     policy = ServerPolicy.from_env({'VITDEMO_TRAIN_MEMORY_MB': '3000'})
     job = TrainingJob(tmp_path / 'data', ModelStore(tmp_path / 'weights', runs_dir=tmp_path / 'runs'), policy)
     scratch = TRAIN_PRESETS['10-minute CPU demo']
@@ -215,3 +215,9 @@ def test_the_form_suggests_the_largest_batch_this_server_can_train(tmp_path):
     check_training(policy, model_config, cfg.minutes, batch)
     with pytest.raises(ValueError, match='more than the 3,000 MB'):
         check_training(policy, model_config, cfg.minutes, 2 * batch)
+    # the suggestion weighs what Start weighs, a distillation teacher's share too
+    taught = fitting_batch(policy, model_config, 128, teacher=model_config)
+    assert taught < batch
+    check_training(policy, model_config, cfg.minutes, taught, teacher=model_config)
+    with pytest.raises(ValueError, match='more than the 3,000 MB'):
+        check_training(policy, model_config, cfg.minutes, 2 * taught, teacher=model_config)

@@ -159,21 +159,28 @@ def estimate_training_memory(model_config: ViTConfig | ResNetConfig, batch_size:
     return MemoryEstimate(params, 16 * params, saved, data)
 
 
-def check_training(policy: ServerPolicy, model_config: ViTConfig | ResNetConfig, minutes: float | None,
-                   batch_size: int, num_images: int = CIFAR10_IMAGES,
-                   teacher: ViTConfig | ResNetConfig | None = None, frozen: bool = False) -> MemoryEstimate:
-    """Refuse, before any work, a run this server cannot afford; returns the run's memory estimate (with a
-    distillation `teacher`: its weights, and what its pass at the batch size holds)."""
-    if policy.max_train_minutes is not None and (minutes is None or minutes > policy.max_train_minutes):
-        asked = 'a budget in epochs' if minutes is None else f'{minutes:g} minutes'
-        raise ValueError(f'this server trains for at most {policy.max_train_minutes:g} minutes a run, not '
-                         f'{asked}; run the app on your own machine for longer runs')
+def run_memory(model_config: ViTConfig | ResNetConfig, batch_size: int, num_images: int = CIFAR10_IMAGES,
+               teacher: ViTConfig | ResNetConfig | None = None, frozen: bool = False) -> MemoryEstimate:
+    """The memory of a training run: its model's (`estimate_training_memory`) and, with a distillation
+    `teacher`, the teacher's weights and what its pass at the batch size holds."""
     estimate = estimate_training_memory(model_config, batch_size, num_images, frozen=frozen)
     if teacher is not None:
         # the teacher only answers, in inference mode: what its training pass would save bounds what it holds
         taught = estimate_training_memory(teacher, batch_size, 0)
         estimate = replace(estimate, state_bytes=estimate.state_bytes + 4 * taught.params,
                            activation_bytes=estimate.activation_bytes + taught.activation_bytes)
+    return estimate
+
+
+def check_training(policy: ServerPolicy, model_config: ViTConfig | ResNetConfig, minutes: float | None,
+                   batch_size: int, num_images: int = CIFAR10_IMAGES,
+                   teacher: ViTConfig | ResNetConfig | None = None, frozen: bool = False) -> MemoryEstimate:
+    """Refuse, before any work, a run this server cannot afford; returns the run's memory estimate."""
+    if policy.max_train_minutes is not None and (minutes is None or minutes > policy.max_train_minutes):
+        asked = 'a budget in epochs' if minutes is None else f'{minutes:g} minutes'
+        raise ValueError(f'this server trains for at most {policy.max_train_minutes:g} minutes a run, not '
+                         f'{asked}; run the app on your own machine for longer runs')
+    estimate = run_memory(model_config, batch_size, num_images, teacher, frozen)
     if policy.max_params is not None and estimate.params > policy.max_params:
         raise ValueError(f'this model has {estimate.params / 1e6:.1f} M parameters; this server trains models of '
                          f'at most {policy.max_params / 1e6:.1f} M. Make it smaller (embed dim, depth)')
@@ -186,12 +193,12 @@ def check_training(policy: ServerPolicy, model_config: ViTConfig | ResNetConfig,
 
 
 def fitting_batch(policy: ServerPolicy, model_config: ViTConfig | ResNetConfig, batch_size: int,
-                  num_images: int = CIFAR10_IMAGES, frozen: bool = False) -> int:
-    """`batch_size`, halved until a run of `model_config` fits this server's training memory (at least 1):
-    the batch a form suggests, so that a fine-tune at 224 px is not refused for CIFAR's batch."""
+                  num_images: int = CIFAR10_IMAGES, teacher: ViTConfig | ResNetConfig | None = None,
+                  frozen: bool = False) -> int:
+    """`batch_size`, halved until the run `check_training` would weigh fits this server's training memory
+    (at least 1): the batch a form suggests, so that a fine-tune at 224 px is not refused for CIFAR's batch."""
     budget = policy.training_memory_budget()
-    while batch_size > 1 and estimate_training_memory(model_config, batch_size, num_images,
-                                                      frozen=frozen).total > budget:
+    while batch_size > 1 and run_memory(model_config, batch_size, num_images, teacher, frozen).total > budget:
         batch_size //= 2
     return batch_size
 
