@@ -270,3 +270,18 @@ def test_the_train_endpoint_passes_every_field_by_name_and_the_session(tmp_path,
             model_config.pos_embed, model_config.stem) == (96, 3, 3, 8, 'learn', 'patch')
     assert (cfg.minutes, cfg.batch_size, cfg.lr, cfg.crop_padding, name) == (7, 64, 5e-4, 5, 'recorded')
     assert (owner == client.session_hash) if public else owner is None
+
+
+def test_after_an_epoch_a_vit_shows_its_filmstrip_and_a_cnn_its_gallery():
+    # the gallery of a ViT's last layer is the filmstrip's last row: shown once, the gallery kept for the API
+    from vitdemo.filmstrip import Filmstrip
+    from vitdemo.ui.train_tab import epoch_views
+    picture = [(Image.new('RGB', (64, 64), 'red'), 'epoch 1: cat')]
+    cnn = Snapshot(0.5, 'epoch 1', strip=picture, subject='cat', classes=['cat', 'dog'])
+    gallery, plot = epoch_views(cnn)
+    assert gallery.visible is True and len(gallery.value) == 1 and plot.visible is False
+    strip = Filmstrip(np.zeros((1, 32, 32, 3), np.uint8), [0], [1], [np.zeros((1, 2, 4, 4), np.uint8)], [[1]])
+    vit = Snapshot(0.5, 'epoch 1', strip=picture, subject='cat', filmstrip=strip, classes=['cat', 'dog'])
+    gallery, plot = epoch_views(vit)
+    assert gallery.visible is False and len(gallery.value) == 1
+    assert plot.visible is True and plot.value is not None

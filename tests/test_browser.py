@@ -69,6 +69,7 @@ def app_url(weights_dir, tmp_path_factory):
 @pytest.fixture(scope='module')
 def browser():
     SHOTS.mkdir(parents=True, exist_ok=True)
+    expect.set_options(timeout=30_000)  # an answer may wait its turn for a CPU that is busy training
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
@@ -254,6 +255,7 @@ def test_a_trained_model_is_kept_across_a_reload_and_for_other_clients(browser, 
     expect(page.get_by_text('val acc').first).to_be_visible()  # an epoch ended: curves and attention drawn
     train_panel = page.locator('[role=tabpanel]:visible').first
     expect(train_panel.locator('.filmstrip img').first).to_be_visible()
+    expect(train_panel.locator('.maps')).to_be_hidden()  # its last layer is the filmstrip's last row
     page.screenshot(path=SHOTS / '6_training.png', full_page=True)
     page.get_by_role('button', name='Stop', exact=True).click()
     expect(page.get_by_text('stopped after').first).to_be_visible()
@@ -316,6 +318,8 @@ def test_a_finetune_on_an_uploaded_zip_and_a_hostile_zip_refused(page, tmp_path)
     expect(panel.get_by_text('hostile.zip')).to_be_visible()
     page.get_by_role('button', name='Start', exact=True).click()
     expect(page.get_by_text('points outside the archive').first).to_be_visible()
+    page.get_by_test_id('toast-close').first.click()  # read: dismissed, as a visitor would before trying again
+    expect(page.get_by_test_id('toast-close')).to_have_count(0)
     panel.get_by_role('button', name='Clear').first.click()
     pets = make_zip(tmp_path / 'pets.zip', {f'cat/{i}.png': png((200, 20 * i, 0)) for i in range(6)} |
                     {f'dog/{i}.png': png((0, 20 * i, 200)) for i in range(6)})
@@ -332,6 +336,8 @@ def test_a_finetune_on_an_uploaded_zip_and_a_hostile_zip_refused(page, tmp_path)
     page.get_by_label('Save as').fill('my_pets')
     page.get_by_role('button', name='Start', exact=True).click()
     expect(page.get_by_text('saved as trained/my_pets').first).to_be_visible()
+    expect(panel.locator('.maps img').first).to_be_visible()  # a probe's epochs run the head alone: no filmstrip
+    expect(panel.locator('.filmstrip')).to_be_hidden()
     page.screenshot(path=SHOTS / '7d_finetuned_on_a_zip.png', full_page=True)
     open_tab(page, 'Predict')  # the fine-tuned model knows the zip's classes
     pick(page, 'Model', 'trained/my_pets')

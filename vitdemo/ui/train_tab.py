@@ -11,6 +11,7 @@ from ..serving import publish_image
 from ..archive import ZipLimits, read_image_zip
 from ..filmstrip import filmstrip_figure
 from ..train import FINETUNE_ARCHS, FINETUNE_MODES, TRAIN_PRESETS, TrainForm
+from ..training_job import Snapshot
 from ..views import progress_html, runs_frame, training_curves
 from ..weights import read_metadata
 from .common import Number, Server, keeps_errors, shows_user_errors
@@ -23,6 +24,22 @@ FINETUNE_COST = ('On a 2-core CPU, ViT-Ti/16 computes a probe\'s features at ~12
                  'stopped early trains its head on the features it has.')
 SNAPSHOT_LABEL = ('Where the last layer\'s CLS token looks (a CNN: last-stage Grad-CAM) on one validation image, '
                   'after each epoch')
+
+
+def epoch_views(snap: Snapshot) -> tuple:
+    """The attention a run shows after an epoch: a ViT's filmstrip (the fixed image under every layer's map,
+    an epoch a column), or else the gallery of the last layer (a CNN: its last-stage Grad-CAM). With a
+    filmstrip, the gallery (its last row) stays hidden but filled for the API."""
+    filmed = snap.filmstrip is not None and bool(snap.filmstrip.epochs)
+    strip = film = gr.skip()
+    if snap.strip:
+        strip = gr.Gallery([(publish_image(p), c) for p, c in reversed(snap.strip)], visible=not filmed,
+                           label=f'{SNAPSHOT_LABEL}: a {snap.subject}; the class it gives, newest first')
+    if filmed:
+        film = gr.Plot(filmstrip_figure(snap.filmstrip, 0, snap.classes), visible=True)
+    elif snap.strip:
+        film = gr.Plot(None, visible=False)
+    return strip, film
 
 
 def train_tab(server: Server, page_load) -> gr.State:
@@ -46,12 +63,7 @@ def train_tab(server: Server, page_load) -> gr.State:
             new_epoch = len(snap.history) > epochs or snap.done
             moved = snap.history and (new_epoch or len(snap.steps) > points)
             loss, accuracy = training_curves(snap.history, snap.steps) if moved else (gr.skip(),) * 2
-            strip = film = gr.skip()
-            if new_epoch and snap.filmstrip is not None and snap.filmstrip.epochs:
-                film = filmstrip_figure(snap.filmstrip, 0, snap.classes)
-            if new_epoch and snap.strip:
-                strip = gr.Gallery([(publish_image(p), c) for p, c in reversed(snap.strip)],
-                                   label=f'{SNAPSHOT_LABEL}: a {snap.subject}; the class it gives, newest first')
+            strip, film = epoch_views(snap) if new_epoch else (gr.skip(),) * 2
             epochs, points = len(snap.history), len(snap.steps)
             saved = gr.skip()
             if snap.checkpoint:  # every model list picks the new model up
@@ -167,7 +179,8 @@ def train_tab(server: Server, page_load) -> gr.State:
                 accuracy_plot = gr.LinePlot(x='epoch', y='value', color='split', title='Accuracy',
                                             y_title='accuracy', x_title='epoch', height=260)
             snapshot = gr.Gallery(label=SNAPSHOT_LABEL, columns=5, fit_columns=False, height='auto',
-                                  object_fit='contain', format='jpeg', allow_preview=False, elem_classes=['maps'])
+                                  object_fit='contain', format='jpeg', allow_preview=False, elem_classes=['maps'],
+                                  visible=False)
             film_plot = gr.Plot(label='Attention through training', show_label=False,
                                 elem_classes=['filmstrip'])
             with gr.Accordion('Runs side by side: the validation accuracy of any of your models', open=False):
