@@ -143,3 +143,39 @@ def test_the_app_starts_without_importing_timm_or_torchvision():
     done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parent.parent)
     assert done.stdout.strip().splitlines()[-1] == '[]', done.stderr[-2000:]
+
+
+LATE = ('timm', 'torchvision', 'captum', 'pytorch_grad_cam')  # imported where first needed
+
+
+def test_two_first_requests_at_once_import_timm_and_torchvision_one_at_a_time():
+    # their modules import one another: two threads importing them at once (two visitors' first requests on
+    # a fresh server) each find the other's module half made, and one fails with ImportError
+    import subprocess
+    import sys
+    code = '''
+import threading
+from vitdemo.lazy import late_import
+names = ['timm.data', 'timm.utils', 'torchvision.transforms.v2', 'torchvision.models.resnet']
+errors, start = [], threading.Barrier(len(names))
+def load(name):
+    start.wait()
+    try:
+        late_import(name)
+    except ImportError as e:
+        errors.append(repr(e))
+threads = [threading.Thread(target=load, args=(name,)) for name in names]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(errors)
+'''
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.stdout.strip().splitlines()[-1] == '[]', done.stdout[-2000:] + done.stderr[-2000:]
+    # and every late import in the package goes through late_import
+    package = Path(__file__).resolve().parent.parent / 'vitdemo'
+    for path in package.rglob('*.py'):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            words = line.split()
+            if line.startswith((' ', '\t')) and words[:1] in (['import'], ['from']) and len(words) > 1:
+                assert words[1].split('.')[0] not in LATE, f'{path.name}:{number}: {line.strip()}'

@@ -27,6 +27,7 @@ from PIL import Image
 
 from .cnn import CifarResNet
 from .images import load_image
+from .lazy import late_import
 from .store import ModelStore
 from .model import VisionTransformer
 from .weights import from_timm, load_checkpoint, read_metadata
@@ -89,7 +90,7 @@ class Model:
         self.module = module
         self.classes = classes
         self.data_config = data_config
-        from timm.data import create_transform  # timm (with torch._dynamo) is imported when a model first loads
+        create_transform = late_import('timm.data').create_transform  # timm (with torch._dynamo): when first used
         self.transform = create_transform(**data_config)
         self.num_prefix_tokens = num_prefix_tokens
         self.description = description
@@ -137,7 +138,7 @@ class TimmAttention:
     `attn_drop`, which only runs on the manual (non-fused) path, so fused attention is off for this pass."""
 
     def __init__(self, module: torch.nn.Module):
-        from timm.utils import AttentionExtract
+        AttentionExtract = late_import('timm.utils').AttentionExtract
         self.module = module
         self.extract = AttentionExtract(module, method='hook')
         self.attn_modules = [m for m in module.modules() if hasattr(m, 'fused_attn')]
@@ -157,7 +158,7 @@ class TimmAttention:
 
 
 def imagenet_classes() -> list[str]:
-    from timm.data import ImageNetInfo
+    ImageNetInfo = late_import('timm.data').ImageNetInfo
     info = ImageNetInfo()
     return [info.index_to_description(i).split(',')[0] for i in range(info.num_classes())]
 
@@ -178,7 +179,7 @@ def load_model(name_or_path: str | Path, weights_dir: Path | None = None, device
     name = str(name_or_path)
     kind, _, arch = name.partition('/')
     if kind in ('timm', 'ours'):
-        from timm.data import resolve_data_config
+        resolve_data_config = late_import('timm.data').resolve_data_config
     if kind == 'timm' and arch in TIMM_ARCHS:
         module = timm_pretrained(arch, weights_dir).to(device).eval()
         return Model(name, module, imagenet_classes(), resolve_data_config({}, model=module),
@@ -221,7 +222,7 @@ def checkpoint_model(name: str, module: torch.nn.Module, classes: list[str], mea
 
 @functools.lru_cache(maxsize=16)
 def _timm_shape(arch: str) -> tuple[int, int, int]:
-    import timm
+    timm = late_import('timm')
     with torch.device('meta'):  # shapes only: no memory, no download
         module = timm.create_model(arch, pretrained=False)
     return len(module.blocks), module.blocks[0].attn.num_heads, module.num_prefix_tokens
@@ -268,7 +269,7 @@ def needs_download(weights_dir: Path | None = None) -> list[str]:
 
 
 def timm_pretrained(arch: str, weights_dir: Path) -> torch.nn.Module:
-    import timm
+    timm = late_import('timm')
     hub_id = HUB_IDS[arch]
     local = local_weights(arch, weights_dir)
     if local is None and not hub_reachable():

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lazy import late_import
+
 
 @dataclass
 class ResNetConfig:
@@ -38,7 +40,8 @@ class CifarResNet(nn.Module):
     def __init__(self, config: ResNetConfig):
         super().__init__()
         # imported here: torchvision's package import (its models and ops) costs a second of the app's start
-        from torchvision.models.resnet import BasicBlock, ResNet
+        resnet = late_import('torchvision.models.resnet')
+        BasicBlock, ResNet = resnet.BasicBlock, resnet.ResNet
         self.config = config
         for name, module in ResNet(BasicBlock, [2, 2, 2, 2], num_classes=config.num_classes).named_children():
             self.add_module(name, module)

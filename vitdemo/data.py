@@ -22,6 +22,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .lazy import late_import
+
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 CACHE_DIR = Path(os.environ.get('VITDEMO_CACHE', Path.home() / '.cache' / 'vitdemo'))
 
@@ -113,7 +115,7 @@ def _read_folder(root: Path, split: str) -> ImageData:
 
 
 def _read_official(root: Path, split: str, download: bool) -> ImageData:
-    from torchvision.datasets import CIFAR10
+    CIFAR10 = late_import('torchvision.datasets').CIFAR10
     try:  # torchvision checks every file's MD5 before it unpickles it: only the genuine batches are read
         ds = CIFAR10(str(root), train=split == 'train', download=download)
     except (OSError, RuntimeError) as e:  # no network, a partial download, files that fail their checksum
@@ -143,7 +145,7 @@ def augment(images: torch.Tensor, padding: int = 4, generator: torch.Generator |
 def rand_augment(images: torch.Tensor, magnitude: int, group: int = 8) -> torch.Tensor:
     """RandAugment (two random ops of the given strength, 0-30) on a uint8 batch. torchvision draws one
     choice of ops per call, so each group of `group` images gets its own draw."""
-    from torchvision.transforms import v2  # imported where used: torchvision's package import slows the app's start
+    v2 = late_import('torchvision.transforms.v2')
     augmenter = v2.RandAugment(num_ops=2, magnitude=magnitude)
     return torch.cat([augmenter(chunk) for chunk in images.split(group)])
 
@@ -151,7 +153,7 @@ def rand_augment(images: torch.Tensor, magnitude: int, group: int = 8) -> torch.
 def mix(images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """CutMix or MixUp, one of the two at random (DeiT's strengths), of a float batch with itself rolled
     by one: the mixed images and their soft labels (B, num_classes)."""
-    from torchvision.transforms import v2
+    v2 = late_import('torchvision.transforms.v2')
     mixer = v2.RandomChoice([v2.CutMix(alpha=1.0, num_classes=num_classes),
                              v2.MixUp(alpha=0.8, num_classes=num_classes)])
     return mixer(images, labels)

@@ -39,6 +39,7 @@ from torch import nn
 
 from .attention import Fusion, cls_attention, fuse_heads, received, rollout, rollout_matrix
 from .backends import Model, Prediction, TimmAttention
+from .lazy import late_import
 
 Progress = Callable[[float], None]  # told the share done, from 0 to 1; raises Stopped to stop the work
 
@@ -324,8 +325,9 @@ def _target_layer(job: _Job, net: nn.Module):
 
 
 def _library_cam(job: _Job, method: str):
-    from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, ScoreCAM  # OpenCV: imported when first used
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    cams = late_import('pytorch_grad_cam')  # with OpenCV: imported when first used
+    EigenCAM, GradCAM, GradCAMPlusPlus, ScoreCAM = cams.EigenCAM, cams.GradCAM, cams.GradCAMPlusPlus, cams.ScoreCAM
+    ClassifierOutputTarget = late_import('pytorch_grad_cam.utils.model_targets').ClassifierOutputTarget
     kind = {'gradcam': GradCAM, 'gradcam++': GradCAMPlusPlus, 'scorecam': ScoreCAM, 'eigencam': EigenCAM}[method]
     net = twin(job.model.module)
     layer, reshape = _target_layer(job, net)
@@ -355,7 +357,7 @@ def _patch_size(job: _Job) -> tuple[int, int]:
 
 
 def _integrated_gradients(job: _Job, steps: int = 32):
-    from captum.attr import IntegratedGradients
+    IntegratedGradients = late_import('captum.attr').IntegratedGradients
     batch = 4 if job.model.data_config['input_size'][1] > 64 else 32  # images with gradients: bounds memory
     net = _Counted(twin(job.model.module), math.ceil(steps / batch), job.progress)
     attributions = IntegratedGradients(_probabilities(net)).attribute(
@@ -368,7 +370,7 @@ def _integrated_gradients(job: _Job, steps: int = 32):
 
 
 def _occlusion(job: _Job):
-    from captum.attr import Occlusion
+    Occlusion = late_import('captum.attr').Occlusion
     rows, cols = job.pred.grid
     ph, pw = _patch_size(job)
     batch = 16 if job.model.data_config['input_size'][1] > 64 else 64
@@ -383,7 +385,7 @@ def _occlusion(job: _Job):
 
 
 def _shapley(job: _Job):
-    from captum.attr import ShapleyValueSampling
+    ShapleyValueSampling = late_import('captum.attr').ShapleyValueSampling
     rows, cols = job.pred.grid
     ph, pw = _patch_size(job)
     batch = 16 if job.model.data_config['input_size'][1] > 64 else 64

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .lazy import late_import
+
 
 @dataclass
 class ViTConfig:
@@ -157,7 +159,7 @@ class HybridEmbed(nn.Module):
     def __init__(self, img_size: int = 32, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 192,
                  width: int = 64):
         super().__init__()
-        from torchvision.models.resnet import BasicBlock  # the ResNet's own block, not a copy; imported late, as in cnn
+        BasicBlock = late_import('torchvision.models.resnet').BasicBlock  # the ResNet's own block, not a copy
         self.grid_size = img_size // patch_size
         self.num_patches = self.grid_size ** 2
         stride = 2 if patch_size % 2 == 0 else 1

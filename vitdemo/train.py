@@ -46,6 +46,7 @@ from .backends import TIMM_ARCHS, WEIGHTS_DIR, ModelUnavailable, timm_pretrained
 from .data import ImageData, augment, load_dataset, mix, rand_augment, to_model_input, train_val_split
 from .distill import Distillation
 from .filmstrip import IMAGES, Filmstrip
+from .lazy import late_import
 from .cnn import ResNetConfig
 from .model import PRESETS, STEMS, ViTConfig, VisionTransformer, preset
 from .policy import checked_number
@@ -282,7 +283,7 @@ def prepare_finetune(arch: str, classes: list[str], mode: str = 'full', frozen_b
                 model.head.bias.copy_(model.head.bias[rows])
             return FineTune(model, mean, std, mode, frozen_blocks, layer_decay)
     else:
-        from timm.data import resolve_data_config
+        resolve_data_config = late_import('timm.data').resolve_data_config
         timm_model = timm_pretrained(arch, Path(weights_dir or WEIGHTS_DIR))
         data_config = resolve_data_config({}, model=timm_model)
         model, mean, std = from_timm(timm_model), list(data_config['mean']), list(data_config['std'])
