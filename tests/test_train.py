@@ -211,6 +211,16 @@ def test_a_second_run_goes_on_from_one_of_our_checkpoints_with_its_head_or_a_new
         assert other.model.head.weight.shape == (len(names), CONFIG.embed_dim), names
         assert other.model.head.weight.abs().sum() == 0 and other.model.num_classes == len(names), names
         assert torch.equal(other.model.blocks[0].attn.qkv.weight, first.blocks[0].attn.qkv.weight)
+    # a distilled student's second head answers for the same classes: put in order, or new, alike
+    student = build_model(ViTConfig(**{**CONFIG.to_dict(), 'distilled': True}))
+    with torch.no_grad():
+        student.head_dist.weight.normal_(), student.head_dist.bias.normal_()
+    taught = save_checkpoint(tmp_path / 'taught.safetensors', student, ['a', 'b', 'c', 'd'], [0.5] * 3, [0.2] * 3)
+    shuffled = prepare_finetune(str(taught), ['c', 'a', 'd', 'b']).model
+    assert torch.equal(shuffled.head_dist.weight, student.head_dist.weight[[2, 0, 3, 1]])
+    other = prepare_finetune(str(taught), ['a', 'b', 'c']).model
+    assert other.head_dist.weight.shape == (3, CONFIG.embed_dim) and other.head_dist.weight.abs().sum() == 0
+    assert other.train()(image).shape == (1, 3)
     cnn = save_checkpoint(tmp_path / 'cnn.safetensors', CifarResNet(ResNetConfig()), list('abcdefghij'),
                           [0.5] * 3, [0.2] * 3)
     with pytest.raises(CheckpointError, match='not a ViT'):

@@ -279,8 +279,9 @@ def prepare_finetune(arch: str, classes: list[str], mode: str = 'full', frozen_b
         if sorted(known) == sorted(classes) and len(known) == model.num_classes:
             rows = [known.index(name) for name in classes]
             with torch.no_grad():
-                model.head.weight.copy_(model.head.weight[rows])
-                model.head.bias.copy_(model.head.bias[rows])
+                for head in _heads(model):
+                    head.weight.copy_(head.weight[rows])
+                    head.bias.copy_(head.bias[rows])
             return FineTune(model, mean, std, mode, frozen_blocks, layer_decay)
     else:
         resolve_data_config = late_import('timm.data').resolve_data_config
@@ -289,10 +290,17 @@ def prepare_finetune(arch: str, classes: list[str], mode: str = 'full', frozen_b
         model, mean, std = from_timm(timm_model), list(data_config['mean']), list(data_config['std'])
     num_classes = len(classes)
     model.config.num_classes = model.num_classes = num_classes
-    model.head = torch.nn.Linear(model.config.embed_dim, num_classes)
-    torch.nn.init.zeros_(model.head.weight)
-    torch.nn.init.zeros_(model.head.bias)
+    for name in ('head', 'head_dist'):  # a distilled ViT's second head answers for the same classes
+        if getattr(model, name, None) is not None:
+            setattr(model, name, torch.nn.Linear(model.config.embed_dim, num_classes))
+    for head in _heads(model):
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
     return FineTune(model, mean, std, mode, frozen_blocks, layer_decay)
+
+
+def _heads(model: VisionTransformer) -> list[torch.nn.Linear]:
+    return [h for h in (model.head, getattr(model, 'head_dist', None)) if h is not None]
 
 
 METRICS = ('train_loss', 'train_accuracy', 'val_loss', 'val_accuracy')  # what a checkpoint reports
