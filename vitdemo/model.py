@@ -310,9 +310,22 @@ class VisionTransformer(nn.Module):
         w = self.patch_embed.proj.weight
         nn.init.trunc_normal_(w.view(w.shape[0], -1), std=math.sqrt(1.0 / w[0].numel()))
         nn.init.zeros_(self.patch_embed.proj.bias)
-        for head in (self.head, self.head_dist):
-            if head is not None:
-                nn.init.zeros_(head.weight)  # every class equally likely at the start
+        for head in self.heads():
+            nn.init.zeros_(head.weight)  # every class equally likely at the start
+
+    def heads(self) -> list[nn.Linear]:
+        """The classifier heads: CLS's, and a distilled ViT's distillation head; both answer for the same classes."""
+        return [h for h in (self.head, self.head_dist) if h is not None]
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """New heads for `num_classes` classes, every class equally likely (timm's name, for a fine-tune)."""
+        self.config.num_classes = self.num_classes = num_classes
+        self.head = nn.Linear(self.config.embed_dim, num_classes)
+        if self.head_dist is not None:
+            self.head_dist = nn.Linear(self.config.embed_dim, num_classes)
+        for head in self.heads():
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
 
     def no_weight_decay(self) -> set[str]:
         """Parameters kept out of weight decay besides biases and norms (timm's convention)."""

@@ -279,7 +279,7 @@ def prepare_finetune(arch: str, classes: list[str], mode: str = 'full', frozen_b
         if sorted(known) == sorted(classes) and len(known) == model.num_classes:
             rows = [known.index(name) for name in classes]
             with torch.no_grad():
-                for head in _heads(model):
+                for head in model.heads():
                     head.weight.copy_(head.weight[rows])
                     head.bias.copy_(head.bias[rows])
             return FineTune(model, mean, std, mode, frozen_blocks, layer_decay)
@@ -288,19 +288,8 @@ def prepare_finetune(arch: str, classes: list[str], mode: str = 'full', frozen_b
         timm_model = timm_pretrained(arch, Path(weights_dir or WEIGHTS_DIR))
         data_config = resolve_data_config({}, model=timm_model)
         model, mean, std = from_timm(timm_model), list(data_config['mean']), list(data_config['std'])
-    num_classes = len(classes)
-    model.config.num_classes = model.num_classes = num_classes
-    for name in ('head', 'head_dist'):  # a distilled ViT's second head answers for the same classes
-        if getattr(model, name, None) is not None:
-            setattr(model, name, torch.nn.Linear(model.config.embed_dim, num_classes))
-    for head in _heads(model):
-        torch.nn.init.zeros_(head.weight)
-        torch.nn.init.zeros_(head.bias)
+    model.reset_classifier(len(classes))
     return FineTune(model, mean, std, mode, frozen_blocks, layer_decay)
-
-
-def _heads(model: VisionTransformer) -> list[torch.nn.Linear]:
-    return [h for h in (model.head, getattr(model, 'head_dist', None)) if h is not None]
 
 
 METRICS = ('train_loss', 'train_accuracy', 'val_loss', 'val_accuracy')  # what a checkpoint reports
