@@ -1,4 +1,5 @@
-"""The CNN baseline: ResNet-18 for 32x32 images, trained by the same trainer, shown through Grad-CAM."""
+"""The CNN baselines (ResNet-18 and the fast 8-layer CNN) for 32x32 images, trained by the same trainer,
+shown through Grad-CAM."""
 import json
 
 import pytest
@@ -8,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from test_train import colour_data
 from vitdemo.backends import ModelCache, list_models, load_model
-from vitdemo.cnn import CifarResNet, ResNetConfig
+from vitdemo.cnn import CifarConvNet, CifarResNet, ConvNetConfig, ResNetConfig
 from vitdemo.compare import compare_view
 from vitdemo.figures import inspect_view
 from vitdemo.train import TrainConfig, train
@@ -16,6 +17,9 @@ from vitdemo.train import TRAIN_PRESETS, TrainForm
 from vitdemo.training_job import attention_snapshot
 from vitdemo.views import predict_view
 from vitdemo.weights import CheckpointError, load_checkpoint, read_metadata
+
+
+CNNS = [pytest.param((CifarResNet, ResNetConfig), id='resnet18'), pytest.param((CifarConvNet, ConvNetConfig), id='convnet')]
 
 
 @pytest.fixture(scope='module')
@@ -29,18 +33,22 @@ def trained(tmp_path_factory, weights_dir):
     out.unlink()
 
 
-def test_the_small_image_stem_keeps_the_resolution():
-    model = CifarResNet(ResNetConfig()).eval()
+@pytest.mark.parametrize('cnn', CNNS)
+def test_the_small_image_stem_keeps_the_resolution(cnn):
+    model_cls, config_cls = cnn
+    model = model_cls(config_cls()).eval()
     logits, maps = model.forward_with_saliency(torch.randn(2, 3, 32, 32))
     assert logits.shape == (2, 10)
     assert [tuple(m.shape) for m in maps] == [(2, 32, 32), (2, 16, 16), (2, 8, 8), (2, 4, 4)]
     assert all((m >= 0).all() and torch.allclose(m.flatten(1).sum(1), torch.ones(2)) for m in maps)
 
 
-def test_grad_cam_matches_a_hook_based_computation():
+@pytest.mark.parametrize('cnn', CNNS)
+def test_grad_cam_matches_a_hook_based_computation(cnn):
     """Grad-CAM recomputed the textbook way (hooks keep the stage outputs and their gradients)."""
     torch.manual_seed(0)
-    model = CifarResNet(ResNetConfig()).eval()
+    model_cls, config_cls = cnn
+    model = model_cls(config_cls()).eval()
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     logits, maps = model.forward_with_saliency(x)
     kept = {}
@@ -66,6 +74,36 @@ def test_the_trainer_trains_a_resnet_and_its_checkpoint_says_so(trained):
     assert isinstance(model, CifarResNet)
     for a, b in zip(model.state_dict().values(), result.model.state_dict().values()):
         assert torch.equal(a.float(), b.float())
+
+
+def test_the_fast_cnn_trains_saves_and_answers_with_grad_cam(weights_dir, tmp_path):
+    """The teacher-sized CNN goes the ResNet's whole way: trained, saved under its own arch with its widths,
+    listed, loaded, and shown stage by stage."""
+    out = weights_dir / 'convnet_colours.safetensors'
+    cfg = TrainConfig(epochs=2, minutes=None, batch_size=16, lr=2e-3, val_size=64, seed=0)
+    try:
+        result = train(ConvNetConfig(num_classes=4, widths=(8, 16, 32, 32)), cfg, colour_data(n=320), out=out)
+        assert result.metrics['val_accuracy'] > 0.9
+        meta = read_metadata(out)
+        assert meta['arch'] == 'convnet' and meta['config']['widths'] == [8, 16, 32, 32]
+        model, _ = load_checkpoint(out)
+        assert isinstance(model, CifarConvNet) and model.config.widths == (8, 16, 32, 32)
+        for a, b in zip(model.state_dict().values(), result.model.state_dict().values()):
+            assert torch.equal(a.float(), b.float())
+        cnn = load_model('scratch/convnet_colours', weights_dir)
+        red = Image.fromarray(colour_data(n=4, seed=9).images[0].permute(1, 2, 0).numpy())
+        labels, gallery, text, *_ = predict_view(cnn, red, top_k=2, fusion='mean', head=0)
+        assert next(iter(labels)) == 'red' and 'Grad-CAM' in text and '8-layer CNN' in cnn.description
+        assert [c for _, c in gallery][1:] == [f'stage {i} · {s}x{s} · red'
+                                               for i, s in [(1, 32), (2, 16), (3, 8), (4, 4)]]
+    finally:
+        out.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize('widths', [(8, 16, 32), (8, 16, 32, 0), (8, 16, 32, 2048)])
+def test_the_fast_cnn_refuses_odd_widths(widths):
+    with pytest.raises(ValueError, match='widths must be four channel counts'):
+        ConvNetConfig(widths=widths)
 
 
 def test_a_checkpoint_of_an_unknown_architecture_is_refused(trained, tmp_path):

@@ -25,7 +25,7 @@ import huggingface_hub
 import torch
 from PIL import Image
 
-from .cnn import CifarResNet
+from .cnn import ConvClassifier
 from .images import load_image
 from .lazy import late_import
 from .store import ModelStore
@@ -97,7 +97,7 @@ class Model:
         self.attend = attend
         self._lock = threading.Lock()  # attention read-outs keep per-call state; one image at a time
         self.device = next(module.parameters()).device
-        self.is_cnn = isinstance(module, CifarResNet)
+        self.is_cnn = isinstance(module, ConvClassifier)
         if not self.is_cnn:
             side = math.isqrt(module.patch_embed.num_patches)  # square grids, in timm's ViTs and ours
             self.grid = (side, side)
@@ -213,9 +213,9 @@ def checkpoint_model(name: str, module: torch.nn.Module, classes: list[str], mea
     c = module.config
     data_config = dict(input_size=(c.in_chans, c.img_size, c.img_size), interpolation='bicubic',
                        mean=tuple(mean), std=tuple(std), crop_pct=1.0, crop_mode='center')
-    if isinstance(module, CifarResNet):
+    if isinstance(module, ConvClassifier):
         return Model(name, module, classes, data_config, module.forward_with_saliency, 0,
-                     f'the CNN baseline, ResNet-18 for small images, {about}')
+                     f'the CNN baseline, {module.title}, {about}')
     return Model(name, module, classes, data_config, module.forward_with_attention,
                  module.num_prefix_tokens, f'our ViT {about}')
 

@@ -315,7 +315,7 @@ def _target_layer(job: _Job, net: nn.Module):
     """Where the CAM methods read: the CNN's last stage; a ViT's last block's first norm, its patch tokens
     laid out as an image (`reshape`)."""
     if job.model.is_cnn:
-        return net.layer4, None
+        return net.stages()[-1], None
     rows, cols = job.pred.grid
     p = job.pred.num_prefix_tokens
 

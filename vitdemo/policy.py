@@ -17,9 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .cnn import ResNetConfig
-from .model import ViTConfig
-from .weights import build_model
+from .weights import ModelConfig, build_model
 
 MB = 2 ** 20
 CIFAR10_IMAGES = 50_000  # what the Train tab's data holds, for the estimate made before it is loaded
@@ -128,7 +126,7 @@ def size(nbytes: float) -> str:
     return f'{nbytes / 2 ** 30:,.1f} GB' if nbytes >= 10 * 2 ** 30 else f'{nbytes / MB:,.0f} MB'
 
 
-def estimate_training_memory(model_config: ViTConfig | ResNetConfig, batch_size: int,
+def estimate_training_memory(model_config: ModelConfig, batch_size: int,
                              num_images: int = CIFAR10_IMAGES, img_size: int = 32,
                              frozen: bool = False) -> MemoryEstimate:
     """What a training run of this model and batch needs, counted without allocating it: the model is
@@ -159,8 +157,8 @@ def estimate_training_memory(model_config: ViTConfig | ResNetConfig, batch_size:
     return MemoryEstimate(params, 16 * params, saved, data)
 
 
-def run_memory(model_config: ViTConfig | ResNetConfig, batch_size: int, num_images: int = CIFAR10_IMAGES,
-               teacher: ViTConfig | ResNetConfig | None = None, frozen: bool = False) -> MemoryEstimate:
+def run_memory(model_config: ModelConfig, batch_size: int, num_images: int = CIFAR10_IMAGES,
+               teacher: ModelConfig | None = None, frozen: bool = False) -> MemoryEstimate:
     """The memory of a training run: its model's (`estimate_training_memory`) and, with a distillation
     `teacher`, the teacher's weights and what its pass at the batch size holds."""
     estimate = estimate_training_memory(model_config, batch_size, num_images, frozen=frozen)
@@ -172,9 +170,9 @@ def run_memory(model_config: ViTConfig | ResNetConfig, batch_size: int, num_imag
     return estimate
 
 
-def check_training(policy: ServerPolicy, model_config: ViTConfig | ResNetConfig, minutes: float | None,
+def check_training(policy: ServerPolicy, model_config: ModelConfig, minutes: float | None,
                    batch_size: int, num_images: int = CIFAR10_IMAGES,
-                   teacher: ViTConfig | ResNetConfig | None = None, frozen: bool = False) -> MemoryEstimate:
+                   teacher: ModelConfig | None = None, frozen: bool = False) -> MemoryEstimate:
     """Refuse, before any work, a run this server cannot afford; returns the run's memory estimate."""
     if policy.max_train_minutes is not None and (minutes is None or minutes > policy.max_train_minutes):
         asked = 'a budget in epochs' if minutes is None else f'{minutes:g} minutes'
@@ -192,8 +190,8 @@ def check_training(policy: ServerPolicy, model_config: ViTConfig | ResNetConfig,
     return estimate
 
 
-def fitting_batch(policy: ServerPolicy, model_config: ViTConfig | ResNetConfig, batch_size: int,
-                  num_images: int = CIFAR10_IMAGES, teacher: ViTConfig | ResNetConfig | None = None,
+def fitting_batch(policy: ServerPolicy, model_config: ModelConfig, batch_size: int,
+                  num_images: int = CIFAR10_IMAGES, teacher: ModelConfig | None = None,
                   frozen: bool = False) -> int:
     """`batch_size`, halved until the run `check_training` would weigh fits this server's training memory
     (at least 1): the batch a form suggests, so that a fine-tune at 224 px is not refused for CIFAR's batch."""

@@ -47,11 +47,11 @@ from .data import ImageData, augment, load_dataset, mix, rand_augment, to_model_
 from .distill import Distillation
 from .filmstrip import IMAGES, Filmstrip
 from .lazy import late_import
-from .cnn import ResNetConfig
+from .cnn import ConvNetConfig, ResNetConfig
 from .model import PRESETS, STEMS, ViTConfig, VisionTransformer, preset
 from .policy import checked_number
 from .train_state import TrainState, existing_state, load_state, save_state
-from .weights import (CheckpointError, Classifier, build_model, config_of, from_timm, load_checkpoint, read_metadata,
+from .weights import (CheckpointError, Classifier, ModelConfig, build_model, config_of, from_timm, load_checkpoint, read_metadata,
                       save_checkpoint)
 
 
@@ -117,7 +117,7 @@ class TrainForm:
     `--preset`, in one definition. The defaults are the default preset's. Values arrive as people and raw
     API calls send them; `configs()` checks each before any work. The ViT's own fields (dim, depth,
     heads, patch, positions, stem) count only for `arch='vit'`: the form hides them for the CNN."""
-    arch: str = 'vit'  # 'vit', or 'resnet18': the CNN baseline
+    arch: str = 'vit'  # 'vit', or a CNN of CNN_CONFIGS
     embed_dim: int = 128
     depth: int = 4
     num_heads: int = 4
@@ -136,7 +136,7 @@ class TrainForm:
     frozen_blocks: int = 8  # with 'partial': the first blocks kept as pretrained
     layer_decay: float = 0.75  # with 'full': each layer learns at this fraction of the one above
 
-    def configs(self, img_size: int = 32, mlp_ratio: float = 2.0, seed: int = 0) -> tuple[ViTConfig | ResNetConfig,
+    def configs(self, img_size: int = 32, mlp_ratio: float = 2.0, seed: int = 0) -> tuple[ModelConfig,
                                                                                           TrainConfig]:
         if self.arch not in ARCHS:
             raise ValueError(f'model must be one of {", ".join(ARCHS)}, not {self.arch!r}')
@@ -149,8 +149,8 @@ class TrainForm:
         if self.start_from:
             return self._finetune_configs(TrainConfig(minutes=minutes, batch_size=batch_size, lr=lr,
                                                       crop_padding=crop_padding, seed=seed))
-        if self.arch == 'resnet18':
-            model_config = ResNetConfig(img_size=img_size)
+        if self.arch in CNN_CONFIGS:
+            model_config = CNN_CONFIGS[self.arch](img_size=img_size)
         else:
             model_config = ViTConfig(
                 img_size=img_size, num_classes=10, mlp_ratio=mlp_ratio, pos_embed=self.pos_embed, stem=self.stem,
@@ -180,7 +180,8 @@ class TrainForm:
                                      frozen_blocks=frozen, layer_decay=decay)
 
 
-ARCHS = ['vit', 'resnet18']
+CNN_CONFIGS = {'resnet18': ResNetConfig, 'convnet': ConvNetConfig}  # the CNN baselines, by `--arch`
+ARCHS = ['vit', *CNN_CONFIGS]
 FINETUNE_ARCHS = [a for a in TIMM_ARCHS if a in PRESETS]  # the plain ViTs (not DeiT's distilled one)
 # Presets for the Train tab and `--preset`, sized for a 2-core CPU. The first is the default.
 TRAIN_PRESETS: dict[str, TrainForm] = {
@@ -388,7 +389,7 @@ def evaluate(model: Classifier, data: ImageData, mean: list[float], std: list[fl
     return total_loss / len(data), correct / len(data)
 
 
-def train(model_config: ViTConfig | ResNetConfig | None, cfg: TrainConfig, data: ImageData,
+def train(model_config: ModelConfig | None, cfg: TrainConfig, data: ImageData,
           out: str | Path | None = None, on_event: Callable[[TrainEvent], None] | None = None,
           stop: threading.Event | None = None, device: str | None = None,
           finetune: FineTune | None = None, distillation: Distillation | None = None,
@@ -654,7 +655,7 @@ def _save(out, model, classes, mean, std, history, cfg, filmstrip: Filmstrip | N
                            seed=cfg.seed, vitdemo_version=__version__, **extra)
 
 
-def resumed(checkpoint: str, teacher: str | None) -> tuple[ViTConfig | ResNetConfig, TrainConfig, list[str]]:
+def resumed(checkpoint: str, teacher: str | None) -> tuple[ModelConfig, TrainConfig, list[str]]:
     """The model, recipe and classes of the run that wrote `checkpoint`, to go on with it."""
     meta = read_metadata(checkpoint)
     existing_state(checkpoint)
@@ -687,8 +688,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--epochs', type=int, help='train for this many epochs (instead of --minutes)')
     parser.add_argument('--minutes', type=float, help='train for this many minutes (default 10)')
     # model
-    parser.add_argument('--arch', choices=['vit', 'resnet18'], default='vit',
-                        help='our ViT (configured below), or the CNN baseline: ResNet-18 for 32x32 images')
+    parser.add_argument('--arch', choices=ARCHS, default='vit',
+                        help='our ViT (configured below), or a CNN baseline: ResNet-18 for 32x32 images, or a fast '
+                             '8-layer CNN (convnet: a teacher for the ViT in minutes)')
     base = preset('vit_cifar10')
     parser.add_argument('--embed-dim', type=int, default=base.embed_dim, help='token width')
     parser.add_argument('--depth', type=int, default=base.depth, help='number of Transformer blocks')
@@ -763,7 +765,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ['LOCAL_WORLD_SIZE'])))
     rank, world = rank_and_world()
     try:
-        model_config = ResNetConfig(img_size=32) if args.arch == 'resnet18' else \
+        model_config = CNN_CONFIGS[args.arch](img_size=32) if args.arch in CNN_CONFIGS else \
             ViTConfig(img_size=32, patch_size=args.patch_size, num_classes=10, embed_dim=args.embed_dim,
                       depth=args.depth, num_heads=args.heads, mlp_ratio=args.mlp_ratio,
                       global_pool=args.global_pool, pos_embed=args.pos_embed, drop_path_rate=args.drop_path,

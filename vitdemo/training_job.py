@@ -24,12 +24,10 @@ from .data import ImageData, load_dataset
 from .distill import Distillation
 from .explain import from_prediction
 from .filmstrip import Filmstrip
-from .cnn import ResNetConfig
-from .model import ViTConfig
 from .policy import CIFAR10_IMAGES, ServerPolicy, check_training, fitting_batch, release_memory
 from .store import NAME_PATTERN, ModelStore
 from .train import TrainConfig, TrainEvent, TrainForm, prepare_finetune, split, train
-from .weights import Classifier, config_of, read_metadata
+from .weights import Classifier, ModelConfig, config_of, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +122,7 @@ class TrainingJob:
         model_config, cfg = form.configs()
         return fitting_batch(self.policy, model_config, cfg.batch_size, frozen=cfg.finetune == 'probe')
 
-    def run(self, model_config: ViTConfig | ResNetConfig, cfg: TrainConfig, name: str, owner: str | None = None,
+    def run(self, model_config: ModelConfig, cfg: TrainConfig, name: str, owner: str | None = None,
             data: ImageData | None = None) -> Iterator[Snapshot]:
         shipped = [n.split('/')[1] for n in self.store.checkpoint_names() if n.startswith('scratch/')]
         reserved = set(TIMM_ARCHS) | set(shipped)

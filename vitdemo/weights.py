@@ -13,21 +13,23 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .cnn import CifarResNet, ResNetConfig
+from .cnn import CifarConvNet, CifarResNet, ConvNetConfig, ResNetConfig
 from .model import ViTConfig, VisionTransformer
 
 FORMAT = 'vitdemo.vit'
 VERSION = '1'
 # what a checkpoint's `arch` names: its config and model classes (checkpoints without `arch` are ViTs)
-ARCHITECTURES = {VisionTransformer.arch: (ViTConfig, VisionTransformer), CifarResNet.arch: (ResNetConfig, CifarResNet)}
-Classifier = VisionTransformer | CifarResNet
+ARCHITECTURES = {VisionTransformer.arch: (ViTConfig, VisionTransformer), CifarResNet.arch: (ResNetConfig, CifarResNet),
+                 CifarConvNet.arch: (ConvNetConfig, CifarConvNet)}
+Classifier = VisionTransformer | CifarResNet | CifarConvNet
+ModelConfig = ViTConfig | ResNetConfig | ConvNetConfig
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used, with a message a person can act on."""
 
 
-def build_model(config: ViTConfig | ResNetConfig) -> Classifier:
+def build_model(config: ModelConfig) -> Classifier:
     """A freshly initialised model of the kind `config` describes."""
     return next(cls for config_cls, cls in ARCHITECTURES.values() if isinstance(config, config_cls))(config)
 
@@ -84,7 +86,7 @@ def read_metadata(path: str | Path) -> dict:
     return meta
 
 
-def config_of(meta: dict) -> 'ViTConfig | ResNetConfig':
+def config_of(meta: dict) -> ModelConfig:
     """The model config a checkpoint's metadata describes (see `read_metadata`)."""
     try:
         config_cls, _ = ARCHITECTURES[meta['arch']]

@@ -126,7 +126,8 @@ def train_tab(server: Server, page_load) -> gr.State:
                                                [(f'{a} (pretrained on ImageNet): fine-tune', a)
                                                 for a in FINETUNE_ARCHS],
                                                value=default.start_from, label='Start from'))
-            form['arch'] = gr.Radio([('ViT', 'vit'), ('ResNet-18, the CNN baseline', 'resnet18')],
+            form['arch'] = gr.Radio([('ViT', 'vit'), ('ResNet-18, the CNN baseline', 'resnet18'),
+                                     ('a fast 8-layer CNN (a teacher)', 'convnet')],
                                     value=default.arch, label='Model', visible=not default.start_from)
             with gr.Group(visible=bool(default.start_from)) as finetune_settings:
                 form['finetune'] = gr.Radio([(v, k) for k, v in FINETUNE_MODES.items()], value=default.finetune,
