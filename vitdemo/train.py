@@ -9,9 +9,9 @@ Run from the repository root:
     # the CNN baseline (ResNet-18 for 32x32 images), same loop and recipe
     python -m vitdemo.train --arch resnet18 --data ../shared/data/cifar10-train.tar.gz --minutes 10 \
         --out weights/resnet18_cifar10.safetensors
-    # distillation (DeiT): the shipped model teaches; a ViT student gets a distillation token
+    # distillation (DeiT): the shipped CNN teaches; a ViT student gets a distillation token
     python -m vitdemo.train --data ../shared/data/cifar10-train.tar.gz --minutes 10 \
-        --teacher weights/vit_cifar10.safetensors --distill hard --out weights/distilled.safetensors
+        --teacher weights/convnet_cifar10.safetensors --distill hard --out weights/distilled.safetensors
 
 The loop, top to bottom: AdamW with warm-up then cosine decay over the budget (epochs, or minutes: the
 schedule follows the clock), label smoothing, gradient clipping, bf16 autocast where the hardware has it
@@ -718,7 +718,7 @@ def main(argv: list[str] | None = None) -> None:
                         help='with --finetune-mode full: each layer learns at this fraction of the one above')
     # distillation (DeiT): a trained teacher's predictions join the labels
     parser.add_argument('--teacher', metavar='CHECKPOINT', help='a checkpoint of ours over the same classes, e.g. '
-                        'weights/vit_cifar10.safetensors or a ResNet-18; a ViT student gets a distillation token')
+                        'weights/convnet_cifar10.safetensors; a ViT student gets a distillation token')
     parser.add_argument('--teacher-once', action='store_true',
                         help="with --teacher: answer once per image and its mirror before training (faster; "
                              "stands in for the crops' answers)")
