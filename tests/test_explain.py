@@ -8,7 +8,7 @@ from PIL import Image
 
 from conftest import ROOT, TINY_CIFAR, randomize_
 from vitdemo.backends import DEFAULT_SCRATCH, load_model
-from vitdemo.cnn import CifarResNet, ResNetConfig
+from vitdemo.cnn import CifarConvNet, CifarResNet, ConvNetConfig, ResNetConfig
 from vitdemo.explain import Stopped, explain, focus, mass_mask, methods_for, rank_correlation, sanity_check, twin
 from vitdemo.model import VisionTransformer
 from vitdemo import views
@@ -68,6 +68,19 @@ def test_gradcam_for_a_chosen_class(tmp_path):
     other = next(c for c in CLASSES if c != top.target)
     chosen = explain(model, pred, 'gradcam', other)
     assert chosen.target == other and any(not torch.allclose(a, b) for (_, a), (_, b) in zip(top.maps, chosen.maps))
+
+
+@pytest.mark.parametrize('cnn', [CifarResNet(ResNetConfig()), CifarConvNet(ConvNetConfig())], ids=['resnet18', 'convnet'])
+def test_every_method_a_cnn_offers_answers(cnn, tmp_path):
+    """Each CNN through every method it is offered: a map per stage or one map, on its own grid, for the class."""
+    save_checkpoint(tmp_path / 'cnn.safetensors', randomize_(cnn, seed=3), CLASSES, mean=[0.5] * 3, std=[0.25] * 3)
+    model = load_model(tmp_path / 'cnn.safetensors')
+    pred = model.predict(str(CAT))
+    for method in methods_for(model):
+        got = explain(model, pred, method, 'ship')
+        class_free = 'the same for every class' in got.description  # EigenCAM
+        assert got.target == (None if class_free else 'ship') and got.maps, method
+        assert all(m.ndim == 2 and torch.isfinite(m).all() for _, m in got.maps), method
 
 
 def test_models_offer_what_they_can_and_refuse_the_rest(weights_dir, tmp_path):

@@ -39,6 +39,8 @@ class ConvClassifier(nn.Module):
     """A CNN as the app shows it: a stem, four stages that halve the side (or keep it, the first), global
     pooling and a linear head. Subclasses say what each part is; Grad-CAM reads every stage."""
 
+    num_features: int  # channels of the last stage, what the head reads (timm's name)
+
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -95,6 +97,7 @@ class CifarResNet(ConvClassifier):
         self.conv1 = nn.Conv2d(config.in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
         self.maxpool = nn.Identity()
         nn.init.kaiming_normal_(self.conv1.weight, mode='fan_out', nonlinearity='relu')  # as ResNet does its own
+        self.num_features = self.fc.in_features
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -151,6 +154,7 @@ class CifarConvNet(ConvClassifier):
         self.layer3 = nn.Sequential(conv_bn(w1, w2, pool=True), conv_bn(w2, w2))
         self.layer4 = nn.Sequential(conv_bn(w2, w3, pool=True), conv_bn(w3, w3))
         self.head = nn.Linear(w3, config.num_classes)
+        self.num_features = w3
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')

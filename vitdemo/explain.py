@@ -332,7 +332,7 @@ def _library_cam(job: _Job, method: str):
     net = twin(job.model.module)
     layer, reshape = _target_layer(job, net)
     batch = 16 if job.model.data_config['input_size'][1] > 64 else 64
-    channels = layer.normalized_shape[0] if reshape else net.fc.in_features
+    channels = layer.normalized_shape[0] if reshape else net.num_features
     total = 1 + (math.ceil(channels / batch) if method == 'scorecam' else 0)
     cam = kind(model=_Counted(net, total, job.progress), target_layers=[layer], reshape_transform=reshape)
     cam.batch_size = batch  # Score-CAM's masked images per pass: bounds its memory
