@@ -19,7 +19,8 @@ from vitdemo.views import predict_view
 from vitdemo.weights import CheckpointError, load_checkpoint, read_metadata
 
 
-CNNS = [pytest.param((CifarResNet, ResNetConfig), id='resnet18'), pytest.param((CifarConvNet, ConvNetConfig), id='convnet')]
+CNNS = [pytest.param((CifarResNet, ResNetConfig), id='resnet18'),
+        pytest.param((CifarConvNet, ConvNetConfig), id='convnet')]
 
 
 @pytest.fixture(scope='module')

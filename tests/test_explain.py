@@ -70,7 +70,8 @@ def test_gradcam_for_a_chosen_class(tmp_path):
     assert chosen.target == other and any(not torch.allclose(a, b) for (_, a), (_, b) in zip(top.maps, chosen.maps))
 
 
-@pytest.mark.parametrize('cnn', [CifarResNet(ResNetConfig()), CifarConvNet(ConvNetConfig())], ids=['resnet18', 'convnet'])
+@pytest.mark.parametrize('cnn', [CifarResNet(ResNetConfig()), CifarConvNet(ConvNetConfig())],
+                         ids=['resnet18', 'convnet'])
 def test_every_method_a_cnn_offers_answers(cnn, tmp_path):
     """Each CNN through every method it is offered: a map per stage or one map, on its own grid, for the class."""
     save_checkpoint(tmp_path / 'cnn.safetensors', randomize_(cnn, seed=3), CLASSES, mean=[0.5] * 3, std=[0.25] * 3)

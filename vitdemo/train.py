@@ -51,8 +51,8 @@ from .cnn import ConvNetConfig, ResNetConfig
 from .model import PRESETS, STEMS, ViTConfig, VisionTransformer, preset
 from .policy import checked_number
 from .train_state import TrainState, existing_state, load_state, save_state
-from .weights import (CheckpointError, Classifier, ModelConfig, build_model, config_of, from_timm, load_checkpoint, read_metadata,
-                      save_checkpoint)
+from .weights import (CheckpointError, Classifier, ModelConfig, build_model, config_of, from_timm, load_checkpoint,
+                      read_metadata, save_checkpoint)
 
 
 @dataclass
@@ -136,8 +136,7 @@ class TrainForm:
     frozen_blocks: int = 8  # with 'partial': the first blocks kept as pretrained
     layer_decay: float = 0.75  # with 'full': each layer learns at this fraction of the one above
 
-    def configs(self, img_size: int = 32, mlp_ratio: float = 2.0, seed: int = 0) -> tuple[ModelConfig,
-                                                                                          TrainConfig]:
+    def configs(self, img_size: int = 32, mlp_ratio: float = 2.0, seed: int = 0) -> tuple[ModelConfig, TrainConfig]:
         if self.arch not in ARCHS:
             raise ValueError(f'model must be one of {", ".join(ARCHS)}, not {self.arch!r}')
         batch_size = checked_number(self.batch_size, 'batch size', 1, 4096, integer=True)
