@@ -20,8 +20,8 @@ def compare_tab(server: Server) -> list[gr.Dropdown]:
         return a, b, published(gallery), text
 
     gr.Markdown('One image, two models. Layers are paired by relative depth (a 6-layer and a 12-layer model line '
-                'up); each pair is scored by how much their attention overlaps. A CNN (ResNet-18, trained in the '
-                'Train tab) shows the Grad-CAM of each stage instead.')
+                'up); each pair is scored by how much their attention overlaps. A CNN (the shipped '
+                '`scratch/convnet_cifar10`, or one trained in the Train tab) shows the Grad-CAM of each stage instead.')
     with gr.Row():
         with gr.Column(scale=1, min_width=300):
             image = image_box()
