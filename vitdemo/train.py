@@ -47,12 +47,11 @@ from .data import ImageData, augment, load_dataset, mix, rand_augment, to_model_
 from .distill import Distillation
 from .filmstrip import IMAGES, Filmstrip
 from .lazy import late_import
-from .cnn import ConvNetConfig, ResNetConfig
 from .model import PRESETS, STEMS, ViTConfig, VisionTransformer, preset
 from .policy import checked_number
 from .train_state import TrainState, existing_state, load_state, save_state
-from .weights import (CheckpointError, Classifier, ModelConfig, build_model, config_of, from_timm, load_checkpoint,
-                      read_metadata, save_checkpoint)
+from .weights import (ARCHITECTURES, CheckpointError, Classifier, ModelConfig, build_model, config_of, from_timm,
+                      load_checkpoint, read_metadata, save_checkpoint)
 
 
 @dataclass
@@ -179,8 +178,9 @@ class TrainForm:
                                      frozen_blocks=frozen, layer_decay=decay)
 
 
-CNN_CONFIGS = {'resnet18': ResNetConfig, 'convnet': ConvNetConfig}  # the CNN baselines, by `--arch`
-ARCHS = ['vit', *CNN_CONFIGS]
+# the CNN baselines, by `--arch`: every architecture a checkpoint can hold but the ViT
+CNN_CONFIGS = {arch: config for arch, (config, _) in ARCHITECTURES.items() if arch != VisionTransformer.arch}
+ARCHS = [VisionTransformer.arch, *CNN_CONFIGS]
 FINETUNE_ARCHS = [a for a in TIMM_ARCHS if a in PRESETS]  # the plain ViTs (not DeiT's distilled one)
 # Presets for the Train tab and `--preset`, sized for a 2-core CPU. The first is the default.
 TRAIN_PRESETS: dict[str, TrainForm] = {
