@@ -126,10 +126,8 @@ def _read_official(root: Path, split: str, download: bool) -> ImageData:
                      list(ds.classes))
 
 
-def augment(images: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None,
-            return_flips: bool = False):
-    """Random crop with reflect padding and horizontal flip, for a whole uint8 batch (B, C, H, W) at once;
-    with `return_flips`, also which images were mirrored (B,) bool."""
+def augment(images: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random crop with reflect padding and horizontal flip, for a whole uint8 batch (B, C, H, W) at once."""
     B, C, H, W = images.shape
     padded = F.pad(images, (padding,) * 4, mode='reflect') if padding else images
     dy = torch.randint(0, 2 * padding + 1, (B,), generator=generator)
@@ -139,7 +137,7 @@ def augment(images: torch.Tensor, padding: int = 4, generator: torch.Generator |
     flip = torch.rand(B, generator=generator) < 0.5
     cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]  # (B, 1, 1, W)
     out = padded[torch.arange(B)[:, None, None, None], torch.arange(C)[None, :, None, None], rows, cols]
-    return (out, flip) if return_flips else out
+    return out
 
 
 def rand_augment(images: torch.Tensor, magnitude: int, group: int = 8) -> torch.Tensor:

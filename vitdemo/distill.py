@@ -9,8 +9,10 @@ through attention", DeiT, 2021): a trained teacher's predictions as a second tar
 A student with a distillation token (`ViTConfig(distilled=True)`) gives each term its own head; any other
 student (our plain ViT, the CNN) uses its one head for both. The teacher runs on the fly, on the very
 batch the student sees (crops, flips, RandAugment and CutMix included), in inference mode; or, with
-`once=True`, once per training image and its mirror image before the first step (`remember`), whose answers
-stand in for those of the cropped, augmented or mixed images after (an approximation, for speed).
+`once=True`, once per training image before the first step (`remember`), whose answers stand in for those
+of the cropped, augmented or mixed images after (an approximation, for speed). Either way it answers for
+the image and its mirror image and averages the two (test-time augmentation): a mirror image is as likely
+a photograph as the image itself, and the averaged answer is the better one (docs/benchmarks.md).
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +44,8 @@ class Distillation:
     kind: DistillKind = 'hard'
     alpha: float = 0.1
     temperature: float = 3.0
-    once: bool = False  # answer once per image and mirror image, before training, not on every batch
-    answers: torch.Tensor | None = None  # with `once`: (images, 2, classes), the image's and its mirror's
+    once: bool = False  # answer once per image, before training, not on every batch
+    answers: torch.Tensor | None = None  # with `once`: (images, classes)
 
     def __post_init__(self):
         if self.kind not in ('hard', 'soft'):
@@ -54,7 +56,8 @@ class Distillation:
 
     @torch.inference_mode()
     def teach(self, x: torch.Tensor, mean, std) -> torch.Tensor:
-        """The teacher's logits (fp32) for the student's batch `x`, normalised with the student's `mean`, `std`."""
+        """The teacher's logits (fp32) for the student's batch `x`, normalised with the student's `mean`, `std`:
+        the mean of its logits for each image and its mirror image."""
         pixels = x * torch.tensor(std, device=x.device).view(1, -1, 1, 1) + \
             torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
         x = (pixels - torch.tensor(self.teacher_mean, device=x.device).view(1, -1, 1, 1)) / \
@@ -62,21 +65,18 @@ class Distillation:
         size = self.teacher.config.img_size
         if x.shape[-1] != size:
             x = F.interpolate(x, size=(size, size), mode='bilinear', antialias=True, align_corners=False)
-        return self.teacher(x).float()
+        return self.teacher(torch.cat([x, x.flip(-1)])).float().view(2, len(x), -1).mean(0)
 
     def remember(self, images: torch.Tensor, mean, std, to_input, batch_size: int = 500) -> None:
-        """The teacher's answers for every uint8 training image and its mirror image; `to_input` makes the
-        student's input of a uint8 batch (normalised, at the student's size)."""
-        answers = []
-        for chunk in images.split(batch_size):
-            pair = [self.teach(to_input(c, mean, std), mean, std) for c in (chunk, chunk.flip(-1))]
-            answers.append(torch.stack(pair, dim=1).float().cpu())
-        self.answers = torch.cat(answers)
+        """The teacher's answers for every uint8 training image; `to_input` makes the student's input of a
+        uint8 batch (normalised, at the student's size)."""
+        self.answers = torch.cat([self.teach(to_input(c, mean, std), mean, std).cpu()
+                                  for c in images.split(batch_size)])
 
-    def answer(self, x: torch.Tensor, mean, std, idx: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-        """The teacher's logits for the batch: remembered (by image and mirror) or computed now."""
+    def answer(self, x: torch.Tensor, mean, std, idx: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits for the batch `x` of training images `idx`: remembered, or computed now."""
         if self.answers is not None:
-            return self.answers[idx, flips.long()].to(x.device)
+            return self.answers[idx].to(x.device)
         return self.teach(x, mean, std)
 
     def loss(self, outputs, teacher_logits: torch.Tensor, target: torch.Tensor,

@@ -486,7 +486,7 @@ def train(model_config: ModelConfig | None, cfg: TrainConfig, data: ImageData,
             for group in optimizer.param_groups:
                 group['lr'] = lr * group['lr_scale']
             idx = shard[i * batch_size:(i + 1) * batch_size]
-            images, flips = augment(train_data.images[idx], cfg.crop_padding, augment_generator, return_flips=True)
+            images = augment(train_data.images[idx], cfg.crop_padding, augment_generator)
             if cfg.rand_augment:
                 images = rand_augment(images, cfg.rand_augment)
             x = to_model_input(images, mean, std, model_config.img_size)
@@ -497,7 +497,7 @@ def train(model_config: ModelConfig | None, cfg: TrainConfig, data: ImageData,
             # forward, the teacher's answer when there is one, and the loss
             with autocast(device, cfg.amp, cfg.amp_dtype):
                 outputs = forward(x)
-                taught = distillation.answer(x, mean, std, idx, flips) if distillation is not None else None
+                taught = distillation.answer(x, mean, std, idx) if distillation is not None else None
             if distillation is not None:
                 loss, logits = distillation.loss(outputs, taught, target, cfg.label_smoothing)
             else:
