@@ -125,3 +125,35 @@ def test_a_teacher_that_answers_once_per_image(tmp_path):
     got = task.answer(image.flip(-1), mean, std, torch.tensor([0]))
     # remembered under bf16 autocast, as training runs it; computed here in fp32
     torch.testing.assert_close(got, expected, atol=3e-2 * expected.abs().max().item(), rtol=0)
+
+
+def test_the_test_time_augmentation_bench_scores_each_checkpoint_as_evaluate_does(tmp_path):
+    """bench/test_time_augmentation.py end to end on a small folder and two models trained on it here: a ViT and
+    the fast CNN; each one's plain accuracy is what `vitdemo.evaluate` gives on its held-out split."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from test_data import make_folder
+    from vitdemo.data import load_dataset
+    from vitdemo.evaluate import confusion_matrix, held_out
+    from vitdemo.weights import load_checkpoint
+    make_folder(tmp_path / 'data', classes=[f'c{i}' for i in range(4)], per_class=30, size=32)
+    env = {**os.environ, 'VITDEMO_CACHE': str(tmp_path / 'cache')}
+    paths = []
+    for arch, extra in [('vit', ['--embed-dim', '32', '--depth', '2', '--heads', '2']), ('convnet', [])]:
+        paths.append(str(tmp_path / f'{arch}.safetensors'))
+        subprocess.run([sys.executable, '-m', 'vitdemo.train', '--data', str(tmp_path / 'data'), '--epochs', '1',
+                        '--arch', arch, *extra, '--batch-size', '16', '--out', paths[-1]],
+                       cwd=ROOT, check=True, capture_output=True, timeout=300, env=env)
+    out = subprocess.run([sys.executable, 'bench/test_time_augmentation.py', *paths, '--data', str(tmp_path / 'data')],
+                         cwd=ROOT, check=True, capture_output=True, text=True, timeout=300, env=env).stdout
+    rows = {line[:40].strip(): [float(v.rstrip('%')) for v in line[40:].split()] for line in out.splitlines()[1:]}
+    assert list(rows) == ['vit.safetensors', 'convnet.safetensors', 'all averaged']
+    assert all(len(r) == 3 and all(0 <= v <= 100 for v in r) for r in rows.values())
+    data = load_dataset(str(tmp_path / 'data'))
+    for path in paths:
+        model, meta = load_checkpoint(path)
+        counts = confusion_matrix(model, held_out(data, meta), meta['mean'], meta['std'])
+        assert rows[os.path.basename(path)][0] == round(100 * counts.diag().sum().item() / counts.sum().item(), 2)
