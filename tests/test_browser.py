@@ -156,7 +156,9 @@ def test_every_head_of_a_layer_and_a_slow_method_stopped(page):
     upload(page, ROOT / 'examples' / 'cat.jpg')
     expect(page.get_by_text('rollout · all 12 layers')).to_be_visible()
     pick(page, 'Explain with', 'every head of one layer')
-    expect(page.get_by_text('layer 12 · head 3')).to_be_visible()
+    # ViT-Ti's heads are the slowest figure this test draws: on two cores shared with another job it has
+    # taken past the 30 s that every other step is given
+    expect(page.get_by_text('layer 12 · head 3')).to_be_visible(timeout=90_000)
     expect(page.get_by_text('How focused the CLS token is').first).to_be_visible()
     page.screenshot(path=SHOTS / '2c_every_head.png', full_page=True)
     pick(page, 'Explain with', 'Shapley values of patches for a class (slow)')

@@ -20,19 +20,25 @@ from .lazy import late_import
 
 
 @dataclass
-class ResNetConfig:
+class ConvConfig:
+    """What every CNN here is configured by: its input and its classes."""
     img_size: int = 32
     in_chans: int = 3
     num_classes: int = 10
 
     def __post_init__(self):
         if self.img_size < 8:
-            raise ValueError(f'img_size must be at least 8 (three stride-2 stages), got {self.img_size}')
+            raise ValueError(f'img_size must be at least 8 (three stages that halve it), got {self.img_size}')
         if self.num_classes < 1 or self.in_chans < 1:
             raise ValueError('num_classes and in_chans must be positive')
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class ResNetConfig(ConvConfig):
+    """ResNet-18 for small images: nothing to choose but the input and the classes."""
 
 
 class ConvClassifier(nn.Module):
@@ -110,23 +116,14 @@ class CifarResNet(ConvClassifier):
 
 
 @dataclass
-class ConvNetConfig:
-    img_size: int = 32
-    in_chans: int = 3
-    num_classes: int = 10
+class ConvNetConfig(ConvConfig):
     widths: tuple[int, int, int, int] = (32, 64, 256, 256)  # the stem's and each pooling stage's channels
 
     def __post_init__(self):
+        super().__post_init__()
         self.widths = tuple(self.widths)  # JSON gives a list back
-        if self.img_size < 8:
-            raise ValueError(f'img_size must be at least 8 (three pooling stages), got {self.img_size}')
-        if self.num_classes < 1 or self.in_chans < 1:
-            raise ValueError('num_classes and in_chans must be positive')
         if len(self.widths) != 4 or not all(isinstance(w, int) and 0 < w <= 1024 for w in self.widths):
             raise ValueError(f'widths must be four channel counts from 1 to 1024, got {self.widths}')
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def conv_bn(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
