@@ -144,6 +144,8 @@ def test_inspect_explains_it_shows_vits_only(trained, weights_dir):
 def test_the_train_tab_offers_the_cnn_and_draws_its_snapshot(trained):
     model_config, _ = TRAIN_PRESETS['10-minute CNN baseline (ResNet-18)'].configs()
     assert model_config == ResNetConfig(img_size=32)
+    model_config, cfg = TRAIN_PRESETS['10-minute fast CNN (a teacher)'].configs()
+    assert model_config == ConvNetConfig(img_size=32) and (cfg.batch_size, cfg.lr, cfg.minutes) == (256, 3e-3, 10)
     with pytest.raises(ValueError, match='model must be one of'):
         TrainForm(arch='vgg').configs()
     result, _ = trained

@@ -191,6 +191,8 @@ TRAIN_PRESETS: dict[str, TrainForm] = {
                                          pos_embed='learn', crop_padding=4),
     # ResNet-18 does ~8x the arithmetic per image of the 10-minute ViT: about one epoch in ten minutes
     '10-minute CNN baseline (ResNet-18)': TrainForm(arch='resnet18', crop_padding=4),
+    # measured: 10 epochs, 88.6% validation (train 93.8%), ~730 images/s; as good as the shipped ViT in 10 minutes
+    '10-minute fast CNN (a teacher)': TrainForm(arch='convnet', batch_size=256, lr=3e-3, crop_padding=4),
 }
 
 
