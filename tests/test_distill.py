@@ -157,3 +157,20 @@ def test_the_test_time_augmentation_bench_scores_each_checkpoint_as_evaluate_doe
         model, meta = load_checkpoint(path)
         counts = confusion_matrix(model, held_out(data, meta), meta['mean'], meta['std'])
         assert rows[os.path.basename(path)][0] == round(100 * counts.diag().sum().item() / counts.sum().item(), 2)
+
+
+def test_a_teachers_memory_is_counted_for_the_batch_and_its_mirror_images():
+    """The teacher answers for the batch and its mirror images in one pass (`teach`), so a run's memory
+    estimate, checked before a run starts on a public server, counts the teacher's pass over twice the batch."""
+    from vitdemo.cnn import ConvNetConfig
+    from vitdemo.policy import estimate_training_memory, run_memory
+    student, teacher = replace(TINY_CIFAR, num_classes=10), ConvNetConfig()
+    alone, taught = run_memory(student, 64), run_memory(student, 64, teacher=teacher)
+    twice_the_batch = estimate_training_memory(teacher, 128, 0)
+    assert taught.activation_bytes - alone.activation_bytes == twice_the_batch.activation_bytes
+    task = Distillation(torch.nn.Identity(), (0.5,) * 3, (0.25,) * 3)
+    task.teacher.config = TINY_CIFAR
+    seen = []
+    task.teacher.register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
+    task.teach(torch.randn(64, 3, 32, 32), (0.5,) * 3, (0.25,) * 3)
+    assert seen == [128]  # one pass over the batch and its mirror images

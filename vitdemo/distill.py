@@ -67,9 +67,9 @@ class Distillation:
             x = F.interpolate(x, size=(size, size), mode='bilinear', antialias=True, align_corners=False)
         return self.teacher(torch.cat([x, x.flip(-1)])).float().view(2, len(x), -1).mean(0)
 
-    def remember(self, images: torch.Tensor, mean, std, to_input, batch_size: int = 500) -> None:
-        """The teacher's answers for every uint8 training image; `to_input` makes the student's input of a
-        uint8 batch (normalised, at the student's size)."""
+    def remember(self, images: torch.Tensor, mean, std, to_input, batch_size: int = 250) -> None:
+        """The teacher's answers for every uint8 training image, `batch_size` images (and their mirrors) a pass;
+        `to_input` makes the student's input of a uint8 batch (normalised, at the student's size)."""
         self.answers = torch.cat([self.teach(to_input(c, mean, std), mean, std).cpu()
                                   for c in images.split(batch_size)])
 

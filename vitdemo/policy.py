@@ -163,8 +163,9 @@ def run_memory(model_config: ModelConfig, batch_size: int, num_images: int = CIF
     `teacher`, the teacher's weights and what its pass at the batch size holds."""
     estimate = estimate_training_memory(model_config, batch_size, num_images, frozen=frozen)
     if teacher is not None:
-        # the teacher only answers, in inference mode: what its training pass would save bounds what it holds
-        taught = estimate_training_memory(teacher, batch_size, 0)
+        # the teacher only answers, in inference mode, for each image and its mirror image: what its training
+        # pass of twice the batch would save bounds what it holds
+        taught = estimate_training_memory(teacher, 2 * batch_size, 0)
         estimate = replace(estimate, state_bytes=estimate.state_bytes + 4 * taught.params,
                            activation_bytes=estimate.activation_bytes + taught.activation_bytes)
     return estimate
