@@ -58,8 +58,8 @@ class AirbenchNet(nn.Module):
 
     @torch.no_grad()
     def fit_whitening(self, x: torch.Tensor, eps: float = 5e-4) -> None:
-        """The whitening filters: eigenvectors of the 2x2 patches' covariance over unit-variance scales, and
-        their negatives."""
+        """The whitening filters: each eigenvector of the 2x2 patches' covariance divided by the square root
+        of its eigenvalue (its output then has unit variance), and their negatives."""
         patches = x.unfold(2, 2, 1).unfold(3, 2, 1).transpose(1, 3).reshape(-1, 3 * 2 * 2).float()
         values, vectors = torch.linalg.eigh(patches.T @ patches / len(patches))
         filters = (vectors.T / torch.sqrt(values + eps)[:, None]).view(-1, 3, 2, 2)
@@ -76,7 +76,8 @@ def inputs(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.T
 
 @torch.no_grad()
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, std, tta: int = 0) -> float:
-    """Held-out accuracy; tta 1 averages the mirror's logits in, tta 2 also four one-pixel shifts (airbench's)."""
+    """Held-out accuracy; tta 1 averages the mirror's logits in, tta 2 also two diagonal one-pixel shifts and
+    their mirrors (airbench's level 2)."""
     def both(v: torch.Tensor) -> torch.Tensor:
         return (model(v).float() + model(v.flip(-1)).float()) / 2 if tta >= 1 else model(v).float()
 
