@@ -81,6 +81,7 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean,
     def both(v: torch.Tensor) -> torch.Tensor:
         return (model(v).float() + model(v.flip(-1)).float()) / 2 if tta >= 1 else model(v).float()
 
+    was_training = model.training
     model.eval()
     correct = 0
     for i in range(0, len(images), 1000):
@@ -91,7 +92,7 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean,
                 padded = F.pad(x, (1,) * 4, mode='reflect')
                 logits = (logits + (both(padded[..., :-2, :-2]) + both(padded[..., 2:, 2:])) / 2) / 2
         correct += (logits.argmax(1) == labels[i:i + 1000]).sum().item()
-    model.train()
+    model.train(was_training)
     return correct / len(images)
 
 
