@@ -100,14 +100,15 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
                                  value='own', label='Colour scale',
                                  info='one scale shows attention go from scattered to focused with depth')
             # JPEG: encoding eight overlays takes 3 ms, against 80 ms as WebP (Gradio's default)
-            gallery = gr.Gallery(label='The maps, layer by layer (brighter: more attention, or more relevance)',
+            gallery = gr.Gallery(label='The maps, layer by layer',
                                  columns=3, height='auto', object_fit='contain', format='jpeg',
                                  elem_classes=['maps'])
             gr.Image(colour_bar(), show_label=False, interactive=False, container=False, buttons=[])
-            focus = gr.LinePlot(x='layer', y='entropy', color='line', height=300, y_lim=[0, None],
+            # no fixed height: with one, the block's label pushes the legend and the caption out of view
+            focus = gr.LinePlot(x='layer', y='entropy', color='line', y_lim=[0, None], color_title='CLS attention',
                                 color_map={'this image': '#1f77b4', 'spread evenly': '#ff7f0e'},
-                                x_axis_format='d', caption='blue: this image; orange: attention spread evenly '
-                                                           'over all patches (no focus)',
+                                x_axis_format='d', caption='spread evenly: the same attention on every patch, '
+                                                           'no focus at all (the highest entropy there is)',
                                 label='How focused the CLS token is, layer by layer (entropy of its attention over '
                                       'the patches: lower is more focused)', x_title='layer', y_title='entropy (nats)')
             check = gr.Button('Sanity check: redraw the weights at random, does the map change?')
