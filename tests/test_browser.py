@@ -111,20 +111,35 @@ def upload(page, path) -> None:
     tab.locator('input[type=file]').first.set_input_files(str(path))
 
 
+def shoot(page, path) -> None:
+    """A full-page screenshot of what a visitor sees after scrolling: Gradio's galleries load their images
+    lazily, so the page is scrolled through first and every image waited for, or those below the fold
+    would show as empty frames."""
+    height = page.evaluate('document.documentElement.scrollHeight')
+    for y in range(0, height, 400):
+        page.evaluate(f'window.scrollTo(0, {y})')
+        page.wait_for_timeout(50)
+    # images in hidden tabs never load lazily: only those laid out count
+    page.wait_for_function('[...document.images].filter(i => i.offsetParent !== null).every(i => i.complete)',
+                           timeout=30_000)
+    page.evaluate('window.scrollTo(0, 0)')
+    page.screenshot(path=path, full_page=True)
+
+
 def test_predict_upload_pick_a_model_and_see_labels_and_attention(page):
     upload(page, ROOT / 'examples' / 'cat.jpg')
     top = page.get_by_test_id('label-output-value').first
     expect(top).not_to_be_empty()  # an upload predicts at once, with the default scratch model
     expect(page.get_by_text('rollout · all 2 layers')).to_be_visible()
     expect(page.get_by_text('It knows 10 classes only').first).to_be_visible()
-    page.screenshot(path=SHOTS / '1_predict_scratch.png', full_page=True)
+    shoot(page, SHOTS / '1_predict_scratch.png')
 
     pick(page, 'Model', 'timm/vit_tiny_patch16_224')
     page.get_by_role('button', name='Predict', exact=True).click()
     expect(page.get_by_text('rollout · all 12 layers')).to_be_visible()
     expect(page.get_by_text('layer 12 · mean of 3 heads')).to_be_visible()
     expect(page.get_by_text("timm's vit_tiny_patch16_224 with ImageNet-1k weights")).to_be_visible()
-    page.screenshot(path=SHOTS / '2_predict_timm.png', full_page=True)
+    shoot(page, SHOTS / '2_predict_timm.png')
 
 
 def test_an_example_thumbnail_predicts_when_clicked(page):
@@ -146,7 +161,7 @@ def test_pick_a_class_and_a_method_and_see_its_relevance(page):
     expect(page.get_by_text('for the class truck').first).to_be_visible()
     page.get_by_role('button', name='Sanity check: redraw the weights at random, does the map change?').click()
     expect(page.get_by_text('rank correlation of the two maps').first).to_be_visible()
-    page.screenshot(path=SHOTS / '2b_relevance_for_a_class.png', full_page=True)
+    shoot(page, SHOTS / '2b_relevance_for_a_class.png')
     pick(page, 'Explain with', 'attention (the same for every class)')
 
 
@@ -160,12 +175,12 @@ def test_every_head_of_a_layer_and_a_slow_method_stopped(page):
     # taken past the 30 s that every other step is given
     expect(page.get_by_text('layer 12 · head 3')).to_be_visible(timeout=90_000)
     expect(page.get_by_text('How focused the CLS token is').first).to_be_visible()
-    page.screenshot(path=SHOTS / '2c_every_head.png', full_page=True)
+    shoot(page, SHOTS / '2c_every_head.png')
     pick(page, 'Explain with', 'Shapley values of patches for a class (slow)')
     expect(page.locator('.progress-text, .eta-bar, .progress-level').first).to_be_attached()
     page.get_by_role('button', name='Stop', exact=True).click()
     expect(page.get_by_text('stopped at').first).to_be_visible()
-    page.screenshot(path=SHOTS / '2d_stopped.png', full_page=True)
+    shoot(page, SHOTS / '2d_stopped.png')
     pick(page, 'Explain with', 'attention (the same for every class)')
 
 
@@ -194,7 +209,7 @@ def test_bad_upload_shows_a_message_not_a_trace(page, tmp_path):
     upload(page, fake)
     expect(page.get_by_text('Could not answer: the uploaded file is not an image format').first).to_be_visible()
     assert 'Traceback' not in page.content()
-    page.screenshot(path=SHOTS / '3_bad_upload.png', full_page=True)
+    shoot(page, SHOTS / '3_bad_upload.png')
 
 
 def test_compare_answers_with_its_defaults_and_inspect_draws(page):
@@ -203,14 +218,14 @@ def test_compare_answers_with_its_defaults_and_inspect_draws(page):
     page.get_by_role('button', name='Compare', exact=True).click()  # defaults: models that work here
     expect(page.get_by_text('A rollout').first).to_be_visible()
     assert not page.locator('[role=tabpanel]:visible').first.get_by_text('Could not answer').count()
-    page.screenshot(path=SHOTS / '4_compare.png', full_page=True)
+    shoot(page, SHOTS / '4_compare.png')
 
     open_tab(page, 'Inspect')
     upload(page, ROOT / 'examples' / 'rocket.jpg')
     page.get_by_role('button', name='Inspect', exact=True).click()
     expect(page.get_by_text('attention pairs')).to_be_visible()
     expect(page.locator('.js-plotly-plot, img[src*="data:image"], canvas').first).to_be_attached()
-    page.screenshot(path=SHOTS / '5_inspect.png', full_page=True)
+    shoot(page, SHOTS / '5_inspect.png')
 
 
 def test_the_cnn_model_hides_the_vit_settings(page):
@@ -219,7 +234,7 @@ def test_the_cnn_model_hides_the_vit_settings(page):
     expect(page.get_by_label('Embed dim')).to_be_visible()
     page.get_by_label('ResNet-18, the CNN baseline').check()
     expect(page.get_by_label('Embed dim')).to_be_hidden()
-    page.screenshot(path=SHOTS / '6_train_cnn.png', full_page=True)
+    shoot(page, SHOTS / '6_train_cnn.png')
     page.get_by_label('ViT', exact=True).check()
     expect(page.get_by_label('Embed dim')).to_be_visible()
 
@@ -230,7 +245,7 @@ def test_a_teacher_is_picked_from_the_list_and_one_of_other_classes_is_refused_i
     pick(page, 'Teacher', 'scratch/vit_cifar10')  # CIFAR-10's classes; this server's data has class0..class9
     page.get_by_role('button', name='Start', exact=True).click()
     expect(page.get_by_text('the teacher vit_cifar10.safetensors knows other classes').first).to_be_visible()
-    page.screenshot(path=SHOTS / '6b_train_teacher.png', full_page=True)
+    shoot(page, SHOTS / '6b_train_teacher.png')
     pick(page, 'Teacher', 'none')
 
 
@@ -258,21 +273,21 @@ def test_a_trained_model_is_kept_across_a_reload_and_for_other_clients(browser, 
     train_panel = page.locator('[role=tabpanel]:visible').first
     expect(train_panel.locator('.filmstrip img').first).to_be_visible()
     expect(train_panel.locator('.maps')).to_be_hidden()  # its last layer is the filmstrip's last row
-    page.screenshot(path=SHOTS / '6_training.png', full_page=True)
+    shoot(page, SHOTS / '6_training.png')
     page.get_by_role('button', name='Stop', exact=True).click()
     expect(page.get_by_text('stopped after').first).to_be_visible()
     expect(page.get_by_text('saved as trained/browser_run').first).to_be_visible()
-    page.screenshot(path=SHOTS / '7_stopped.png', full_page=True)
+    shoot(page, SHOTS / '7_stopped.png')
     page.get_by_text('Runs side by side').click()  # the run's validation curve, beside any other of yours
     pick(page, 'Runs', 'trained/browser_run')
     expect(page.locator('[role=tabpanel]:visible').first.get_by_text('validation accuracy').first).to_be_visible()
-    page.screenshot(path=SHOTS / '7b_runs_side_by_side.png', full_page=True)
+    shoot(page, SHOTS / '7b_runs_side_by_side.png')
     open_tab(page, 'Inspect')  # the run kept every layer's attention after each epoch: its filmstrip
     pick(page, 'Model', 'trained/browser_run')
     page.get_by_role('button', name=re.compile('^Attention through training:')).click()
     section = page.locator('[role=tabpanel]:visible').first
     expect(section.locator('.filmstrip img').first).to_be_visible()
-    page.screenshot(path=SHOTS / '7e_filmstrip_in_inspect.png', full_page=True)
+    shoot(page, SHOTS / '7e_filmstrip_in_inspect.png')
 
     open_tab(page, 'Predict')  # the new model is offered without a restart
     pick(page, 'Model', 'trained/browser_run')
@@ -301,7 +316,7 @@ def test_a_distillation_run_from_the_train_tab(page):
     expect(page.get_by_text('val acc').first).to_be_visible()
     page.get_by_role('button', name='Stop', exact=True).click()
     expect(page.get_by_text('saved as trained/taught').first).to_be_visible()
-    page.screenshot(path=SHOTS / '7c_distilled.png', full_page=True)
+    shoot(page, SHOTS / '7c_distilled.png')
     open_tab(page, 'Predict')  # the student has DeiT's two tokens: the method list offers them side by side
     pick(page, 'Model', 'trained/taught')
     page.locator('[role=tabpanel]:visible').first.get_by_label('Explain with', exact=True).first.click()
@@ -340,7 +355,7 @@ def test_a_finetune_on_an_uploaded_zip_and_a_hostile_zip_refused(page, tmp_path)
     expect(page.get_by_text('saved as trained/my_pets').first).to_be_visible()
     expect(panel.locator('.maps img').first).to_be_visible()  # a probe's epochs run the head alone: no filmstrip
     expect(panel.locator('.filmstrip')).to_be_hidden()
-    page.screenshot(path=SHOTS / '7d_finetuned_on_a_zip.png', full_page=True)
+    shoot(page, SHOTS / '7d_finetuned_on_a_zip.png')
     open_tab(page, 'Predict')  # the fine-tuned model knows the zip's classes
     pick(page, 'Model', 'trained/my_pets')
     upload(page, ROOT / 'examples' / 'cat.jpg')
@@ -364,5 +379,5 @@ def test_every_tab_at_desktop_and_phone_width(browser, app_url, width, height):
                 expect(panel.locator('img[src^="data:image"]').first).to_be_visible()  # a figure drawn
             else:
                 expect(panel.get_by_text(done[tab]).first).to_be_visible()
-        page.screenshot(path=SHOTS / f'w{width}_{number}_{tab.lower()}.png', full_page=True)
+        shoot(page, SHOTS / f'w{width}_{number}_{tab.lower()}.png')
     page.close()
