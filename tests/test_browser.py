@@ -132,6 +132,12 @@ def test_predict_upload_pick_a_model_and_see_labels_and_attention(page):
     expect(top).not_to_be_empty()  # an upload predicts at once, with the default scratch model
     expect(page.get_by_text('rollout · all 2 layers')).to_be_visible()
     expect(page.get_by_text('It knows 10 classes only').first).to_be_visible()
+    # the focus plot's caption lies inside its box, not cut off below it
+    caption = page.get_by_text('no focus at all').first
+    expect(caption).to_be_visible()
+    inner = caption.bounding_box()
+    box = page.locator('.block').filter(has=caption).last.bounding_box()
+    assert inner['y'] + inner['height'] <= box['y'] + box['height']
     shoot(page, SHOTS / '1_predict_scratch.png')
 
     pick(page, 'Model', 'timm/vit_tiny_patch16_224')
