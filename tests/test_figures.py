@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -76,6 +77,15 @@ def test_inspect_view_gives_the_grid_costs_and_four_figures(weights_dir):
     assert figures[2].axes[0].get_xlabel() == 'layer'
     dots = figures[2].axes[0].collections
     assert len(dots) == 4 and all(len(d.get_offsets()) == 2 for d in dots)  # one dot per head and layer
+    # this barely trained model's heads are all alike: the axes start at 0, with no offset notation that
+    # would spread alike heads over the whole height, and entropy reaches its even-spread bound, log(16)
+    distance, entropy = figures[2].axes[0], figures[3].axes[0]
+    for fig in figures[2:4]:
+        FigureCanvasAgg(fig).draw()
+    for ax in (distance, entropy):
+        assert ax.get_ylim()[0] == 0 and ax.yaxis.get_offset_text().get_text() == ''
+    assert [line.get_ydata()[0] for line in entropy.lines] == [pytest.approx(math.log(16))]
+    assert entropy.get_ylim()[1] > math.log(16)
 
 
 def test_the_paper_sizes_at_this_input_and_this_models_own_counts(weights_dir):

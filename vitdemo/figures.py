@@ -206,14 +206,22 @@ def patch_filters_figure(model: Model, k: int = 28) -> Figure:
     return fig
 
 
-def head_scatter_figure(values: torch.Tensor, ylabel: str, title: str) -> Figure:
-    """One dot per head, layers along x: the layout of the paper's Fig. 7 (right)."""
+def head_scatter_figure(values: torch.Tensor, ylabel: str, title: str, ceiling: float | None = None,
+                        ceiling_label: str = '') -> Figure:
+    """One dot per head, layers along x: the layout of the paper's Fig. 7 (right). The y axis starts at 0,
+    and reaches `ceiling` when given (drawn as a dashed line: the value's upper bound), so that heads of a
+    barely trained model, all alike, read as alike rather than spread by a zoomed axis."""
     layers, heads = values.shape
     fig = Figure(figsize=(FIG_WIDTH, 3.6))
     ax = fig.subplots()
     colours = matplotlib.colormaps['tab20'].resampled(max(heads, 2))
     for h in range(heads):
         ax.scatter(np.arange(1, layers + 1), values[:, h].numpy(), color=colours(h), s=22, label=f'head {h + 1}')
+    if ceiling is not None:
+        ax.axhline(ceiling, color='0.4', linestyle='--', linewidth=1, label=ceiling_label or None)
+    top = max(float(values.max()), ceiling or 0.0)
+    ax.set_ylim(0, top * 1.08 if top > 0 else 1)
+    ax.ticklabel_format(axis='y', useOffset=False)
     ax.set(xlabel='layer', ylabel=ylabel, title=title, xticks=range(1, layers + 1))
     ax.title.set_fontsize(TITLE_SIZE)
     ax.grid(alpha=0.3)
@@ -294,7 +302,8 @@ def inspect_view(model: Model, image, patch_sizes: tuple[int, ...] = (4, 8, 16, 
             head_scatter_figure(distance, 'mean attention distance (input pixels)',
                                 f'How far each head looks, on this image\n(input {size}x{size})'),
             head_scatter_figure(entropy, 'attention entropy (nats)',
-                                'How spread each head\'s attention is,\non this image'),
+                                'How spread each head\'s attention is,\non this image',
+                                ceiling=math.log(pred.grid[0] * pred.grid[1]), ceiling_label='spread evenly'),
             faithfulness_figure(model, pred, slow=size <= 64, progress=progress), model_sizes(model))
 
 
