@@ -1,3 +1,4 @@
+import re
 import threading
 import time
 
@@ -259,8 +260,10 @@ def test_cli_resumes_a_run_from_its_checkpoint_and_refuses_one_without_state(tmp
     data = load_dataset(tmp_path / 'ds', cache_dir=tmp_path / 'cache')
     train(CONFIG, cfg, data, out=out, stop=stop, on_event=lambda e: e.kind == 'epoch' and stop.set())
     train_cli.main(['--data', str(tmp_path / 'ds'), '--resume', str(out), '--lr', '0.5'])  # its own recipe wins
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert 'epoch 2:' in printed and 'epoch 3:' in printed and 'epoch 1:' not in printed
+    assert re.search(r'ETA \d+:\d\d', captured.err)  # the trainer's estimate, counting the first epoch's time
     _, meta = load_checkpoint(out)
     assert [h['epoch'] for h in meta['history']] == [1, 2, 3] and meta['train_config']['lr'] == cfg.lr
     make_folder(tmp_path / 'other', classes=['a', 'b', 'c', 'e'], per_class=10, size=32)

@@ -809,13 +809,15 @@ def main(argv: list[str] | None = None) -> None:
                                                         once=cfg.teacher_once)
         except (CheckpointError, FileNotFoundError, ValueError) as e:
             parser.error(str(e))
-    bar = tqdm(total=1000, unit='‰', bar_format='{l_bar}{bar}| {elapsed}<{remaining} {postfix}', disable=rank > 0)
+    # the trainer's own ETA: tqdm's would count a resumed run's earlier epochs as done in this process's time
+    bar = tqdm(total=1000, unit='‰', bar_format='{l_bar}{bar}| {postfix}', disable=rank > 0)
 
     def report(ev: TrainEvent) -> None:
         bar.n = int(ev.progress * 1000)
-        post = f'ep {ev.epoch} loss {ev.loss:.3f} acc {ev.accuracy:.3f} {ev.images_per_sec:.0f} img/s'
+        eta = f'ETA {tqdm.format_interval(ev.eta_seconds)}'
+        post = f'ep {ev.epoch} loss {ev.loss:.3f} acc {ev.accuracy:.3f} {ev.images_per_sec:.0f} img/s, {eta}'
         if ev.kind == 'features':
-            post = f'features {ev.epoch_fraction:.0%} {ev.images_per_sec:.0f} img/s'
+            post = f'features {ev.epoch_fraction:.0%} {ev.images_per_sec:.0f} img/s, {eta}'
         if ev.kind == 'epoch':
             val = f' val {ev.val_accuracy:.4f}' if ev.val_accuracy is not None else ''
             tqdm.write(f'epoch {ev.epoch}: train loss {ev.loss:.4f} acc {ev.accuracy:.4f}{val} '
