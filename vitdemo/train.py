@@ -446,7 +446,7 @@ def train(model_config: ModelConfig | None, cfg: TrainConfig, data: ImageData,
         if world > 1:
             raise ValueError('resume a run in a single process (its random state is one process\'s)')
         state = load_state(resume)
-        model.load_state_dict(load_file(str(resume)))
+        model.load_state_dict(state.weights or load_file(str(resume)))
         optimizer.load_state_dict(state.optimizer)
         step, epoch, history = state.step, state.epoch, state.history
         start -= state.seconds
@@ -534,7 +534,8 @@ def train(model_config: ModelConfig | None, cfg: TrainConfig, data: ImageData,
             if cfg.keep_state:
                 save_state(out, TrainState(step, epoch, time.perf_counter() - start, history, optimizer.state_dict(),
                                            {'torch': torch.get_rng_state(), 'order': order_generator.get_state(),
-                                            'augment': augment_generator.get_state()}))
+                                            'augment': augment_generator.get_state()},
+                                           model.state_dict() if cfg.half_checkpoint else None))
         elapsed = time.perf_counter() - start
         p = progress_now()
         emit('epoch', lr=lr, loss=record['train_loss'], accuracy=record['train_accuracy'],

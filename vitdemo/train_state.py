@@ -3,7 +3,8 @@
 `NAME.state` sits next to `NAME.safetensors` and is a safetensors file too (never a pickle): the optimiser's
 moments per parameter, the step, epoch and seconds already spent (the schedule follows them), the history
 so far, and the random generators' states, so that a run stopped at an epoch's end and resumed draws the
-same batches and crops as one that never stopped.
+same batches and crops as one that never stopped. A checkpoint stored in float16 (`--half-checkpoint`)
+would resume from rounded weights: the state then keeps the model's own float32 weights too.
 """
 import json
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ class TrainState:
     history: list[dict]
     optimizer: dict  # torch.optim state_dict
     generators: dict[str, torch.Tensor]  # 'torch' (the global one), 'order', 'augment'
+    weights: dict[str, torch.Tensor] | None = None  # the model's state dict, where the checkpoint rounds it
 
 
 def save_state(checkpoint: str | Path, state: TrainState) -> Path:
@@ -36,6 +38,8 @@ def save_state(checkpoint: str | Path, state: TrainState) -> Path:
     for index, moments in state.optimizer['state'].items():
         for key, value in moments.items():
             tensors[f'optimizer.{index}.{key}'] = value.detach().cpu().contiguous()
+    for name, value in (state.weights or {}).items():
+        tensors[f'model.{name}'] = value.detach().cpu().contiguous()
     metadata = {'format': FORMAT, 'step': str(state.step), 'epoch': str(state.epoch), 'seconds': repr(state.seconds),
                 'history': json.dumps(state.history), 'param_groups': json.dumps(state.optimizer['param_groups'])}
     return save_atomically(tensors, state_path(checkpoint), metadata)
@@ -61,13 +65,15 @@ def load_state(checkpoint: str | Path) -> TrainState:
     if meta.get('format') != FORMAT:
         raise CheckpointError(f'{path.name} is not a vitdemo training state')
     moments: dict[int, dict] = {}
-    generators = {}
+    generators, weights = {}, {}
     for name, value in tensors.items():
         kind, *rest = name.split('.')
         if kind == 'generator':
             generators[rest[0]] = value
+        elif kind == 'model':
+            weights['.'.join(rest)] = value
         else:
             moments.setdefault(int(rest[0]), {})[rest[1]] = value
     optimizer = {'state': moments, 'param_groups': json.loads(meta['param_groups'])}
     return TrainState(int(meta['step']), int(meta['epoch']), float(meta['seconds']), json.loads(meta['history']),
-                      optimizer, generators)
+                      optimizer, generators, weights or None)
