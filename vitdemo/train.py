@@ -49,7 +49,7 @@ from .filmstrip import IMAGES, Filmstrip
 from .lazy import late_import
 from .model import PRESETS, STEMS, ViTConfig, VisionTransformer, preset
 from .policy import checked_number
-from .train_state import TrainState, existing_state, load_state, save_state
+from .train_state import TrainState, existing_state, load_state, match_layouts, save_state
 from .weights import (ARCHITECTURES, CheckpointError, Classifier, ModelConfig, build_model, config_of, from_timm,
                       load_checkpoint, read_metadata, save_checkpoint)
 
@@ -448,6 +448,7 @@ def train(model_config: ModelConfig | None, cfg: TrainConfig, data: ImageData,
         state = load_state(resume)
         model.load_state_dict(state.weights or load_file(str(resume)))
         optimizer.load_state_dict(state.optimizer)
+        match_layouts(optimizer)
         step, epoch, history = state.step, state.epoch, state.history
         start -= state.seconds
         torch.set_rng_state(state.generators['torch'])

@@ -77,3 +77,14 @@ def load_state(checkpoint: str | Path) -> TrainState:
     optimizer = {'state': moments, 'param_groups': json.loads(meta['param_groups'])}
     return TrainState(int(meta['step']), int(meta['epoch']), float(meta['seconds']), json.loads(meta['history']),
                       optimizer, generators, weights or None)
+
+
+def match_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each loaded moment its parameter's memory layout. The state file stores them contiguous, and a
+    CNN's convolution weights are channels-last: the fused AdamW kernel walks a moment and its parameter
+    element by element in memory, so moments of another layout would update the wrong weights."""
+    for param, moments in optimizer.state.items():
+        for key, value in moments.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                moments[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
