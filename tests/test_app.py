@@ -178,7 +178,8 @@ def test_train_tab_through_the_api_then_predict_with_the_new_model(tmp_path, wei
             api_name='/train')
         assert 'finished after' in status and 'saved as trained/tiny_run' in status
         assert (tmp_path / 'weights' / 'trained' / 'tiny_run.safetensors').exists()
-        assert loss['columns'] == ['epoch', 'value', 'split'] and loss['data'] and picture
+        assert loss['visible'] and loss['value']['columns'] == ['epoch', 'value', 'split'] and loss['value']['data']
+        assert picture
         # a fresh client, as after a page reload or from another machine: the new model is usable
         labels, *_ = connect(port, tmp_path / 'downloads').predict(
             handle_file(str(ROOT / 'examples' / 'cat.jpg')), 'trained/tiny_run', api_name='/predict')

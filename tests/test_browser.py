@@ -236,6 +236,10 @@ def test_compare_answers_with_its_defaults_and_inspect_draws(page):
 
 def test_the_cnn_model_hides_the_vit_settings(page):
     open_tab(page, 'Train')
+    panel = page.locator('[role=tabpanel]:visible').first  # before a run: what will appear, no empty frames
+    expect(panel.get_by_text('After the first epoch, the loss and accuracy curves appear here')).to_be_visible()
+    expect(panel.locator('.curves:visible')).to_have_count(0)
+    expect(panel.locator('.filmstrip')).to_be_hidden()
     page.get_by_text('Model and recipe').click()
     expect(page.get_by_label('Embed dim')).to_be_visible()
     page.get_by_label('ResNet-18, the CNN baseline').check()
@@ -279,6 +283,7 @@ def test_a_trained_model_is_kept_across_a_reload_and_for_other_clients(browser, 
     train_panel = page.locator('[role=tabpanel]:visible').first
     expect(train_panel.locator('.filmstrip img').first).to_be_visible()
     expect(train_panel.locator('.maps')).to_be_hidden()  # its last layer is the filmstrip's last row
+    expect(train_panel.locator('.curves:visible')).to_have_count(2)  # loss and accuracy
     shoot(page, SHOTS / '6_training.png')
     page.get_by_role('button', name='Stop', exact=True).click()
     expect(page.get_by_text('stopped after').first).to_be_visible()

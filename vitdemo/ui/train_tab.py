@@ -62,7 +62,8 @@ def train_tab(server: Server, page_load) -> gr.State:
             # leaves the plots' colour legend empty); the strip of attention snapshots when an epoch ends
             new_epoch = len(snap.history) > epochs or snap.done
             moved = snap.history and (new_epoch or len(snap.steps) > points)
-            loss, accuracy = training_curves(snap.history, snap.steps) if moved else (gr.skip(),) * 2
+            curves = training_curves(snap.history, snap.steps) if moved else None
+            loss, accuracy = (gr.LinePlot(c, visible=True) for c in curves) if curves else (gr.skip(),) * 2
             strip, film = epoch_views(snap) if new_epoch else (gr.skip(),) * 2
             epochs, points = len(snap.history), len(snap.steps)
             saved = gr.skip()
@@ -173,17 +174,19 @@ def train_tab(server: Server, page_load) -> gr.State:
                                                    info='measured faster at ten minutes than an answer for '
                                                         'every crop (more epochs in the budget)')
         with gr.Column(scale=2):
-            status = gr.HTML('<p>Press Start.</p>')
+            # the plots stay hidden until they have something to show: empty frames tell a stranger nothing
+            status = gr.HTML('<p>Press Start. After the first epoch, the loss and accuracy curves appear here, '
+                             'and where the model looks.</p>')
             with gr.Row():
                 loss_plot = gr.LinePlot(x='epoch', y='value', color='split', title='Loss', y_title='loss',
-                                        x_title='epoch', height=260)
-                accuracy_plot = gr.LinePlot(x='epoch', y='value', color='split', title='Accuracy',
-                                            y_title='accuracy', x_title='epoch', height=260)
+                                        x_title='epoch', height=260, visible=False, elem_classes=['curves'])
+                accuracy_plot = gr.LinePlot(x='epoch', y='value', color='split', title='Accuracy', y_title='accuracy',
+                                            x_title='epoch', height=260, visible=False, elem_classes=['curves'])
             snapshot = gr.Gallery(label=SNAPSHOT_LABEL, columns=5, fit_columns=False, height='auto',
                                   object_fit='contain', format='jpeg', allow_preview=False, elem_classes=['maps'],
                                   visible=False)
             film_plot = gr.Plot(label='Attention through training', show_label=False,
-                                elem_classes=['filmstrip'])
+                                elem_classes=['filmstrip'], visible=False)
             with gr.Accordion('Runs side by side: the validation accuracy of any of your models', open=False):
                 with gr.Row():
                     runs = gr.Dropdown(checkpoints(None), multiselect=True, label='Runs', scale=3,
