@@ -87,4 +87,3 @@ def match_layouts(optimizer: torch.optim.Optimizer) -> None:
         for key, value in moments.items():
             if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
                 moments[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
-
