@@ -229,6 +229,27 @@ def test_the_method_list_follows_what_a_model_is_from_its_config_alone(weights_d
     assert 'tokens' not in [m for _, m in server.methods('scratch/vit_cifar10', None)]
 
 
+def test_a_model_change_sets_only_what_the_new_model_lacks(weights_dir):
+    """The answer to a model change can land after the visitor has picked a method, head or layer: it sends a
+    value only where the new model cannot keep the current one, so a pick made meanwhile is not set back."""
+    demo = create_demo(ModelCache(weights_dir=weights_dir), policy=ServerPolicy())
+    follow = next(fn.fn for fn in demo.fns.values() if fn.name == 'follow_model')
+    sent = lambda *args: [c.constructor_args for c in follow(*args, None)]  # noqa: E731
+
+    # ViT-Ti (12 layers, 3 heads) has Grad-CAM, head 2 and layer 5: none of them is sent
+    head, method, target, layer, focus = sent('ours/vit_tiny_patch16_224', 2, 'gradcam', 5)
+    assert 'value' not in head and 'value' not in method and 'value' not in layer
+    assert (head['maximum'], layer['maximum'], focus['visible']) == (3, 12, True)
+    assert 'gradcam' in [v for _, v in method['choices']]
+    assert target['value'] == ''  # the classes change with the model, so the class to explain is cleared
+    # the 2-layer, 4-head scratch model: layer 7 comes down to its last, head 3 stays
+    head, method, target, layer, focus = sent('scratch/vit_cifar10', 3, 'gradcam', 7)
+    assert 'value' not in head and layer['value'] == 2
+    # a method the model lacks (DeiT's token maps on a ViT without a distillation token) falls to its first
+    head, method, target, layer, focus = sent('scratch/vit_cifar10', 9, 'tokens', 0)
+    assert method['value'] == method['choices'][0][1] != 'tokens' and head['value'] == 4
+
+
 def test_messages_are_escaped_not_read_as_html(weights_dir):
     """A message that contains <...> (urllib's '<urlopen error ...>') reaches the page whole."""
     from vitdemo.ui.common import Server, shows_user_errors

@@ -51,14 +51,23 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
         return gr.Gallery(columns=2 if method in METHODS and METHODS[method].paired else 3)
 
     def follow_model(model: str, head, method: str, layer, request: gr.Request):
-        # the head and layer sliders, the methods and the classes of the chosen model; a CNN has no focus line
+        # the head and layer sliders, the methods and the classes of the chosen model; a CNN has no focus line.
+        # A value is sent only where the new model cannot keep it: this answer can land after the visitor has
+        # already picked another method, head or layer, and must not set that pick back.
         layers, heads = server.shape(model, request)
         methods = server.methods(model, request)
-        return (gr.Slider(minimum=1, maximum=max(heads, 1), value=min(max(int(head or 1), 1), max(heads, 1)),
-                          interactive=heads > 0),
-                gr.Dropdown(choices=methods, value=method if method in [v for _, v in methods] else methods[0][1]),
+        head, layer = int(head or 1), int(layer or 0)
+        reset = {}, {}, {}  # head, method, layer: a new value only where the new model lacks the current one
+        if not 1 <= head <= max(heads, 1):
+            reset[0]['value'] = min(max(head, 1), max(heads, 1))
+        if method not in [v for _, v in methods]:
+            reset[1]['value'] = methods[0][1]
+        if not 0 <= layer <= layers:
+            reset[2]['value'] = min(max(layer, 0), layers)
+        return (gr.Slider(minimum=1, maximum=max(heads, 1), interactive=heads > 0, **reset[0]),
+                gr.Dropdown(choices=methods, **reset[1]),
                 gr.Dropdown(choices=[''] + server.classes(model, request), value=''),
-                gr.Slider(minimum=0, maximum=layers, value=min(max(int(layer or 0), 0), layers), interactive=heads > 0),
+                gr.Slider(minimum=0, maximum=layers, interactive=heads > 0, **reset[2]),
                 gr.LinePlot(visible=heads > 0))
 
     def explain_class(evt: gr.SelectData, method: str, model: str, request: gr.Request):
