@@ -113,8 +113,10 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        # the backward pass holds gradients of the widest activations beside the saved ones: +25%
-        return self.state_bytes + int(1.25 * self.activation_bytes) + self.data_bytes + 64 * MB
+        # Beside the saved activations the backward pass holds gradients of the widest ones (+25%), and glibc
+        # keeps the blocks a step frees for the next step: its heap settles at up to the activations once more
+        # (fp32 training, where no bf16 halves them). The first step also maps PyTorch's kernels (~200 MB).
+        return self.state_bytes + int(2.25 * self.activation_bytes) + self.data_bytes + 256 * MB
 
     def describe(self) -> str:
         return (f'{size(self.total)} ({self.params / 1e6:.1f} M parameters with their gradients and optimiser '
