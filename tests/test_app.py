@@ -207,6 +207,18 @@ def test_online_the_page_says_which_models_download_on_first_use(tmp_path, weigh
     assert 'vit_base_patch16_224' in note and 'vit_tiny_patch16_224' not in note  # tiny is saved locally
 
 
+@pytest.mark.parametrize('bf16', [True, False])
+def test_the_train_tab_says_when_this_cpu_trains_in_float32(weights_dir, monkeypatch, bf16):
+    # a CPU without bf16 trains 4-5x slower: its visitors are told, not left to wonder at the preset's figures
+    import torch
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: bf16)
+    texts = [b.value for b in create_demo(ModelCache(weights_dir=weights_dir)).blocks.values()
+             if isinstance(b, gr.Markdown)]
+    intro = next(t for t in texts if t and t.startswith('Train a small ViT'))
+    assert ('trains in float32' in intro) is not bf16
+
+
 def test_the_method_list_follows_what_a_model_is_from_its_config_alone(weights_dir, tmp_path):
     """A ViT trained with a teacher has DeiT's two tokens, whatever its name: it is offered 'tokens' too."""
     import shutil

@@ -6,11 +6,12 @@ import inspect
 from dataclasses import asdict, fields, replace
 
 import gradio as gr
+import torch
 
 from ..serving import publish_image
 from ..archive import ZipLimits, read_image_zip
 from ..filmstrip import filmstrip_figure
-from ..train import FINETUNE_ARCHS, FINETUNE_MODES, TRAIN_PRESETS, TrainForm
+from ..train import FINETUNE_ARCHS, FINETUNE_MODES, TRAIN_PRESETS, TrainForm, precision
 from ..training_job import Snapshot
 from ..views import progress_html, runs_frame, training_curves
 from ..weights import read_metadata
@@ -22,6 +23,17 @@ FINETUNE_COST = ('On a 2-core CPU, ViT-Ti/16 computes a probe\'s features at ~12
                  'minutes; 2,000 of your own: ~20 s), and learns at ~60 images/s in a full fine-tune, ~110 with 8 '
                  'blocks frozen; ViT-S/16 takes 2-3x as long, ViT-B/16 ~10x. The minutes bound every run: a probe '
                  'stopped early trains its head on the features it has.')
+# the 10-minute preset from the command line on a 2-core AMD EPYC with AVX2 only (docs/benchmarks.md)
+FLOAT32_CPU = ('\n\n*This server\'s CPU has no bf16 arithmetic, so it trains in float32, about a quarter as fast: '
+               'the defaults get through about 4 epochs in ten minutes here (68% validation accuracy measured on '
+               'such a CPU).*')
+
+
+def speed_note() -> str:
+    """What the intro adds where training runs in float32 on a CPU (bf16 would be emulated, far slower)."""
+    return '' if torch.cuda.is_available() or precision(torch.device('cpu')) else FLOAT32_CPU
+
+
 SNAPSHOT_LABEL = ('Where the last layer\'s CLS token looks (a CNN: last-stage Grad-CAM) on one validation image, '
                   'after each epoch')
 
@@ -110,10 +122,10 @@ def train_tab(server: Server, page_load) -> gr.State:
         return gr.LinePlot(runs_frame(histories, against), x_title='epoch' if against == 'epoch' else 'minutes')
 
     gr.Markdown('Train a small ViT from scratch on CIFAR-10 and watch it learn. The defaults finish in about ten '
-                'minutes on a 2-core CPU (10-17 epochs, 75-80% validation accuracy measured there; a random guess '
-                'is 10%); the result joins every model list as `trained/NAME`. Train the CNN baseline '
+                'minutes (on a 2-core CPU with bf16 arithmetic: 10-17 epochs, 75-80% validation accuracy; a random '
+                'guess is 10%); the result joins every model list as `trained/NAME`. Train the CNN baseline '
                 '(ResNet-18) the same way, then set the two side by side in Compare: ViT vs CNN on small data. '
-                'Or fine-tune an ImageNet-pretrained ViT, on CIFAR-10 or on a zip of your own images.')
+                'Or fine-tune an ImageNet-pretrained ViT, on CIFAR-10 or on a zip of your own images.' + speed_note())
     default = TrainForm()
     with gr.Row():
         with gr.Column(scale=1, min_width=300):
