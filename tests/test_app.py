@@ -260,6 +260,10 @@ def test_a_model_change_sets_only_what_the_new_model_lacks(weights_dir):
     # a method the model lacks (DeiT's token maps on a ViT without a distillation token) falls to its first
     head, method, target, layer, focus = sent('scratch/vit_cifar10', 9, 'tokens', 0)
     assert method['value'] == method['choices'][0][1] != 'tokens' and head['value'] == 4
+    # Inspect's layer slider alike
+    bound = next(fn.fn for fn in demo.fns.values() if fn.name == 'bound_layer')
+    assert 'value' not in bound('ours/vit_tiny_patch16_224', 7, None).constructor_args
+    assert bound('scratch/vit_cifar10', 7, None).constructor_args == {'minimum': 1, 'maximum': 2, 'value': 2}
 
 
 def test_messages_are_escaped_not_read_as_html(weights_dir):

@@ -48,8 +48,11 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
         return evt.index
 
     def bound_layer(model: str, layer, request: gr.Request):
+        # the value only where the new model lacks the layer: a layer picked while this answer was on its way stays
         layers, _ = server.shape(model, request)
-        return gr.Slider(minimum=1, maximum=layers, value=min(max(int(layer or 1), 1), layers))
+        layer = int(layer or 1)
+        kept = 1 <= layer <= layers
+        return gr.Slider(minimum=1, maximum=layers, **({} if kept else {'value': min(max(layer, 1), layers)}))
 
     gr.Markdown("The figures of the ViT paper (Fig. 7), computed live from the chosen model: how it cuts the image "
                 "into patches, what its position embeddings learned, what its first layer compares patches with, "
