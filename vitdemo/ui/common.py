@@ -228,6 +228,14 @@ class Slider(gr.Slider):
         return payload
 
 
+def bounded(value, minimum: int, maximum: int, **props) -> gr.Slider:
+    """An update of a slider's bounds that names a value only where the current one falls outside them: the
+    answer to a model change can land after the visitor has moved the slider, and must not set it back."""
+    value = int(value or minimum)
+    clamped = {} if minimum <= value <= maximum else {'value': min(max(value, minimum), maximum)}
+    return gr.Slider(minimum=minimum, maximum=maximum, **clamped, **props)
+
+
 class Number(gr.Number):
     """A number field that hands raw values to the handler, as `Slider` does."""
     is_template = True

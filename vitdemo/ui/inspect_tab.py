@@ -7,7 +7,8 @@ from ..policy import checked_number
 from ..weights import read_metadata
 from ..views import FUSIONS, fusion_mode
 from ..serving import publish_image
-from .common import MODEL_WORK, Server, Slider, example_picker, image_box, keeps_errors, model_list, shows_user_errors
+from .common import (MODEL_WORK, Server, Slider, bounded, example_picker, image_box, keeps_errors, model_list,
+                     shows_user_errors)
 
 
 NO_FILMSTRIP = ("This model kept no filmstrip: a ViT trained here (the Train tab or the command line) keeps "
@@ -48,11 +49,8 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
         return evt.index
 
     def bound_layer(model: str, layer, request: gr.Request):
-        # the value only where the new model lacks the layer: a layer picked while this answer was on its way stays
         layers, _ = server.shape(model, request)
-        layer = int(layer or 1)
-        kept = 1 <= layer <= layers
-        return gr.Slider(minimum=1, maximum=layers, **({} if kept else {'value': min(max(layer, 1), layers)}))
+        return bounded(layer, 1, layers)
 
     gr.Markdown("The figures of the ViT paper (Fig. 7), computed live from the chosen model: how it cuts the image "
                 "into patches, what its position embeddings learned, what its first layer compares patches with, "

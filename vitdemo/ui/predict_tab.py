@@ -3,8 +3,8 @@ import gradio as gr
 
 from ..explain import METHODS
 from ..views import FUSIONS, Explanations, colour_bar, predict_view, sanity_view
-from .common import (MODEL_WORK, Server, Slider, example_picker, image_box, keeps_errors, model_list, published,
-                     shows_user_errors)
+from .common import (MODEL_WORK, Server, Slider, bounded, example_picker, image_box, keeps_errors, model_list,
+                     published, shows_user_errors)
 
 
 def predict_tab(server: Server) -> list[gr.Dropdown]:
@@ -56,18 +56,11 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
         # already picked another method, head or layer, and must not set that pick back.
         layers, heads = server.shape(model, request)
         methods = server.methods(model, request)
-        head, layer = int(head or 1), int(layer or 0)
-        reset = {}, {}, {}  # head, method, layer: a new value only where the new model lacks the current one
-        if not 1 <= head <= max(heads, 1):
-            reset[0]['value'] = min(max(head, 1), max(heads, 1))
-        if method not in [v for _, v in methods]:
-            reset[1]['value'] = methods[0][1]
-        if not 0 <= layer <= layers:
-            reset[2]['value'] = min(max(layer, 0), layers)
-        return (gr.Slider(minimum=1, maximum=max(heads, 1), interactive=heads > 0, **reset[0]),
-                gr.Dropdown(choices=methods, **reset[1]),
+        kept = {} if method in [v for _, v in methods] else {'value': methods[0][1]}
+        return (bounded(head, 1, max(heads, 1), interactive=heads > 0),
+                gr.Dropdown(choices=methods, **kept),
                 gr.Dropdown(choices=[''] + server.classes(model, request), value=''),
-                gr.Slider(minimum=0, maximum=layers, interactive=heads > 0, **reset[2]),
+                bounded(layer, 0, layers, interactive=heads > 0),
                 gr.LinePlot(visible=heads > 0))
 
     def explain_class(evt: gr.SelectData, method: str, model: str, request: gr.Request):
