@@ -328,6 +328,11 @@ def get_lr(progress: float, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(decay, 1.0)))
 
 
+def training_device() -> torch.device:
+    """Where `train` runs when it is given no device: the GPU, where there is one."""
+    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+
 def precision(device: torch.device, amp: bool = True, forced: str = '') -> torch.dtype | None:
     """The autocast dtype of a step: bfloat16 where the hardware computes it (CPUs with AVX-512 BF16 or
     AMX, GPUs from Ampere on), float16 on older GPUs, None (float32) on other CPUs or without `amp`."""
@@ -398,7 +403,7 @@ def train(model_config: ModelConfig | None, cfg: TrainConfig, data: ImageData,
     """Train a new model of `model_config` (or fine-tune `finetune.model`) on `data` within `cfg`'s budget;
     with `distillation`, a teacher's predictions join the labels (DeiT); with `resume`, go on from that
     checkpoint and the state saved beside it (`train_state`), in the same schedule and budget."""
-    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    device = torch.device(device) if device else training_device()
     if finetune is not None and finetune.mode == 'probe':
         return linear_probe(finetune, cfg, data, out, on_event, stop, device)
     model_config = finetune.model.config if finetune else model_config

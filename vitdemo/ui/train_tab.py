@@ -6,12 +6,11 @@ import inspect
 from dataclasses import asdict, fields, replace
 
 import gradio as gr
-import torch
 
 from ..serving import publish_image
 from ..archive import ZipLimits, read_image_zip
 from ..filmstrip import filmstrip_figure
-from ..train import FINETUNE_ARCHS, FINETUNE_MODES, TRAIN_PRESETS, TrainForm, precision
+from ..train import FINETUNE_ARCHS, FINETUNE_MODES, TRAIN_PRESETS, TrainForm, precision, training_device
 from ..training_job import Snapshot
 from ..views import progress_html, runs_frame, training_curves
 from ..weights import read_metadata
@@ -30,8 +29,8 @@ FLOAT32_CPU = ('\n\n*This server\'s CPU has no bf16 arithmetic, so it trains in 
 
 
 def speed_note() -> str:
-    """What the intro adds where training runs in float32 on a CPU (bf16 would be emulated, far slower)."""
-    return '' if torch.cuda.is_available() or precision(torch.device('cpu')) else FLOAT32_CPU
+    """What the intro adds where a run here trains in float32 (a CPU on which bf16 would be emulated, far slower)."""
+    return '' if precision(training_device()) else FLOAT32_CPU
 
 
 SNAPSHOT_LABEL = ('Where the last layer\'s CLS token looks (a CNN: last-stage Grad-CAM) on one validation image, '
