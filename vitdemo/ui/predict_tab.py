@@ -56,9 +56,9 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
         # already picked another method, head or layer, and must not set that pick back.
         layers, heads = server.shape(model, request)
         methods = server.methods(model, request)
-        kept = {} if method in [v for _, v in methods] else {'value': methods[0][1]}
+        reset = {} if method in [v for _, v in methods] else {'value': methods[0][1]}
         return (bounded(head, 1, max(heads, 1), interactive=heads > 0),
-                gr.Dropdown(choices=methods, **kept),
+                gr.Dropdown(choices=methods, **reset),
                 gr.Dropdown(choices=[''] + server.classes(model, request), value=''),
                 bounded(layer, 0, layers, interactive=heads > 0),
                 gr.LinePlot(visible=heads > 0))
