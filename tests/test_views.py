@@ -1,8 +1,9 @@
+import gradio as gr
 import pytest
 from PIL import Image
 
 from vitdemo.backends import DEFAULT_SCRATCH, load_model
-from vitdemo.views import attention_gallery, fusion_mode, parse_fusion, predict_view
+from vitdemo.views import attention_gallery, focus_frame, fusion_mode, parse_fusion, predict_view
 
 
 def test_parse_fusion_checks_the_head_against_the_model():
@@ -31,6 +32,15 @@ def test_predict_view_gives_labels_a_gallery_per_layer_and_a_description(weights
     assert captions[-1] == f'rollout · all {depth} layers'
     assert all(img.size == (448, 149) for img, _ in gallery)  # the input's own aspect ratio, display size
     assert '4x4 patches' in text and '17 tokens' in text
+
+
+def test_the_focus_plot_has_one_place_per_layer(weights_dir):
+    # a numeric axis over two layers ticks 1, 1.5 and 2 and rounds them to "1 2 2"; categories give one per layer
+    pred = load_model(DEFAULT_SCRATCH, weights_dir).predict(Image.new('RGB', (64, 64), (90, 140, 30)))
+    plotted = gr.LinePlot(x='layer', y='entropy', color='line').postprocess(focus_frame(pred))
+    assert plotted.datatypes['layer'] == 'nominal'
+    layers = [row[plotted.columns.index('layer')] for row in plotted.data]
+    assert layers == [1, 2, 1, 2]  # this image's line, then the even spread's: layer numbers as they are
 
 
 def test_gallery_dims_what_the_model_did_not_see(weights_dir):

@@ -170,8 +170,11 @@ def focus_frame(pred: Prediction) -> pd.DataFrame:
         return pd.DataFrame(columns=['layer', 'entropy', 'line'])
     values = focus(pred)
     even = math.log(pred.grid[0] * pred.grid[1])
-    return pd.DataFrame([dict(layer=i + 1, entropy=v, line='this image') for i, v in enumerate(values)]
-                        + [dict(layer=i + 1, entropy=even, line='spread evenly') for i in range(len(values))])
+    frame = pd.DataFrame([dict(layer=i + 1, entropy=v, line='this image') for i, v in enumerate(values)]
+                         + [dict(layer=i + 1, entropy=even, line='spread evenly') for i in range(len(values))])
+    # layers as categories: the plot labels each layer once (a numeric axis of 2 layers ticks 1, 1.5, 2 as "1 2 2")
+    frame['layer'] = pd.Categorical(frame['layer'], categories=range(1, len(values) + 1))
+    return frame
 
 
 def sanity_view(model: Model, image, method: str = 'attention', target: str | None = None,
