@@ -17,7 +17,7 @@ from conftest import GRADIO_TEMP_DIR, ROOT
 from vitdemo.backends import TIMM_ARCHS, ModelCache
 from vitdemo.policy import ServerPolicy
 from vitdemo.store import ModelStore
-from vitdemo.train import TrainForm
+from vitdemo.train import TRAIN_PRESETS, TrainForm, default_preset
 from vitdemo.training_job import Snapshot, TrainingJob
 
 
@@ -209,14 +209,22 @@ def test_online_the_page_says_which_models_download_on_first_use(tmp_path, weigh
 
 @pytest.mark.parametrize('bf16', [True, False])
 def test_the_train_tab_says_when_this_cpu_trains_in_float32(weights_dir, monkeypatch, bf16):
-    # a CPU without bf16 trains 4-5x slower: its visitors are told, not left to wonder at the preset's figures
+    # a CPU without bf16 trains 4-5x slower: its visitors are told, not left to wonder at the preset's figures,
+    # and the form starts from the smaller model that learns more in ten minutes there
     import torch
+    from vitdemo.train import SMALL_PRESET, TRAIN_PRESETS
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: bf16)
-    texts = [b.value for b in create_demo(ModelCache(weights_dir=weights_dir)).blocks.values()
-             if isinstance(b, gr.Markdown)]
-    intro = next(t for t in texts if t and t.startswith('Train a small ViT'))
+    blocks = create_demo(ModelCache(weights_dir=weights_dir)).blocks.values()
+    texts = [b.value or '' for b in blocks if isinstance(b, gr.Markdown)]
+    intro = next(t for t in texts if t.startswith('Train a small ViT'))
     assert ('trains in float32' in intro) is not bf16
+    preset = next(b for b in blocks if isinstance(b, gr.Dropdown) and b.label == 'Preset')
+    started = TRAIN_PRESETS[preset.value]
+    assert (preset.value == SMALL_PRESET) is not bf16
+    assert (started == TrainForm()) is bf16
+    embed_dim = next(b for b in blocks if isinstance(b, gr.Number) and b.label == 'Embed dim')
+    assert embed_dim.value == started.embed_dim  # the form shows the preset it starts from
 
 
 def test_the_method_list_follows_what_a_model_is_from_its_config_alone(weights_dir, tmp_path):
@@ -297,7 +305,9 @@ def test_the_train_endpoint_passes_every_field_by_name_and_the_session(tmp_path,
     try:
         params = demo.get_api_info()['named_endpoints']['/train']['parameters']
         assert [p['parameter_name'] for p in params] == ['name', 'images'] + list(asdict(TrainForm()))
-        assert {p['parameter_name']: p['parameter_default'] for p in params[2:]} == asdict(TrainForm())
+        # the defaults of the preset the form starts from on this machine
+        assert {p['parameter_name']: p['parameter_default'] for p in params[2:]} == \
+            asdict(TRAIN_PRESETS[default_preset()])
         client = connect(port, tmp_path / 'downloads')
         client.predict('recorded', embed_dim=96, depth=3, num_heads=3, patch_size=8, pos_embed='learn', stem='patch',
                        minutes=7, batch_size=64, lr=5e-4, crop_padding=5, api_name='/train')

@@ -10,7 +10,8 @@ import gradio as gr
 from ..serving import publish_image
 from ..archive import ZipLimits, read_image_zip
 from ..filmstrip import filmstrip_figure
-from ..train import FINETUNE_ARCHS, FINETUNE_MODES, TRAIN_PRESETS, TrainForm, precision, training_device
+from ..train import (FINETUNE_ARCHS, FINETUNE_MODES, SMALL_PRESET, TRAIN_PRESETS, TrainForm, default_preset,
+                     precision, training_device)
 from ..training_job import Snapshot
 from ..views import progress_html, runs_frame, training_curves
 from ..weights import read_metadata
@@ -22,10 +23,11 @@ FINETUNE_COST = ('On a 2-core CPU, ViT-Ti/16 computes a probe\'s features at ~12
                  'minutes; 2,000 of your own: ~20 s), and learns at ~60 images/s in a full fine-tune, ~110 with 8 '
                  'blocks frozen; ViT-S/16 takes 2-3x as long, ViT-B/16 ~10x. The minutes bound every run: a probe '
                  'stopped early trains its head on the features it has.')
-# the 10-minute preset from the command line on a 2-core AMD EPYC with AVX2 only (docs/benchmarks.md)
-FLOAT32_CPU = ('\n\n*This server\'s CPU has no bf16 arithmetic, so it trains in float32, about a quarter as fast: '
-               'the defaults get through about 4 epochs in ten minutes here (68% validation accuracy measured on '
-               'such a CPU).*')
+# the 10-minute presets from the command line on a 2-core AMD EPYC with AVX2 only (docs/benchmarks.md)
+FLOAT32_CPU = ('\n\n*This server\'s CPU has no bf16 arithmetic, so it trains in float32, about a quarter as fast. '
+               f'So the form starts from a smaller model here ({SMALL_PRESET!r}: dim 96, depth 3): it gets through '
+               '7-8 epochs in ten minutes and reaches about 70% validation accuracy on such a CPU, where the first '
+               'preset\'s larger model gets through 4 (67%).*')
 
 
 def speed_note() -> str:
@@ -83,13 +85,15 @@ def train_tab(server: Server, page_load) -> gr.State:
                 saved = str(snap.checkpoint)
             yield progress_html(snap.progress, snap.status), loss, accuracy, strip, film, saved
 
-    # the API's named parameters: the run's name, then the form's fields with the default preset's values;
-    # Gradio reads the signature for the parameters and the annotations for the request it passes
+    # the API's named parameters: the run's name, then the form's fields with the default preset's values (those the
+    # form starts from); Gradio reads the signature for the parameters and the annotations for the request it passes
+    default_name = default_preset()
+    default = TRAIN_PRESETS[default_name]
     parameters = [inspect.Parameter('name', inspect.Parameter.POSITIONAL_OR_KEYWORD, default='my_vit', annotation=str),
                   inspect.Parameter('images', inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
                                     annotation=str | None)]
     parameters += [inspect.Parameter(k, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=v, annotation=type(v))
-                   for k, v in asdict(TrainForm()).items()]
+                   for k, v in asdict(default).items()]
     parameters += [inspect.Parameter('request', inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
                                      annotation=gr.Request)]
     start_training.__signature__ = inspect.Signature(parameters)
@@ -125,10 +129,9 @@ def train_tab(server: Server, page_load) -> gr.State:
                 'guess is 10%); the result joins every model list as `trained/NAME`. Train the CNN baseline '
                 '(ResNet-18) the same way, then set the two side by side in Compare: ViT vs CNN on small data. '
                 'Or fine-tune an ImageNet-pretrained ViT, on CIFAR-10 or on a zip of your own images.' + speed_note())
-    default = TrainForm()
     with gr.Row():
         with gr.Column(scale=1, min_width=300):
-            preset = gr.Dropdown(list(TRAIN_PRESETS), value=next(iter(TRAIN_PRESETS)), label='Preset')
+            preset = gr.Dropdown(list(TRAIN_PRESETS), value=default_name, label='Preset')
             source = gr.Radio(['CIFAR-10', 'my own images (.zip)'], value='CIFAR-10', label='Train on')
             images = gr.File(file_types=['.zip'], type='filepath', label='Your images', visible=False)
             images_note = gr.Markdown(f'{ZipLimits().describe()}; each image is cropped to a square and shrunk '
