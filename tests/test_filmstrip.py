@@ -1,12 +1,12 @@
 """Attention through training: the maps each epoch, kept in the checkpoint, drawn as a filmstrip."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from test_train import CONFIG, colour_data
-from vitdemo.cnn import ResNetConfig
+from test_train import CONFIG, NARROW_CNN, colour_data
 from vitdemo.data import normalize
 from vitdemo.filmstrip import MAX_COLUMNS, Filmstrip, filmstrip_figure
 from vitdemo.model import ViTConfig
@@ -46,7 +46,7 @@ def test_a_run_keeps_its_filmstrip_in_the_checkpoint_small_and_the_cnn_none(tmp_
     strip = Filmstrip.from_metadata(json.loads(json.dumps(kept)))
     assert strip.epochs == [1, 2, 3] and len(strip.maps) == 3 and strip.images.shape == (4, 32, 32, 3)
     assert not np.array_equal(strip.maps[0], strip.maps[2])  # the attention moved as the model learned
-    train(ResNetConfig(img_size=32, num_classes=4), cfg, data, out=tmp_path / 'cnn.safetensors')
+    train(NARROW_CNN, replace(cfg, epochs=1), data, out=tmp_path / 'cnn.safetensors')
     assert 'filmstrip' not in read_metadata(tmp_path / 'cnn.safetensors')
 
 

@@ -229,8 +229,10 @@ def test_a_second_run_goes_on_from_one_of_our_checkpoints_with_its_head_or_a_new
         prepare_finetune(str(cnn), list('abcdefghij'))
 
 
-@pytest.mark.parametrize('model_config,half', [(CONFIG, False), (CONFIG, True),
-                                               (ConvNetConfig(img_size=32, num_classes=4), True)],
+NARROW_CNN = ConvNetConfig(img_size=32, num_classes=4, widths=(8, 16, 32, 32))  # channels-last and batch norm, quickly
+
+
+@pytest.mark.parametrize('model_config,half', [(CONFIG, False), (CONFIG, True), (NARROW_CNN, True)],
                          ids=['vit', 'vit-float16', 'cnn-float16'])
 def test_a_run_stopped_after_an_epoch_and_resumed_ends_as_one_that_never_stopped(tmp_path, model_config, half):
     # crops, CutMix/MixUp and the batch order all draw from random generators: the resumed run must draw alike;
