@@ -219,6 +219,8 @@ def test_the_train_tab_says_when_this_cpu_trains_in_float32(weights_dir, monkeyp
     texts = [b.value or '' for b in blocks if isinstance(b, gr.Markdown)]
     intro = next(t for t in texts if t.startswith('Train a small ViT'))
     assert ('trains in float32' in intro) is not bf16
+    cost = next(t for t in texts if 'ViT-Ti/16 computes a probe' in t)  # the fine-tune's figures for this CPU
+    assert ('~30 images/s' in cost) is not bf16 and ('~120 images/s' in cost) is bf16
     preset = next(b for b in blocks if isinstance(b, gr.Dropdown) and b.label == 'Preset')
     started = TRAIN_PRESETS[preset.value]
     assert (preset.value == SMALL_PRESET) is not bf16

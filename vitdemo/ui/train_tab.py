@@ -11,18 +11,23 @@ from ..serving import publish_image
 from ..archive import ZipLimits, read_image_zip
 from ..filmstrip import filmstrip_figure
 from ..train import (FINETUNE_ARCHS, FINETUNE_MODES, SMALL_PRESET, TRAIN_PRESETS, TrainForm, default_preset,
-                     precision, training_device)
+                     trains_in_float32)
 from ..training_job import Snapshot
 from ..views import progress_html, runs_frame, training_curves
 from ..weights import read_metadata
 from .common import Number, Server, keeps_errors, shows_user_errors
 
 FORM_FIELDS = [f.name for f in fields(TrainForm)]
-# bench/finetune_cost.py on a 2-core AMD EPYC (docs/benchmarks.md); the run's status gives its own ETA
-FINETUNE_COST = ('On a 2-core CPU, ViT-Ti/16 computes a probe\'s features at ~120 images/s (all of CIFAR-10: ~7 '
-                 'minutes; 2,000 of your own: ~20 s), and learns at ~60 images/s in a full fine-tune, ~110 with 8 '
-                 'blocks frozen; ViT-S/16 takes 2-3x as long, ViT-B/16 ~10x. The minutes bound every run: a probe '
-                 'stopped early trains its head on the features it has.')
+# bench/finetune_cost.py on 2-core AMD EPYCs with bf16 and without (docs/benchmarks.md); a run's status gives its
+# own ETA
+FINETUNE_COST = {
+    'bf16': ('On a 2-core CPU with bf16 arithmetic, ViT-Ti/16 computes a probe\'s features at ~120 images/s (all of '
+             'CIFAR-10: ~7 minutes; 2,000 of your own: ~20 s), and learns at ~60 images/s in a full fine-tune, ~110 '
+             'with 8 blocks frozen; ViT-S/16 takes 2-3x as long, ViT-B/16 ~10x.'),
+    'float32': ('On this server\'s CPU, which trains in float32, ViT-Ti/16 computes a probe\'s features at ~30 '
+                'images/s (all of CIFAR-10: ~27 minutes; 2,000 of your own: ~70 s), and learns at ~16 images/s in a '
+                'full fine-tune, ~24 with 8 blocks frozen; ViT-S/16 takes 2-5x as long.'),
+}
 # the 10-minute presets from the command line on a 2-core AMD EPYC with AVX2 only (docs/benchmarks.md)
 FLOAT32_CPU = ('\n\n*This server\'s CPU has no bf16 arithmetic, so it trains in float32, about a quarter as fast. '
                f'So the form starts from a smaller model here ({SMALL_PRESET!r}: dim 96, depth 3): it gets through '
@@ -31,8 +36,14 @@ FLOAT32_CPU = ('\n\n*This server\'s CPU has no bf16 arithmetic, so it trains in 
 
 
 def speed_note() -> str:
-    """What the intro adds where a run here trains in float32 (a CPU on which bf16 would be emulated, far slower)."""
-    return '' if precision(training_device()) else FLOAT32_CPU
+    """What the intro adds where a run here trains in float32."""
+    return FLOAT32_CPU if trains_in_float32() else ''
+
+
+def finetune_cost() -> str:
+    """What a fine-tune costs on this kind of CPU, and what bounds it."""
+    return (FINETUNE_COST['float32' if trains_in_float32() else 'bf16'] + ' The minutes bound every run: a probe '
+            'stopped early trains its head on the features it has.')
 
 
 SNAPSHOT_LABEL = ('Where the last layer\'s CLS token looks (a CNN: last-stage Grad-CAM) on one validation image, '
@@ -151,7 +162,7 @@ def train_tab(server: Server, page_load) -> gr.State:
                     form['frozen_blocks'] = Number(default.frozen_blocks, precision=0,
                                                    label='Frozen blocks (partial)')
                     form['layer_decay'] = Number(default.layer_decay, label='Layer decay (full)')
-                gr.Markdown(FINETUNE_COST)
+                gr.Markdown(finetune_cost())
             name = gr.Textbox('my_vit', label='Save as', info='listed as trained/NAME; a name in use gets -2, -3, ...')
             with gr.Row():
                 start = gr.Button('Start', variant='primary')
