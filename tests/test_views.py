@@ -31,7 +31,7 @@ def test_predict_view_gives_labels_a_gallery_per_layer_and_a_description(weights
     assert captions[0].startswith('input') and captions[1] == 'layer 1 · head 1 of 4'
     assert captions[-1] == f'rollout · all {depth} layers'
     assert all(img.size == (448, 149) for img, _ in gallery)  # the input's own aspect ratio, display size
-    assert '4x4 patches' in text and '17 tokens' in text
+    assert 'a grid of 4x4 patches of 8x8 pixels' in text and '17 tokens' in text
 
 
 def test_the_focus_plot_has_one_place_per_layer(weights_dir):

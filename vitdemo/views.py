@@ -98,8 +98,11 @@ def _describe(model: Model, pred: Prediction, seconds: float) -> str:
                 'is the Grad-CAM of the class explained after a stage: where the evidence for it lies. '
                 f'Answered in {seconds:.2f} s.')
     layers, heads, tokens, _ = pred.attentions.shape
-    return (f'**{model.name}**: {model.description}. Input {size}x{size}, {pred.grid[0]}x{pred.grid[1]} patches, '
-            f'{tokens} tokens ({pred.num_prefix_tokens} before the patches), {layers} layers x {heads} heads. '
+    rows, cols = pred.grid
+    # the grid and the patch's side both: "8x8 patches" alone reads as the side of a 4-pixel patch
+    return (f'**{model.name}**: {model.description}. Input {size}x{size}, a grid of {rows}x{cols} patches of '
+            f'{size // rows}x{size // cols} pixels, {tokens} tokens ({pred.num_prefix_tokens} before the patches), '
+            f'{layers} layers x {heads} heads. '
             f'Answered in {seconds:.2f} s.')
 
 
