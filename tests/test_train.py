@@ -56,6 +56,7 @@ def test_training_learns_reports_events_and_writes_a_loadable_checkpoint(tmp_pat
     assert kinds.count('epoch') == 4 and kinds[-1] == 'done' and kinds.count('step') == 4 * (512 // 64)
     steps = [e for e in events if e.kind == 'step']
     assert steps[-1].progress == 1.0 and all(e.images_per_sec > 0 and e.eta_seconds >= 0 for e in steps)
+    assert {e.budget_epochs for e in steps} == {4}  # the epochs asked for
     assert [h['epoch'] for h in result.history] == [1, 2, 3, 4]
     assert result.history[-1]['train_loss'] < result.history[0]['train_loss']
     assert result.metrics['val_accuracy'] > 0.9 and not result.stopped
@@ -95,11 +96,16 @@ def test_stop_request_ends_at_the_next_step_and_saves(tmp_path):
     assert load_checkpoint(out)[1]['history'][-1]['step'] == 3
 
 
-def test_a_minutes_budget_is_kept():
-    start = time.perf_counter()
-    result = train(CONFIG, TrainConfig(minutes=0.05, batch_size=32, val_size=64), colour_data())
+def test_a_minutes_budget_is_kept_and_its_epochs_foretold():
+    start, events = time.perf_counter(), []
+    result = train(CONFIG, TrainConfig(minutes=0.05, batch_size=32, val_size=64), colour_data(), on_event=events.append)
     assert time.perf_counter() - start < 3 + 5  # 3 s of budget plus one last evaluation
     assert result.history and result.history[-1]['step'] > 0
+    # each step foretells how many epochs the minutes hold at the pace so far; the last, what the run did
+    steps = [e for e in events if e.kind == 'step']
+    assert all(e.budget_epochs > 0 for e in steps)
+    steps_per_epoch = (640 - 64) // 32
+    assert steps[-1].budget_epochs == pytest.approx(steps[-1].step / steps_per_epoch, rel=0.1)
 
 
 @pytest.mark.skipif(not CIFAR_ARCHIVE.exists(), reason='needs ../shared/data/cifar10-train.tar.gz')

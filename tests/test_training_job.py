@@ -5,7 +5,7 @@ import pytest
 from test_train import CONFIG, colour_data
 from vitdemo.cnn import ResNetConfig
 from vitdemo.train import TRAIN_PRESETS, TrainConfig, TrainForm
-from vitdemo.training_job import TrainingBusy, TrainingJob, checkpoint_name
+from vitdemo.training_job import TrainingBusy, TrainingJob, checkpoint_name, of_budget
 from vitdemo.views import progress_html, training_curves
 from vitdemo.store import ModelStore
 from vitdemo.weights import load_checkpoint
@@ -66,6 +66,13 @@ def test_the_cnn_ignores_the_hidden_vit_fields_but_not_its_own():
         form(100, 4, 3, 5, 10, 0, 1e-3, arch='resnet18').configs()
 
 
+def test_the_status_says_how_many_epochs_the_budget_holds():
+    assert (of_budget(None), of_budget(25)) == ('', ' of 25')  # a fine-tune's features; the epochs asked for
+    assert (of_budget(2.44), of_budget(4.3)) == (' of about 2.4', ' of about 4')  # estimates from the minutes
+    # ResNet-18 on a float32 CPU: a third of an epoch in ten minutes, and no curve until it ends
+    assert of_budget(0.31) == ' of about 0.3 (the time runs out within it: the curves come at its end)'
+
+
 def test_checkpoint_names_are_safe():
     assert checkpoint_name(' my-run_2 ') == 'my-run_2'
     for bad in ['../../etc/passwd', '', 'a b', '/abs', 'x' * 60]:
@@ -81,7 +88,7 @@ def test_a_run_reports_progress_curves_and_attention_then_saves(tmp_path):
     snaps = list(job.run(CONFIG, TrainConfig(epochs=2, minutes=None, batch_size=64, val_size=128), 'colours',
                          data=colour_data()))
     assert snaps[0].progress == 0 and 'loading' in snaps[0].status
-    assert any('ETA' in s.status for s in snaps)
+    assert any('ETA' in s.status for s in snaps) and any(s.status.startswith('epoch 2 of 2,') for s in snaps)
     last = snaps[-1]
     assert last.done and last.checkpoint == tmp_path / 'trained' / 'colours.safetensors'
     assert 'finished after 2 epochs' in last.status

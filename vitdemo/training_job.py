@@ -84,6 +84,18 @@ def format_eta(seconds: float) -> str:
     return f'{seconds // 60}:{seconds % 60:02d}'
 
 
+def of_budget(epochs: float | None) -> str:
+    """' of N' epochs: those asked for, or an estimate from the minutes; where the minutes end within the first
+    epoch, when its curves come (a slow model on a slow CPU would otherwise show a bare bar for minutes)."""
+    if epochs is None:
+        return ''
+    if epochs == int(epochs):
+        return f' of {epochs:.0f}'
+    if epochs < 1:
+        return f' of about {epochs:.1f} (the time runs out within it: the curves come at its end)'
+    return f' of about {epochs:.1f}' if epochs < 3 else f' of about {epochs:.0f}'
+
+
 class TrainingJob:
     """Runs `vitdemo.train.train` for the app; at most one run at a time.
 
@@ -257,5 +269,6 @@ class TrainingJob:
                     f'{event.epoch_fraction:.0%}, {event.images_per_sec:.0f} images/s, '
                     f'ETA {format_eta(event.eta_seconds)}')
         val = f', val acc {event.val_accuracy:.1%}' if event.val_accuracy is not None else ''
-        return (f'epoch {event.epoch}, step {event.step}: loss {event.loss:.3f}, acc {event.accuracy:.1%}{val}, '
-                f'lr {event.lr:.1e}, {event.images_per_sec:.0f} images/s, ETA {format_eta(event.eta_seconds)}')
+        return (f'epoch {event.epoch}{of_budget(event.budget_epochs)}, step {event.step}: loss {event.loss:.3f}, '
+                f'acc {event.accuracy:.1%}{val}, lr {event.lr:.1e}, {event.images_per_sec:.0f} images/s, '
+                f'ETA {format_eta(event.eta_seconds)}')
