@@ -28,11 +28,14 @@ FINETUNE_COST = {
                 'images/s (all of CIFAR-10: ~27 minutes; 2,000 of your own: ~70 s), and learns at ~16 images/s in a '
                 'full fine-tune, ~24 with 8 blocks frozen; ViT-S/16 takes 2-5x as long.'),
 }
-# the 10-minute presets from the command line on a 2-core AMD EPYC with AVX2 only (docs/benchmarks.md)
+# the 10-minute presets on a 2-core AMD EPYC with AVX2 only: whole runs from the command line, and the CNNs'
+# training steps (24 and 139 images/s; docs/benchmarks.md)
 FLOAT32_CPU = ('\n\n*This server\'s CPU has no bf16 arithmetic, so it trains in float32, about a quarter as fast. '
                f'So the form starts from a smaller model here ({SMALL_PRESET!r}: dim 96, depth 3): it gets through '
                '7-8 epochs in ten minutes and reaches about 70% validation accuracy on such a CPU, where the first '
-               'preset\'s larger model gets through 4 (67%).*')
+               'preset\'s larger model gets through 4 (67%). The CNNs slow down more: ResNet-18 gets through a third '
+               'of an epoch in ten minutes (the fast 8-layer CNN about two), so give a CNN baseline more minutes '
+               'before you compare.*')
 
 
 def speed_note() -> str:

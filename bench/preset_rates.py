@@ -1,0 +1,65 @@
+"""How far each Train-tab preset gets on this machine: a training step of the preset's own model, batch and
+precision on random 32x32 images, in images per second, and the epochs of CIFAR-10's 45,000 training images
+that its minutes hold at that rate (validation and data loading not counted: a whole run gets a little less).
+
+    python bench/preset_rates.py
+    python bench/preset_rates.py --seconds 4 --presets '10-minute CPU demo'
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from vitdemo.train import TRAIN_PRESETS, autocast, default_preset, precision, training_device  # noqa: E402
+from vitdemo.weights import build_model  # noqa: E402
+
+TRAIN_IMAGES = 45_000  # CIFAR-10's 50,000 less the 5,000 held out for validation
+
+
+def images_per_second(name: str, seconds: float, device: torch.device) -> float:
+    model_config, cfg = TRAIN_PRESETS[name].configs()
+    model = build_model(model_config).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)
+    x = torch.randn(cfg.batch_size, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (cfg.batch_size,), device=device)
+
+    def step():
+        with autocast(device):
+            loss = F.cross_entropy(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    step()  # warm up
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        step()
+        n += cfg.batch_size
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--presets', nargs='*', default=list(TRAIN_PRESETS), choices=list(TRAIN_PRESETS))
+    parser.add_argument('--seconds', type=float, default=8.0, help='timed per preset')
+    args = parser.parse_args()
+    device = training_device()
+    dtype = precision(device)
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, {device.type}, '
+          f'{dtype or torch.float32}; the Train tab starts from {default_preset()!r}\n')
+    print(f'{"preset":42s} {"images/s":>9s} {"minutes":>8s} {"epochs":>7s}')
+    for name in args.presets:
+        form = TRAIN_PRESETS[name]
+        if form.start_from:
+            continue  # a fine-tune: bench/finetune_cost.py
+        rate = images_per_second(name, args.seconds, device)
+        print(f'{name:42s} {rate:9.0f} {form.minutes:8.0f} {rate * 60 * form.minutes / TRAIN_IMAGES:7.1f}', flush=True)
+
+
+if __name__ == '__main__':
+    main()
