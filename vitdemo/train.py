@@ -215,7 +215,7 @@ class TrainEvent:
     val_loss: float | None = None
     val_accuracy: float | None = None
     epoch_fraction: float = 1.0  # 'step': how far into its epoch this step is; 'features': how far through, 0..1
-    budget_epochs: float | None = None  # 'step': the epochs of the budget (with minutes: at the pace so far)
+    budget_epochs: float | None = None  # 'step': the epochs of the budget (minutes: at the pace so far, from 3% on)
     model: Classifier | None = field(default=None, repr=False)  # on 'epoch' and 'done'
     filmstrip: Filmstrip | None = field(default=None, repr=False)  # on 'epoch', a ViT's attention so far
     normalization: tuple[list[float], list[float]] | None = None  # (mean, std) the model's inputs get
@@ -542,9 +542,11 @@ def train(model_config: ModelConfig | None, cfg: TrainConfig, data: ImageData,
             rate = seen / (time.perf_counter() - epoch_start)
             p = progress_now()
             done = epoch - 1 + (i + 1) / steps_per_epoch
+            # the minutes' epochs from the pace once past the first steps' warm-up (which would make them look few)
+            foretold = done / p if p >= 0.03 else None
             emit('step', lr=lr, loss=loss.item(), accuracy=correct / seen, images_per_sec=rate,
                  eta_seconds=elapsed * (1 - p) / max(p, 1e-9), epoch_fraction=(i + 1) / steps_per_epoch,
-                 budget_epochs=cfg.epochs or done / max(p, 1e-9))
+                 budget_epochs=cfg.epochs or foretold)
         if seen == 0:
             break
         val_loss, val_acc = evaluate(model, val_data, mean, std, amp=cfg.amp) if val_data else (None, None)
