@@ -29,7 +29,7 @@ FINETUNE_COST = {
                 'full fine-tune, ~24 with 8 blocks frozen; ViT-S/16 takes 2-5x as long.'),
 }
 # the 10-minute presets on a 2-core AMD EPYC with AVX2 only: whole runs from the command line, and the CNNs'
-# training steps (24 and 139 images/s; docs/benchmarks.md)
+# training rates from bench/preset_rates.py (0.4 and 1.8 epochs in ten minutes; docs/benchmarks.md)
 FLOAT32_CPU = ('\n\n*This server\'s CPU has no bf16 arithmetic, so it trains in float32, about a quarter as fast. '
                f'So the form starts from a smaller model here ({SMALL_PRESET!r}: dim 96, depth 3): it gets through '
                '7-8 epochs in ten minutes and reaches about 70% validation accuracy on such a CPU, where the first '
