@@ -17,7 +17,7 @@ from conftest import GRADIO_TEMP_DIR, ROOT
 from vitdemo.backends import TIMM_ARCHS, ModelCache
 from vitdemo.policy import ServerPolicy
 from vitdemo.store import ModelStore
-from vitdemo.train import TRAIN_PRESETS, TrainForm, default_preset
+from vitdemo.train import SMALL_PRESET, TRAIN_PRESETS, TrainForm, default_preset
 from vitdemo.training_job import Snapshot, TrainingJob
 
 
@@ -212,7 +212,6 @@ def test_the_train_tab_says_when_this_cpu_trains_in_float32(weights_dir, monkeyp
     # a CPU without bf16 trains 4-5x slower: its visitors are told, not left to wonder at the preset's figures,
     # and the form starts from the smaller model that learns more in ten minutes there
     import torch
-    from vitdemo.train import SMALL_PRESET, TRAIN_PRESETS
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: bf16)
     blocks = create_demo(ModelCache(weights_dir=weights_dir)).blocks.values()
