@@ -34,9 +34,9 @@ FLOAT32_CPU = ('\n\n*This server\'s CPU has no bf16 arithmetic, so it trains in 
                f'So the form starts from a smaller model here ({SMALL_PRESET!r}: dim 96, depth 3): it gets through '
                '7-8 epochs in ten minutes and reaches about 70% validation accuracy on such a CPU, where the first '
                'preset\'s larger model gets through 4 (67%), and the 30-minute one through 5 (64%): for a longer '
-               'run, give the smaller model more minutes. The CNNs slow down more: ResNet-18 gets through a third '
-               'of an epoch in ten minutes (the fast 8-layer CNN about two), so give a CNN baseline more minutes '
-               'before you compare.*')
+               'run, give the smaller model more minutes (30: 21 epochs, 78%). The CNNs slow down more: ResNet-18 '
+               'gets through a third of an epoch in ten minutes (the fast 8-layer CNN about two), so give a CNN '
+               'baseline more minutes before you compare.*')
 
 
 def speed_note() -> str:
