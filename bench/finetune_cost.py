@@ -23,11 +23,14 @@ from vitdemo.weights import build_model  # noqa: E402
 
 
 def rate(step, batch: int, seconds: float) -> float:
+    """Images per second of `step` (a batch each call), timed for about `seconds` after one warm-up call."""
     step()  # warm up
     start, n = time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
         step()
         n += batch
+    if torch.cuda.is_available():  # a GPU's queued work counts too
+        torch.cuda.synchronize()
     return n / (time.perf_counter() - start)
 
 

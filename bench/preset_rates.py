@@ -7,7 +7,6 @@ that its minutes hold at that rate (validation and data loading not counted: a w
 """
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from vitdemo.train import TRAIN_PRESETS, autocast, default_preset, precision, training_device  # noqa: E402
 from vitdemo.weights import build_model  # noqa: E402
+from finetune_cost import rate  # noqa: E402  (bench/ is the script's folder)
 
 TRAIN_IMAGES = 45_000  # CIFAR-10's 50,000 less the 5,000 held out for validation
 
@@ -33,14 +33,7 @@ def images_per_second(name: str, seconds: float, device: torch.device) -> float:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    step()  # warm up
-    start, n = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
-        step()
-        n += cfg.batch_size
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-    return n / (time.perf_counter() - start)
+    return rate(step, cfg.batch_size, seconds)
 
 
 def main() -> None:
