@@ -226,6 +226,8 @@ def test_the_train_tab_says_when_this_cpu_trains_in_float32(weights_dir, monkeyp
     assert (started == TrainForm()) is bf16
     embed_dim = next(b for b in blocks if isinstance(b, gr.Number) and b.label == 'Embed dim')
     assert embed_dim.value == started.embed_dim  # the form shows the preset it starts from
+    left_out = next(b for b in blocks if isinstance(b, gr.Slider) and b.label.startswith('Share of patch tokens'))
+    assert left_out.value == started.patch_drop
 
 
 def test_the_method_list_follows_what_a_model_is_from_its_config_alone(weights_dir, tmp_path):

@@ -122,6 +122,30 @@ def test_fused_and_manual_attention_agree():
     torch.testing.assert_close(fused, manual, atol=1e-5, rtol=0)
 
 
+def test_patch_dropout_leaves_out_patch_tokens_while_training_and_none_in_evaluation():
+    config = ViTConfig(**{**TINY_CIFAR.to_dict(), 'patch_size': 4, 'patch_drop_rate': 0.25, 'distilled': True})
+    model = randomize_(VisionTransformer(config))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        full = model.eval().embed(x)
+        kept = model.train().embed(x)
+    patches = config.grid_size ** 2
+    assert full.shape[1] == 2 + patches and kept.shape[1] == 2 + patches * 3 // 4
+    torch.testing.assert_close(kept[:, :2], full[:, :2])  # the CLS and distillation tokens always stay
+    for b in range(2):  # each kept token is one of this image's own patch tokens, none of them twice
+        index = torch.cdist(kept[b, 2:], full[b, 2:]).argmin(dim=1)
+        torch.testing.assert_close(kept[b, 2:], full[b, 2:][index])
+        assert len(set(index.tolist())) == len(index)
+    model.train().set_distilled_training()
+    logits, distilled = model(x)
+    (logits + distilled).sum().backward()  # a taught training step through the fewer tokens
+    assert model.patch_embed.proj.weight.grad.abs().sum() > 0
+    model.set_distilled_training(False)
+    plain = VisionTransformer(ViTConfig(**{**config.to_dict(), 'patch_drop_rate': 0.0})).eval()
+    plain.load_state_dict(model.state_dict())  # no weights of its own: the same checkpoint either way
+    torch.testing.assert_close(model.eval()(x), plain(x))
+
+
 def assert_local_tokens(model: VisionTransformer, config: ViTConfig, corner: int) -> None:
     """One token per patch, and local: changing the image's top-left `corner` pixels moves the first token
     and none in the far quadrant."""
@@ -171,7 +195,8 @@ def test_sincos_position_embedding_is_fixed_and_distinct():
                                             (dict(global_pool='max'), 'global_pool'),
                                             (dict(img_size=36, patch_size=6, stem='conv'), 'power of 2'),
                                             (dict(embed_dim=90, num_heads=3, pos_embed='sincos'), 'divisible by 4'),
-                                            (dict(num_heads=0), 'must be positive')])
+                                            (dict(num_heads=0), 'must be positive'),
+                                            (dict(patch_drop_rate=1.0), 'patch_drop_rate')])
 def test_config_refuses_impossible_shapes(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ViTConfig(**kwargs)

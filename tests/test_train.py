@@ -114,10 +114,11 @@ def test_cli_trains_on_real_cifar_images_and_evaluate_scores_them(tmp_path, caps
     out = tmp_path / 'cifar.safetensors'
     train_cli.main(['--data', str(CIFAR_ARCHIVE), '--epochs', '3', '--train-limit', '3000', '--val-limit', '1000',
                     '--embed-dim', '64', '--depth', '2', '--heads', '2', '--batch-size', '100', '--lr', '3e-3',
-                    '--rand-augment', '5', '--mix-prob', '0.25', '--out', str(out)])
+                    '--rand-augment', '5', '--mix-prob', '0.25', '--patch-drop', '0.25', '--out', str(out)])
     assert 'done: 3 epochs' in capsys.readouterr().out
     _, meta = load_checkpoint(out)
     assert meta['metrics']['val_accuracy'] > 0.2  # chance is 0.1
+    assert meta['config']['patch_drop_rate'] == 0.25
     assert meta['train_config']['rand_augment'] == 5 and meta['train_config']['mix_prob'] == 0.25
     data = load_dataset(CIFAR_ARCHIVE)
     assert meta['mean'] == pytest.approx([0.49, 0.48, 0.45], abs=0.02)  # measured on the images, not assumed
@@ -301,8 +302,8 @@ def test_cli_preset_gives_the_forms_model_and_recipe_and_flags_still_win(tmp_pat
                     '--lr', '1e-3', '--out', str(out)])
     _, meta = load_checkpoint(out)
     form = TRAIN_PRESETS['2-minute quick look']
-    assert (meta['config']['embed_dim'], meta['config']['depth'], meta['config']['stem']) == \
-        (form.embed_dim, form.depth, form.stem)
+    assert (meta['config']['embed_dim'], meta['config']['depth'], meta['config']['stem'],
+            meta['config']['patch_drop_rate']) == (form.embed_dim, form.depth, form.stem, form.patch_drop)
     recipe = meta['train_config']
     assert (recipe['lr'], recipe['epochs'], recipe['minutes'], recipe['crop_padding']) == (1e-3, 1, None, 0)
     assert (recipe['finetune_from'], recipe['teacher']) == ('', '')  # the form's fine-tune fields stay off

@@ -26,12 +26,15 @@ def test_every_preset_is_a_valid_configuration_and_the_defaults_are_the_first():
         assert train_config.crop_padding == p.crop_padding, name
         if p.arch == 'vit':
             assert (model_config.pos_embed, model_config.stem) == (p.pos_embed, p.stem), name
+            assert model_config.patch_drop_rate == p.patch_drop, name
 
 
 @pytest.mark.parametrize('extra,message', [
     (dict(crop_padding=-1), 'crop padding must be between'), (dict(crop_padding=1.5), 'must be a whole number'),
     (dict(pos_embed='rope'), 'pos_embed must be learn or sincos'), (dict(arch='vgg'), 'model must be one of'),
     (dict(stem='pixels'), 'stem must be patch, conv or hybrid'),
+    (dict(patch_drop=0.95), 'patch tokens left out must be between 0 and 0.9'),
+    (dict(patch_drop='half'), "patch tokens left out must be a number, got 'half'"),
 ])
 def test_bad_augmentation_and_model_choices_are_refused(extra, message):
     with pytest.raises(ValueError, match=message):

@@ -37,6 +37,7 @@ class ViTConfig:
     proj_drop_rate: float = 0.0  # dropout after attention and MLP projections
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0  # stochastic depth, growing linearly to this rate at the last block
+    patch_drop_rate: float = 0.0  # share of patch tokens left out of each training image (PatchDropout)
     stem: Literal['patch', 'conv', 'hybrid'] = 'patch'  # 'conv': 3x3 convs (ConvStem); 'hybrid': a ResNet stage
     distilled: bool = False  # DeiT: a distillation token and head beside CLS, taught by a teacher
 
@@ -55,6 +56,7 @@ class ViTConfig:
         check(self.pos_embed in ('learn', 'sincos'), f'pos_embed must be learn or sincos, not {self.pos_embed!r}')
         check(self.pos_embed == 'learn' or self.embed_dim % 4 == 0,
               f'sin-cos position embeddings need embed_dim divisible by 4, not {self.embed_dim}')
+        check(0 <= self.patch_drop_rate < 1, f'patch_drop_rate must be in [0, 1), not {self.patch_drop_rate}')
         check(self.stem in STEMS, f'stem must be patch, conv or hybrid, not {self.stem!r}')
         check(not (self.distilled and self.global_pool == 'avg'),
               'a distilled ViT classifies its CLS and distillation tokens: global_pool must be token')
@@ -345,7 +347,13 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(x)  # (B, N, D)
         prefix = [self.cls_token] + ([self.dist_token] if self.dist_token is not None else [])
         x = torch.cat([t.expand(B, -1, -1) for t in prefix] + [x], dim=1)  # (B, prefix + N, D)
-        return self.pos_drop(x + self.pos_embed)
+        x = self.pos_drop(x + self.pos_embed)
+        if self.training and c.patch_drop_rate:
+            # PatchDropout (Liu et al. 2022): each training image keeps a random subset of its patch tokens, so a
+            # step does less arithmetic and a run fixed in minutes sees more epochs; evaluation keeps them all
+            x, _ = late_import('timm.layers').patch_dropout_forward(x, c.patch_drop_rate, self.num_prefix_tokens,
+                                                                    ordered=False, training=True)
+        return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.blocks(self.embed(x)))

@@ -15,7 +15,7 @@ from ..train import (FINETUNE_ARCHS, FINETUNE_MODES, SMALL_PRESET, TRAIN_PRESETS
 from ..training_job import Snapshot
 from ..views import progress_html, runs_frame, training_curves
 from ..weights import read_metadata
-from .common import Number, Server, keeps_errors, shows_user_errors
+from .common import Number, Server, Slider, keeps_errors, shows_user_errors
 
 FORM_FIELDS = [f.name for f in fields(TrainForm)]
 # bench/finetune_cost.py on 2-core AMD EPYCs with bf16 and without (docs/benchmarks.md); a run's status gives its
@@ -185,6 +185,10 @@ def train_tab(server: Server, page_load) -> gr.State:
                                                  ("one patch projection (timm's ViT)", 'patch'),
                                                  ("a ResNet stage (the ViT paper's hybrid)", 'hybrid')],
                                                 value=default.stem, label='Tokens from')
+                    form['patch_drop'] = Slider(0, 0.75, value=default.patch_drop, step=0.25,
+                                                label='Share of patch tokens left out of each training image',
+                                                info='PatchDropout: cheaper steps, so more epochs in the minutes; '
+                                                     'a prediction sees every patch')
                 with gr.Row():
                     form['minutes'] = Number(default.minutes, label='Minutes')
                     form['batch_size'] = Number(default.batch_size, label='Batch size', precision=0)
