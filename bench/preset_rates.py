@@ -1,27 +1,29 @@
 """How far each Train-tab preset gets on this machine: a training step of the preset's own model, batch and
 precision on random 32x32 images, in images per second, and the epochs of CIFAR-10's 45,000 training images
 that its minutes hold at that rate (validation and data loading not counted: a whole run gets a little less).
+A preset that leaves patch tokens out is timed again with every token, right after, for the speed-up.
 
     python bench/preset_rates.py
     python bench/preset_rates.py --seconds 4 --presets '10-minute CPU demo'
 """
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from vitdemo.train import TRAIN_PRESETS, autocast, default_preset, precision, training_device  # noqa: E402
+from vitdemo.train import TRAIN_PRESETS, TrainForm, autocast, default_preset, precision, training_device  # noqa: E402
 from vitdemo.weights import build_model  # noqa: E402
 from finetune_cost import rate  # noqa: E402  (bench/ is the script's folder)
 
 TRAIN_IMAGES = 45_000  # CIFAR-10's 50,000 less the 5,000 held out for validation
 
 
-def images_per_second(name: str, seconds: float, device: torch.device) -> float:
-    model_config, cfg = TRAIN_PRESETS[name].configs()
+def images_per_second(form: TrainForm, seconds: float, device: torch.device) -> float:
+    model_config, cfg = form.configs()
     model = build_model(model_config).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)
     x = torch.randn(cfg.batch_size, 3, 32, 32, device=device)
@@ -50,8 +52,12 @@ def main() -> None:
         form = TRAIN_PRESETS[name]
         if form.start_from:
             continue  # a fine-tune: bench/finetune_cost.py
-        rate = images_per_second(name, args.seconds, device)
+        rate = images_per_second(form, args.seconds, device)
         print(f'{name:42s} {rate:9.0f} {form.minutes:8.0f} {rate * 60 * form.minutes / TRAIN_IMAGES:7.1f}', flush=True)
+        if form.arch == 'vit' and form.patch_drop:  # the same preset with every token, timed right after it
+            full = images_per_second(replace(form, patch_drop=0.0), args.seconds, device)
+            print(f'{"  the same, every patch token":42s} {full:9.0f} {form.minutes:8.0f} '
+                  f'{full * 60 * form.minutes / TRAIN_IMAGES:7.1f}   (left out: {rate / full:.2f}x)', flush=True)
 
 
 if __name__ == '__main__':
