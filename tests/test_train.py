@@ -56,7 +56,7 @@ def test_training_learns_reports_events_and_writes_a_loadable_checkpoint(tmp_pat
     assert kinds.count('epoch') == 4 and kinds[-1] == 'done' and kinds.count('step') == 4 * (512 // 64)
     steps = [e for e in events if e.kind == 'step']
     assert steps[-1].progress == 1.0 and all(e.images_per_sec > 0 and e.eta_seconds >= 0 for e in steps)
-    assert {e.budget_epochs for e in steps} == {4}  # the epochs asked for
+    assert {e.budget_epochs for e in events if e.kind in ('step', 'epoch')} == {4}  # the epochs asked for
     assert [h['epoch'] for h in result.history] == [1, 2, 3, 4]
     assert result.history[-1]['train_loss'] < result.history[0]['train_loss']
     assert result.metrics['val_accuracy'] > 0.9 and not result.stopped
@@ -107,6 +107,8 @@ def test_a_minutes_budget_is_kept_and_its_epochs_foretold():
     assert all(e.budget_epochs > 0 for e in steps if e.progress >= 0.04)
     steps_per_epoch = (640 - 64) // 32
     assert steps[-1].budget_epochs == pytest.approx(steps[-1].step / steps_per_epoch, rel=0.1)
+    ends = [e for e in events if e.kind == 'epoch']  # an epoch's end says it too
+    assert ends and all(e.budget_epochs > 0 for e in ends if e.progress >= 0.04)
 
 
 @pytest.mark.skipif(not CIFAR_ARCHIVE.exists(), reason='needs ../shared/data/cifar10-train.tar.gz')

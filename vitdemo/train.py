@@ -221,7 +221,7 @@ class TrainEvent:
     val_loss: float | None = None
     val_accuracy: float | None = None
     epoch_fraction: float = 1.0  # 'step': how far into its epoch this step is; 'features': how far through, 0..1
-    budget_epochs: float | None = None  # 'step': the epochs of the budget (minutes: at the pace so far, from 3% on)
+    budget_epochs: float | None = None  # 'step', 'epoch': the budget's epochs (minutes: at the pace so far, from 3%)
     model: Classifier | None = field(default=None, repr=False)  # on 'epoch' and 'done'
     filmstrip: Filmstrip | None = field(default=None, repr=False)  # on 'epoch', a ViT's attention so far
     normalization: tuple[list[float], list[float]] | None = None  # (mean, std) the model's inputs get
@@ -573,6 +573,7 @@ def train(model_config: ModelConfig | None, cfg: TrainConfig, data: ImageData,
         p = progress_now()
         emit('epoch', lr=lr, loss=record['train_loss'], accuracy=record['train_accuracy'],
              images_per_sec=record['images_per_sec'], eta_seconds=elapsed * (1 - p) / max(p, 1e-9),
+             budget_epochs=cfg.epochs or (epoch / p if p >= 0.03 else None),
              val_loss=val_loss, val_accuracy=val_acc, model=model, normalization=(mean, std), filmstrip=filmstrip)
 
     model.eval()
