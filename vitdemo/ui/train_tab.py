@@ -188,8 +188,9 @@ def train_tab(server: Server, page_load) -> gr.State:
                                                 value=default.stem, label='Tokens from')
                     form['patch_drop'] = Slider(0, 0.75, value=default.patch_drop, step=0.25,
                                                 label='Share of patch tokens left out of each training image',
-                                                info='PatchDropout: cheaper steps, so more epochs in the minutes; '
-                                                     'a prediction sees every patch')
+                                                info='PatchDropout: cheaper steps, so more epochs in the minutes. '
+                                                     'Predictions see every patch, so validation accuracy can read '
+                                                     'above training')
                 with gr.Row():
                     form['minutes'] = Number(default.minutes, label='Minutes')
                     form['batch_size'] = Number(default.batch_size, label='Batch size', precision=0)
