@@ -497,6 +497,10 @@ def train(model_config: ModelConfig | None, cfg: TrainConfig, data: ImageData,
             dist.broadcast(state, src=0)
         return state[0].item(), bool(state[1].item())
 
+    def budget_epochs(done: float, p: float) -> float | None:
+        # the minutes' epochs from the pace, once past the first steps' warm-up (which would make them look few)
+        return cfg.epochs or (done / p if p >= 0.03 else None)
+
     def emit(kind: str, **kw) -> None:
         if on_event is not None:
             on_event(TrainEvent(kind=kind, epoch=epoch, step=step, progress=min(progress_now(), 1.0), **kw))
@@ -547,12 +551,9 @@ def train(model_config: ModelConfig | None, cfg: TrainConfig, data: ImageData,
             elapsed = time.perf_counter() - start
             rate = seen / (time.perf_counter() - epoch_start)
             p = progress_now()
-            done = epoch - 1 + (i + 1) / steps_per_epoch
-            # the minutes' epochs from the pace once past the first steps' warm-up (which would make them look few)
-            foretold = done / p if p >= 0.03 else None
             emit('step', lr=lr, loss=loss.item(), accuracy=correct / seen, images_per_sec=rate,
                  eta_seconds=elapsed * (1 - p) / max(p, 1e-9), epoch_fraction=(i + 1) / steps_per_epoch,
-                 budget_epochs=cfg.epochs or foretold)
+                 budget_epochs=budget_epochs(epoch - 1 + (i + 1) / steps_per_epoch, p))
         if seen == 0:
             break
         val_loss, val_acc = evaluate(model, val_data, mean, std, amp=cfg.amp) if val_data else (None, None)
@@ -573,7 +574,7 @@ def train(model_config: ModelConfig | None, cfg: TrainConfig, data: ImageData,
         p = progress_now()
         emit('epoch', lr=lr, loss=record['train_loss'], accuracy=record['train_accuracy'],
              images_per_sec=record['images_per_sec'], eta_seconds=elapsed * (1 - p) / max(p, 1e-9),
-             budget_epochs=cfg.epochs or (epoch / p if p >= 0.03 else None),
+             budget_epochs=budget_epochs(epoch, p),
              val_loss=val_loss, val_accuracy=val_acc, model=model, normalization=(mean, std), filmstrip=filmstrip)
 
     model.eval()
