@@ -52,12 +52,14 @@ def main() -> None:
         form = TRAIN_PRESETS[name]
         if form.start_from:
             continue  # a fine-tune: bench/finetune_cost.py
+        def row(label: str, images_per_sec: float, note: str = '') -> None:
+            epochs = images_per_sec * 60 * form.minutes / TRAIN_IMAGES
+            print(f'{label:42s} {images_per_sec:9.0f} {form.minutes:8.0f} {epochs:7.1f}{note}', flush=True)
         rate = images_per_second(form, args.seconds, device)
-        print(f'{name:42s} {rate:9.0f} {form.minutes:8.0f} {rate * 60 * form.minutes / TRAIN_IMAGES:7.1f}', flush=True)
+        row(name, rate)
         if form.arch == 'vit' and form.patch_drop:  # the same preset with every token, timed right after it
             full = images_per_second(replace(form, patch_drop=0.0), args.seconds, device)
-            print(f'{"  the same, every patch token":42s} {full:9.0f} {form.minutes:8.0f} '
-                  f'{full * 60 * form.minutes / TRAIN_IMAGES:7.1f}   (left out: {rate / full:.2f}x)', flush=True)
+            row('  the same, every patch token', full, f'   (left out: {rate / full:.2f}x)')
 
 
 if __name__ == '__main__':
