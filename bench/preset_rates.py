@@ -55,11 +55,11 @@ def main() -> None:
         def row(label: str, images_per_sec: float, note: str = '') -> None:
             epochs = images_per_sec * 60 * form.minutes / TRAIN_IMAGES
             print(f'{label:42s} {images_per_sec:9.0f} {form.minutes:8.0f} {epochs:7.1f}{note}', flush=True)
-        rate = images_per_second(form, args.seconds, device)
-        row(name, rate)
+        speed = images_per_second(form, args.seconds, device)
+        row(name, speed)
         if form.arch == 'vit' and form.patch_drop:  # the same preset with every token, timed right after it
             full = images_per_second(replace(form, patch_drop=0.0), args.seconds, device)
-            row('  the same, every patch token', full, f'   (left out: {rate / full:.2f}x)')
+            row('  the same, every patch token', full, f'   (left out: {speed / full:.2f}x)')
 
 
 if __name__ == '__main__':
