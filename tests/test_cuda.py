@@ -1,8 +1,11 @@
 """What needs a CUDA GPU: training there (bfloat16 or float16 with a loss scaler, fused attention) and
 predictions that agree with the CPU's. Skipped without a GPU; `bench/gpu_check.sh` runs them on one."""
+import math
+
 import pytest
 import torch
 
+import vitdemo.train as train_module
 from test_train import CONFIG, colour_data
 from vitdemo.backends import checkpoint_model
 from vitdemo.train import TrainConfig, precision, train
@@ -21,6 +24,17 @@ def test_training_on_the_gpu_learns_with_its_precision_and_fused_attention(dtype
     assert result.model.blocks[0].attn.fused_attn  # SDPA trained it
     assert result.history[-1]['val_accuracy'] > 0.9
     assert next(result.model.parameters()).device.type == 'cuda'
+
+
+def test_the_batch_is_augmented_on_the_gpu(monkeypatch):
+    devices = []
+    rand_augment = train_module.rand_augment
+    monkeypatch.setattr(train_module, 'rand_augment',
+                        lambda images, strength: devices.append(images.device.type) or rand_augment(images, strength))
+    cfg = TrainConfig(epochs=1, minutes=None, batch_size=64, val_size=128, rand_augment=9, mix_prob=1.0)
+    result = train(CONFIG, cfg, colour_data(), device='cuda')
+    assert devices and set(devices) == {'cuda'}  # crops, RandAugment and mixing where the model is
+    assert math.isfinite(result.history[-1]['train_loss'])
 
 
 def test_a_prediction_on_the_gpu_agrees_with_the_cpu():

@@ -71,7 +71,7 @@ def test_augment_crops_and_flips_whole_batches():
 def test_rand_augment_gives_each_group_its_own_ops():
     torch.manual_seed(0)
     image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
-    out = rand_augment(image.repeat(64, 1, 1, 1), magnitude=9, group=4)
+    out = rand_augment(image.repeat(64, 1, 1, 1), magnitude=9, draws=16)  # groups of 4
     assert out.shape == (64, 3, 16, 16) and out.dtype == torch.uint8
     groups = out.view(16, 4, 3, 16, 16)
     assert all(torch.equal(g[0], g[3]) for g in groups)  # one draw per group ...

@@ -127,7 +127,8 @@ def _read_official(root: Path, split: str, download: bool) -> ImageData:
 
 
 def augment(images: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random crop with reflect padding and horizontal flip, for a whole uint8 batch (B, C, H, W) at once."""
+    """Random crop with reflect padding and horizontal flip, for a whole uint8 batch (B, C, H, W) at once, on
+    the batch's device; the draws come from `generator` on the CPU, so a run draws alike on any device."""
     B, C, H, W = images.shape
     padded = F.pad(images, (padding,) * 4, mode='reflect') if padding else images
     dy = torch.randint(0, 2 * padding + 1, (B,), generator=generator)
@@ -136,16 +137,17 @@ def augment(images: torch.Tensor, padding: int = 4, generator: torch.Generator |
     cols = (dx[:, None] + torch.arange(W))  # (B, W)
     flip = torch.rand(B, generator=generator) < 0.5
     cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]  # (B, 1, 1, W)
-    out = padded[torch.arange(B)[:, None, None, None], torch.arange(C)[None, :, None, None], rows, cols]
-    return out
+    index = torch.arange(B)[:, None, None, None], torch.arange(C)[None, :, None, None], rows, cols
+    return padded[tuple(i.to(images.device) for i in index)]
 
 
-def rand_augment(images: torch.Tensor, magnitude: int, group: int = 8) -> torch.Tensor:
+def rand_augment(images: torch.Tensor, magnitude: int, draws: int = 16) -> torch.Tensor:
     """RandAugment (two random ops of the given strength, 0-30) on a uint8 batch. torchvision draws one
-    choice of ops per call, so each group of `group` images gets its own draw."""
+    choice of ops per call, so the batch is cut into `draws` groups, each with its own draw (a batch of 128:
+    groups of 8); a fixed number of calls, not of images, per batch keeps a GPU's large batches cheap."""
     v2 = late_import('torchvision.transforms.v2')
     augmenter = v2.RandAugment(num_ops=2, magnitude=magnitude)
-    return torch.cat([augmenter(chunk) for chunk in images.split(group)])
+    return torch.cat([augmenter(chunk) for chunk in images.chunk(draws)])
 
 
 def mix(images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,8 +161,8 @@ def mix(images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[t
 
 def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
     """uint8 (B, C, H, W) to float, scaled to [0, 1] and standardised per channel."""
-    mean_t = torch.tensor(mean).view(1, -1, 1, 1) * 255
-    std_t = torch.tensor(std).view(1, -1, 1, 1) * 255
+    mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
+    std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255
     return (images.float() - mean_t) / std_t
 
 

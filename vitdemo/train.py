@@ -520,15 +520,15 @@ def train(model_config: ModelConfig | None, cfg: TrainConfig, data: ImageData,
             lr = get_lr(progress, cfg)
             for group in optimizer.param_groups:
                 group['lr'] = lr * group['lr_scale']
+            # the batch, augmented where the model is (on a GPU the CPU's augmentation would starve it)
             idx = shard[i * batch_size:(i + 1) * batch_size]
-            images = augment(train_data.images[idx], cfg.crop_padding, augment_generator)
+            images = augment(train_data.images[idx].to(device), cfg.crop_padding, augment_generator)
             if cfg.rand_augment:
                 images = rand_augment(images, cfg.rand_augment)
             x = to_model_input(images, mean, std, model_config.img_size)
-            y = target = train_data.labels[idx]
+            y = target = train_data.labels[idx].to(device)
             if torch.rand((), generator=augment_generator) < cfg.mix_prob:
                 x, target = mix(x, y, model_config.num_classes)
-            x, y, target = x.to(device), y.to(device), target.to(device)
             # forward, the teacher's answer when there is one, and the loss
             with autocast(device, cfg.amp, cfg.amp_dtype):
                 outputs = forward(x)
