@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, under 8 minutes on one GPU (3 on an H100): the tests that need CUDA, the training throughput of
 # our trainer against the tutorial's ViT (both on the GPU, with the matrix-product limit), where a training
-# step's time goes, and ViT-B/16's predict latency with every layer's attention against a plain forward. Run from anywhere; without a GPU it says so and exits 0.
+# step's time goes, and ViT-B/16's predict latency with every layer's attention against a plain forward.
+# Run from anywhere; without a GPU it says so and exits 0.
 #     bash bench/gpu_check.sh            # prints everything; put the figures in docs/benchmarks.md with the card
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -520,7 +520,7 @@ def train(model_config: ModelConfig | None, cfg: TrainConfig, data: ImageData,
             lr = get_lr(progress, cfg)
             for group in optimizer.param_groups:
                 group['lr'] = lr * group['lr_scale']
-            # the batch, augmented where the model is (on a GPU the CPU's augmentation would starve it)
+            # the batch, augmented where the model is: to a GPU go uint8 pixels, and the CPU only launches the work
             idx = shard[i * batch_size:(i + 1) * batch_size]
             images = augment(train_data.images[idx].to(device), cfg.crop_padding, augment_generator)
             if cfg.rand_augment:
