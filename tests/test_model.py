@@ -86,7 +86,7 @@ def test_cifar_preset_is_small_and_sees_32px():
 
 @pytest.mark.parametrize('overrides', [{}, dict(global_pool='avg'), dict(pos_embed='sincos'),
                                        dict(drop_path_rate=0.2, proj_drop_rate=0.1, attn_drop_rate=0.1),
-                                       dict(stem='conv')])
+                                       dict(stem='conv'), dict(stem='strided')])
 def test_forward_shapes_finite_and_every_parameter_learns(overrides):
     model = VisionTransformer(ViTConfig(**{**TINY_CIFAR.to_dict(), **overrides})).train()
     torch.nn.init.normal_(model.head.weight, std=0.02)  # it starts at zero, which passes no gradient back
@@ -174,6 +174,18 @@ def test_conv_stem_gives_one_token_per_patch_under_timm_hybrid_names(patch_size)
     assert_local_tokens(model, config, corner=patch_size)  # changing the top-left patch moves its token only
 
 
+@pytest.mark.parametrize('patch_size', [2, 4, 8])
+def test_strided_conv_stem_halves_the_image_with_every_conv(patch_size):
+    config = ViTConfig(**{**TINY_CIFAR.to_dict(), 'patch_size': patch_size, 'stem': 'strided'})
+    model = randomize_(VisionTransformer(config)).eval()
+    convs = [m for m in model.patch_embed.backbone if isinstance(m, torch.nn.Conv2d)]
+    assert [m.stride[0] for m in convs] == [2] * (patch_size.bit_length() - 1)  # no conv at full size
+    full = VisionTransformer(ViTConfig(**{**config.to_dict(), 'stem': 'conv'}))
+    widths = [m.out_channels for m in full.patch_embed.backbone if isinstance(m, torch.nn.Conv2d)]
+    assert [m.out_channels for m in convs] == widths[1:]  # the conv stem's halvings, as wide
+    assert_local_tokens(model, config, corner=patch_size)
+
+
 def test_conv_stem_keeps_some_channels_for_a_narrow_model_with_large_patches():
     model = VisionTransformer(ViTConfig(img_size=32, patch_size=16, num_classes=10, embed_dim=16, depth=1,
                                         num_heads=2, stem='conv'))
@@ -194,6 +206,7 @@ def test_sincos_position_embedding_is_fixed_and_distinct():
                                             (dict(img_size=30, patch_size=4), 'divisible by patch_size'),
                                             (dict(global_pool='max'), 'global_pool'),
                                             (dict(img_size=36, patch_size=6, stem='conv'), 'power of 2'),
+                                            (dict(img_size=32, patch_size=1, stem='strided'), 'patch of 2 or more'),
                                             (dict(embed_dim=90, num_heads=3, pos_embed='sincos'), 'divisible by 4'),
                                             (dict(num_heads=0), 'must be positive'),
                                             (dict(patch_drop_rate=1.0), 'patch_drop_rate')])

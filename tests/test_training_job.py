@@ -32,7 +32,7 @@ def test_every_preset_is_a_valid_configuration_and_the_defaults_are_the_first():
 @pytest.mark.parametrize('extra,message', [
     (dict(crop_padding=-1), 'crop padding must be between'), (dict(crop_padding=1.5), 'must be a whole number'),
     (dict(pos_embed='rope'), 'pos_embed must be learn or sincos'), (dict(arch='vgg'), 'model must be one of'),
-    (dict(stem='pixels'), 'stem must be patch, conv or hybrid'),
+    (dict(stem='pixels'), 'stem must be one of patch, conv, strided, hybrid'),
     (dict(patch_drop=0.95), 'patch tokens left out must be between 0 and 0.9'),
     (dict(patch_drop='half'), "patch tokens left out must be a number, got 'half'"),
 ])

@@ -18,7 +18,8 @@ from vitdemo.weights import CheckpointError, load_checkpoint, read_metadata, sav
 CLASSES = [f'class{i}' for i in range(10)]
 
 
-@pytest.mark.parametrize('config', [TINY_CIFAR, replace(TINY_CIFAR, stem='conv')], ids=['patch', 'conv-stem'])
+@pytest.mark.parametrize('config', [TINY_CIFAR, replace(TINY_CIFAR, stem='conv'), replace(TINY_CIFAR, stem='strided')],
+                         ids=['patch', 'conv-stem', 'strided-stem'])
 def test_round_trip_keeps_weights_and_metadata(tmp_path, config):
     model = randomize_(VisionTransformer(config))
     model.train()(torch.randn(8, 3, 32, 32))  # batch-norm statistics (conv stem) move off their defaults

@@ -38,7 +38,8 @@ class ViTConfig:
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0  # stochastic depth, growing linearly to this rate at the last block
     patch_drop_rate: float = 0.0  # share of patch tokens left out of each training image (PatchDropout)
-    stem: Literal['patch', 'conv', 'hybrid'] = 'patch'  # 'conv': 3x3 convs (ConvStem); 'hybrid': a ResNet stage
+    # 'conv': 3x3 convs (ConvStem); 'strided': the same without the full-size one; 'hybrid': a ResNet stage
+    stem: Literal['patch', 'conv', 'strided', 'hybrid'] = 'patch'
     distilled: bool = False  # DeiT: a distillation token and head beside CLS, taught by a teacher
 
     def __post_init__(self):
@@ -57,11 +58,12 @@ class ViTConfig:
         check(self.pos_embed == 'learn' or self.embed_dim % 4 == 0,
               f'sin-cos position embeddings need embed_dim divisible by 4, not {self.embed_dim}')
         check(0 <= self.patch_drop_rate < 1, f'patch_drop_rate must be in [0, 1), not {self.patch_drop_rate}')
-        check(self.stem in STEMS, f'stem must be patch, conv or hybrid, not {self.stem!r}')
+        check(self.stem in STEMS, f'stem must be one of {", ".join(STEMS)}, not {self.stem!r}')
         check(not (self.distilled and self.global_pool == 'avg'),
               'a distilled ViT classifies its CLS and distillation tokens: global_pool must be token')
-        check(self.stem != 'conv' or self.patch_size & (self.patch_size - 1) == 0,
+        check(self.stem not in ('conv', 'strided') or self.patch_size & (self.patch_size - 1) == 0,
               f'a conv stem halves the image per conv, so patch_size must be a power of 2, not {self.patch_size}')
+        check(self.stem != 'strided' or self.patch_size > 1, 'a strided conv stem needs a patch of 2 or more')
 
     @property
     def grid_size(self) -> int:
@@ -128,15 +130,20 @@ class ConvStem(nn.Module):
     The names follow timm's `HybridEmbed` (`patch_embed.backbone`, `patch_embed.proj`).
     """
 
+    full_resolution = True  # the first conv keeps the image's size; the halvings follow
+
     def __init__(self, img_size: int = 32, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 192):
         super().__init__()
         self.grid_size = img_size // patch_size
         self.num_patches = self.grid_size ** 2
         first = max(8, embed_dim // patch_size // 2)  # widths double with every halving, up to embed_dim / 2
         widths = [first * 2 ** i for i in range(patch_size.bit_length())]
+        strides = [1] + [2] * (len(widths) - 1)
+        if not self.full_resolution:
+            widths, strides = widths[1:], strides[1:]
         layers, c = [], in_chans
-        for i, width in enumerate(widths):
-            layers += [nn.Conv2d(c, width, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
+        for width, stride in zip(widths, strides):
+            layers += [nn.Conv2d(c, width, 3, stride=stride, padding=1, bias=False),
                        nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
             c = width
         self.backbone = nn.Sequential(*layers)
@@ -149,6 +156,14 @@ class ConvStem(nn.Module):
         # memory): the same numbers, 3% faster, and the weight's gradient comes in the weight's own layout,
         # where the conv gave it channels-last and DistributedDataParallel warned about the mismatch
         return F.linear(x.flatten(2).transpose(1, 2), self.proj.weight.flatten(1), self.proj.bias)  # (B, N, D)
+
+
+class StridedConvStem(ConvStem):
+    """`ConvStem` without its conv at full resolution: every 3x3 conv halves the image, as in Xiao et al.'s
+    own stem. That first conv, its norm and its ReLU work on the most pixels: for a small model on a CPU they
+    were most of the stem's time, and the stem about a third of a training step once PatchDropout had halved
+    the blocks' tokens (docs/benchmarks.md)."""
+    full_resolution = False
 
 
 class HybridEmbed(nn.Module):
@@ -262,7 +277,8 @@ class Block(nn.Module):
         return (x, attn) if return_attention else x
 
 
-STEMS = {'patch': PatchEmbed, 'conv': ConvStem, 'hybrid': HybridEmbed}  # how tokens are made
+# how tokens are made
+STEMS = {'patch': PatchEmbed, 'conv': ConvStem, 'strided': StridedConvStem, 'hybrid': HybridEmbed}
 
 
 class VisionTransformer(nn.Module):
