@@ -1,7 +1,8 @@
 """How far each Train-tab preset gets on this machine: a training step of the preset's own model, batch and
 precision on random 32x32 images, in images per second, and the epochs of CIFAR-10's 45,000 training images
 that its minutes hold at that rate (validation and data loading not counted: a whole run gets a little less).
-A preset that leaves patch tokens out is timed again with every token, right after, for the speed-up.
+A preset that leaves patch tokens out is timed again with every token, right after, for the speed-up; one
+whose conv stem has no conv at full size (`stem='strided'`), again with that conv.
 
     python bench/preset_rates.py
     python bench/preset_rates.py --seconds 4 --presets '10-minute CPU demo'
@@ -60,6 +61,9 @@ def main() -> None:
         if form.arch == 'vit' and form.patch_drop:  # the same preset with every token, timed right after it
             full = images_per_second(replace(form, patch_drop=0.0), args.seconds, device)
             row('  the same, every patch token', full, f'   (left out: {speed / full:.2f}x)')
+        if form.arch == 'vit' and form.stem == 'strided':  # the same preset with the full-size conv
+            full = images_per_second(replace(form, stem='conv'), args.seconds, device)
+            row('  the same, the conv stem', full, f'   (strided: {speed / full:.2f}x)')
 
 
 if __name__ == '__main__':

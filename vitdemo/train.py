@@ -192,12 +192,14 @@ TRAIN_PRESETS: dict[str, TrainForm] = {
     '10-minute CPU demo': TrainForm(),
     # a CPU without bf16 trains in float32, ~4x slower: there this smaller model gets through twice the epochs of
     # the first and ends 2-3 points higher (measured: 7-8 epochs, 69.4-70.2% against 66.7-67.6%), and leaving out
-    # half of each image's patch tokens makes its steps 1.6-1.9x as fast: 11 epochs, 71.3-72.5%; the default there
-    SMALL_PRESET: TrainForm(embed_dim=96, depth=3, num_heads=3, patch_drop=0.5),
+    # half of each image's patch tokens makes its steps 1.6-1.9x as fast: 11 epochs, 71.3-72.5%; then the conv
+    # stem's full-size conv is the step's largest cost, and the stem without it ('strided') another 1.3x: 14-15
+    # epochs, 72.8-73.0% (71.9% the same day with it); the default there
+    SMALL_PRESET: TrainForm(embed_dim=96, depth=3, num_heads=3, stem='strided', patch_drop=0.5),
     # two minutes are a few epochs, where each more pays most: measured on a float32 CPU, half the patch tokens
-    # left out gave 3 epochs and 55.1%, every token 2 epochs and 47.1%
-    '2-minute quick look': TrainForm(embed_dim=96, depth=3, num_heads=3, minutes=2.0, crop_padding=0,
-                                     patch_drop=0.5),
+    # left out gave 3 epochs and 55.1%, every token 2 epochs and 47.1%; the strided stem 59.7% (55.0% without)
+    '2-minute quick look': TrainForm(embed_dim=96, depth=3, num_heads=3, stem='strided', minutes=2.0,
+                                     crop_padding=0, patch_drop=0.5),
     '30-minute, larger model': TrainForm(embed_dim=192, depth=6, num_heads=3, minutes=30.0, batch_size=256,
                                          pos_embed='learn', crop_padding=4),
     # ResNet-18 does ~8x the arithmetic per image of the 10-minute ViT: about one epoch in ten minutes
@@ -739,8 +741,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--pos-embed', choices=['learn', 'sincos'], default=base.pos_embed,
                         help='learned position embeddings, or fixed 2-D sin-cos ones')
     parser.add_argument('--stem', choices=list(STEMS), default=base.stem,
-                        help='tokens from one patch projection, from small convolutions (learns faster), or from '
-                             "a ResNet's first stage (the ViT paper's hybrid)")
+                        help='tokens from one patch projection, from small convolutions (learns faster), from the '
+                             'same without the one at full size (cheaper), or from a ResNet\'s first stage (the ViT '
+                             "paper's hybrid)")
     parser.add_argument('--drop-path', type=float, default=0.0, help='stochastic depth rate at the last block')
     parser.add_argument('--patch-drop', type=float, default=0.0,
                         help='share of patch tokens each training image leaves out (PatchDropout; 0: none)')

@@ -31,11 +31,12 @@ FINETUNE_COST = {
 # the 10-minute presets on a 2-core AMD EPYC with AVX2 only: whole runs from the command line, and the CNNs'
 # training rates from bench/preset_rates.py (0.4 and 1.8 epochs in ten minutes; docs/benchmarks.md)
 FLOAT32_CPU = ('\n\n*This server\'s CPU has no bf16 arithmetic, so it trains in float32, about a quarter as fast. '
-               f'So the form starts from a smaller model here ({SMALL_PRESET!r}: dim 96, depth 3, each training '
-               'image leaving out half its patch tokens): it gets through 11 epochs in ten minutes and reaches about '
-               '72% validation accuracy on such a CPU, where the first preset\'s larger model with every token gets '
-               'through 4 (67%), and the 30-minute one through 5 (64%): for a longer run, give the smaller model more '
-               'minutes (30: 33 epochs, 79%). The CNNs slow down more: ResNet-18 gets through a third '
+               f'So the form starts from a smaller model here ({SMALL_PRESET!r}: dim 96, depth 3, tokens from '
+               'convolutions that each halve the image, each training image leaving out half its patch tokens): it '
+               'gets through 14-15 epochs in ten minutes and reaches about 73% validation accuracy on such a CPU, '
+               'where the first preset\'s larger model with every token gets through 4 (67%), and the 30-minute one '
+               'through 5 (64%): for a longer run, give the smaller model more minutes (30: 40 epochs, 79%). The CNNs '
+               'slow down more: ResNet-18 gets through a third '
                'of an epoch in ten minutes (the fast 8-layer CNN about two), so give a CNN baseline more minutes '
                'before you compare.*')
 
@@ -183,6 +184,7 @@ def train_tab(server: Server, page_load) -> gr.State:
                         form['pos_embed'] = gr.Radio(['learn', 'sincos'], value=default.pos_embed,
                                                      label='Position embedding: learned, or fixed sin-cos')
                         form['stem'] = gr.Radio([('3x3 convolutions (learns faster)', 'conv'),
+                                                 ('3x3 convolutions, each halving the image (cheaper)', 'strided'),
                                                  ("one patch projection (timm's ViT)", 'patch'),
                                                  ("a ResNet stage (the ViT paper's hybrid)", 'hybrid')],
                                                 value=default.stem, label='Tokens from')
