@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 from vitdemo.data import ImageData, augment, mix, rand_augment, to_model_input  # noqa: E402
 from vitdemo.distill import Distillation  # noqa: E402
 from vitdemo.model import ViTConfig, VisionTransformer  # noqa: E402
-from vitdemo.train import TrainConfig, precision, train  # noqa: E402
+from vitdemo.train import TrainConfig, autocast, precision, train  # noqa: E402
 from vitdemo.weights import read_metadata  # noqa: E402
 
 TEACHER = ROOT / 'weights' / 'convnet_cifar10.safetensors'
@@ -41,11 +41,7 @@ def main() -> None:
     parser.add_argument('--images', type=int, default=8192, help="random images for the trainer's runs")
     args = parser.parse_args()
     device = torch.device(args.device)
-    dtype = precision(device)
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
     def time_ms(phase) -> float:
         phase()  # warm up: first-call allocations and kernel choices
@@ -61,7 +57,7 @@ def main() -> None:
     crops = torch.Generator().manual_seed(0)
     teacher = Distillation.from_checkpoint(TEACHER, read_metadata(TEACHER)['classes'], device=device)
     name = torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'
-    print(f'torch {torch.__version__}, {name}, autocast {dtype}, ms per batch (mean of {args.rounds} calls)')
+    print(f'torch {torch.__version__}, {name}, autocast {precision(device)}, ms per batch (mean of {args.rounds} calls)')
     for batch in args.batches:
         pixels, y = images[:batch].to(device), labels[:batch].to(device)
         x = to_model_input(pixels, MEAN, STD, 32)
@@ -75,7 +71,7 @@ def main() -> None:
         }
 
         def teach() -> None:
-            with autocast():
+            with autocast(device):
                 teacher.teach(x, MEAN, STD)
         phases['teacher, image and mirror'] = teach
         for distilled in (False, True):
@@ -85,7 +81,7 @@ def main() -> None:
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
 
             def step(model=model, optimizer=optimizer) -> None:  # forward, loss, backward, clip, update
-                with autocast():
+                with autocast(device):
                     out = model(x)
                 loss = F.cross_entropy((out[0] if isinstance(out, tuple) else out).float(), y)
                 optimizer.zero_grad(set_to_none=True)

@@ -33,7 +33,7 @@ def test_the_batch_is_augmented_on_the_gpu(monkeypatch):
                         lambda images, strength: devices.append(images.device.type) or rand_augment(images, strength))
     cfg = TrainConfig(epochs=1, minutes=None, batch_size=64, val_size=128, rand_augment=9, mix_prob=1.0)
     result = train(CONFIG, cfg, colour_data(), device='cuda')
-    assert devices and set(devices) == {'cuda'}  # crops, RandAugment and mixing where the model is
+    assert devices and set(devices) == {'cuda'}  # the cropped batch reached RandAugment on the GPU
     assert math.isfinite(result.history[-1]['train_loss'])
 
 
