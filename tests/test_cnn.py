@@ -44,6 +44,16 @@ def test_the_small_image_stem_keeps_the_resolution(cnn):
     assert all((m >= 0).all() and torch.allclose(m.flatten(1).sum(1), torch.ones(2)) for m in maps)
 
 
+def test_a_stage_with_no_evidence_for_the_class_gets_an_even_map():
+    torch.manual_seed(0)
+    model = CifarResNet(ResNetConfig()).eval()
+    with torch.no_grad():  # the last stage's features are ReLU outputs: each one now argues against class 3
+        model.fc.weight[3] = -model.fc.weight[3].abs()
+    _, maps = model.forward_with_saliency(torch.randn(2, 3, 32, 32), target=torch.tensor([3, 3]))
+    torch.testing.assert_close(maps[-1], torch.full((2, 4, 4), 1 / 16))
+    assert all(torch.allclose(m.flatten(1).sum(1), torch.ones(2)) for m in maps)
+
+
 @pytest.mark.parametrize('cnn', CNNS)
 def test_grad_cam_matches_a_hook_based_computation(cnn):
     """Grad-CAM recomputed the textbook way (hooks keep the stage outputs and their gradients)."""

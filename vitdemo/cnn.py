@@ -81,7 +81,11 @@ class ConvClassifier(nn.Module):
         maps = []
         for feature, grad in zip(features, grads):
             cam = F.relu((grad.mean(dim=(2, 3), keepdim=True) * feature).sum(dim=1)).detach()
-            maps.append(cam / cam.flatten(1).sum(1).clamp_min(1e-12)[:, None, None])
+            total = cam.flatten(1).sum(1)[:, None, None]
+            # where no position argues for the class (every weighted sum negative) no position stands out:
+            # an even map, so that every map sums to 1 (an untrained CNN's did not, about one time in ten)
+            even = torch.full_like(cam, 1 / cam[0].numel())
+            maps.append(torch.where(total > 0, cam / total.clamp_min(1e-12), even))
         return logits.detach(), maps
 
 
