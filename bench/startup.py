@@ -8,38 +8,18 @@ Offline (HF_HUB_OFFLINE=1) and with a warm file cache after the first round: the
 colder start.
 """
 import argparse
-import os
-import socket
 import statistics
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from vitdemo.app_process import running_app  # noqa: E402
 
 
 def seconds_to_answer(root: Path) -> float:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME='127.0.0.1', HF_HUB_OFFLINE='1')
-    start = time.perf_counter()
-    app = subprocess.Popen([sys.executable, 'app.py'], cwd=root, env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
-    try:
-        while True:
-            if app.poll() is not None:
-                raise RuntimeError(f'the app in {root} exited with {app.returncode}')
-            try:
-                urllib.request.urlopen(f'http://127.0.0.1:{port}/', timeout=1)
-                return time.perf_counter() - start
-            except OSError:
-                time.sleep(0.05)
-    finally:
-        app.terminate()
-        app.wait()
+    with running_app(root) as (_, seconds):
+        return seconds
 
 
 def main() -> None:

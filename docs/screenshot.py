@@ -7,23 +7,16 @@ Needs Playwright and a Chromium (see the README's test command); starts the app 
 """
 import argparse
 import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 from playwright.sync_api import expect, sync_playwright
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from vitdemo.app_process import running_app  # noqa: E402
+
 CHROMIUM = os.environ.get('VITDEMO_CHROMIUM', '/usr/bin/chromium')
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
@@ -35,26 +28,13 @@ def main() -> None:
     parser.add_argument('--out', default=str(ROOT / 'docs' / 'screenshot.png'))
     args = parser.parse_args()
 
-    port = free_port()
-    env = dict(os.environ, GRADIO_SERVER_PORT=str(port), HF_HUB_OFFLINE='1')
-    server = subprocess.Popen([sys.executable, 'app.py'], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        # the page: up within a minute, or the app failed to start
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f'http://127.0.0.1:{port}/', timeout=1)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit('the app did not start; run `python app.py` to see why')
-                time.sleep(0.2)
+    # the page: up within a minute, or the app failed to start (`python app.py` shows why)
+    with running_app(ROOT, timeout=60) as (url, _):
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=['--headless', '--no-sandbox'])
             page = browser.new_page(viewport={'width': args.width, 'height': args.height})
             page.set_default_timeout(60_000)
-            page.goto(f'http://127.0.0.1:{port}/')
+            page.goto(url)
             # the upload predicts at once; the rollout's caption is the last map drawn
             tab = page.locator('[role=tabpanel]:visible').first
             tab.locator('input[type=file]').first.set_input_files(args.image)
@@ -69,10 +49,7 @@ def main() -> None:
             page.wait_for_timeout(1500)
             page.screenshot(path=args.out)
             browser.close()
-        print(f'wrote {args.out}')
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    print(f'wrote {args.out}')
 
 
 if __name__ == '__main__':

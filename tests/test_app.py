@@ -1,7 +1,6 @@
 import io
 from dataclasses import asdict
 import shutil
-import socket
 from pathlib import Path
 
 import gradio as gr
@@ -14,6 +13,7 @@ from PIL import Image
 
 from app import MAX_UPLOAD, create_demo
 from conftest import GRADIO_TEMP_DIR, ROOT
+from vitdemo.app_process import free_port
 from vitdemo.backends import TIMM_ARCHS, ModelCache
 from vitdemo.policy import ServerPolicy
 from vitdemo.store import ModelStore
@@ -24,12 +24,6 @@ from vitdemo.training_job import Snapshot, TrainingJob
 def connect(port: int, downloads: Path) -> Client:
     """A client as on another machine: what it downloads stays out of the server's cache folder."""
     return Client(f'http://127.0.0.1:{port}/', verbose=False, download_files=str(downloads))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope='module')

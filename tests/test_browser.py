@@ -7,16 +7,13 @@ Screenshots go to test-output/browser/.
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
-import urllib.request
 
 import pytest
 
 from conftest import ROOT
-from test_app import free_port
 from test_data import make_folder
+from vitdemo.app_process import running_app
 
 CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
 SHOTS = ROOT / 'test-output' / 'browser'
@@ -40,30 +37,16 @@ def app_url(weights_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp('browser')
     shutil.copytree(weights_dir, tmp / 'weights')  # the run trained here must not join other tests' models
     make_folder(tmp / 'data', classes=[f'class{i}' for i in range(10)], per_class=20, size=32)
-    port = free_port()
-    env = dict(os.environ, GRADIO_SERVER_NAME='127.0.0.1', GRADIO_SERVER_PORT=str(port), HF_HUB_OFFLINE='1',
-               VITDEMO_WEIGHTS=str(tmp / 'weights'), VITDEMO_DATA=str(tmp / 'data'),
-               VITDEMO_CACHE=str(tmp / 'cache'), GRADIO_TEMP_DIR=str(tmp / 'gradio'),
+    env = dict(VITDEMO_WEIGHTS=str(tmp / 'weights'), VITDEMO_DATA=str(tmp / 'data'), VITDEMO_CACHE=str(tmp / 'cache'),
+               GRADIO_TEMP_DIR=str(tmp / 'gradio'),
                VITDEMO_TRAIN_MEMORY_MB='4000')  # a small server's training memory: a fine-tune's batch must fit
-    log = open(tmp / 'app.log', 'w')
-    server = subprocess.Popen([sys.executable, 'app.py'], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f'http://127.0.0.1:{port}/'
-    start = time.perf_counter()
-    try:
-        while True:
-            assert server.poll() is None, f'the app exited: {(tmp / "app.log").read_text()[-2000:]}'
-            try:
-                urllib.request.urlopen(url, timeout=1)
-                break
-            except OSError:
-                assert time.perf_counter() - start < 120, 'the app did not answer within 120 s'
-                time.sleep(0.2)
-        print(f'app answered on GRADIO_SERVER_PORT={port} {time.perf_counter() - start:.1f} s after start')
-        yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
+    with open(tmp / 'app.log', 'w') as log:
+        try:
+            with running_app(ROOT, env, log) as (url, seconds):
+                print(f'app answered at {url} {seconds:.1f} s after start')
+                yield url
+        except RuntimeError as e:
+            raise AssertionError(f'{e}: {(tmp / "app.log").read_text()[-2000:]}') from None
 
 
 @pytest.fixture(scope='module')

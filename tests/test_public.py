@@ -23,9 +23,10 @@ import app
 from vitdemo.ui import compare_tab, inspect_tab, predict_tab
 from vitdemo.ui.common import Server
 from conftest import ROOT
-from test_app import connect, free_port
+from test_app import connect
 from test_memory import STATUS, resident_mb
 from test_train import CONFIG, colour_data
+from vitdemo.app_process import free_port
 from vitdemo.backends import ModelCache, load_model
 from vitdemo.explain import Stopped, explain
 from vitdemo.cnn import ResNetConfig
