@@ -148,8 +148,10 @@ def test_pick_a_class_and_a_method_and_see_its_relevance(page):
     pick(page, 'Class to explain', 'truck')
     expect(page.get_by_text('after layer 2 · truck')).to_be_visible()
     expect(page.get_by_text('for the class truck').first).to_be_visible()
+    expect(page.locator('#sanity-maps')).to_be_hidden()
     page.get_by_role('button', name='Sanity check: redraw the weights at random, does the map change?').click()
     expect(page.get_by_text('rank correlation of the two maps').first).to_be_visible()
+    expect(page.locator('#sanity-maps img')).to_have_count(2)
     shoot(page, SHOTS / '2b_relevance_for_a_class.png')
     pick(page, 'Explain with', 'attention (the same for every class)')
 

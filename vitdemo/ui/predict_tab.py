@@ -34,7 +34,7 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
         what = METHODS[method].short if method in METHODS else 'the sanity check'
         with server.explaining(request, progress, f'sanity check of {what}') as tell:
             gallery, text = sanity_view(server.model(model, request), image, method, target or None, tell)
-        return published(gallery), text
+        return gr.Gallery(published(gallery), visible=True), text
 
     def redraw(image, model, top_k, fusion, head, opacity, discard_ratio, scale, method, target, layer, keep,
                request: gr.Request, progress=gr.Progress(track_tqdm=True)):
@@ -115,8 +115,9 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
                                       'the patches: lower is more focused)', x_title='layer', y_title='entropy (nats)')
             check = gr.Button('Sanity check: redraw the weights at random, does the map change?')
             check_text = gr.Markdown()
+            # hidden until asked: an empty gallery reads as a picture that failed to load
             check_gallery = gr.Gallery(show_label=False, columns=2, height='auto', object_fit='contain',
-                                       format='jpeg', elem_classes=['maps'])
+                                       format='jpeg', elem_classes=['maps'], elem_id='sanity-maps', visible=False)
 
     inputs = [image, model, top_k, fusion, head, opacity, discard_ratio, scale, method, target, layer, keep]
     outputs = [label, gallery, info, focus]
