@@ -5,6 +5,9 @@ events to tested functions of the `vitdemo` package.
 """
 import logging
 
+from vitdemo.lazy import skip_gradio_type_stubs
+
+skip_gradio_type_stubs()  # before gradio's first import: seconds of start-up on two cores
 import gradio as gr
 import huggingface_hub
 from starlette.middleware import Middleware

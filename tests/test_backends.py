@@ -135,14 +135,37 @@ def test_the_hub_ids_written_out_are_timms_own():
     assert HUB_IDS == {arch: timm.models.get_pretrained_cfg(arch).hf_hub_id for arch in TIMM_ARCHS}
 
 
-def test_the_app_starts_without_importing_timm_or_torchvision():
+def test_the_app_starts_without_importing_timm_or_torchvision_or_writing_gradios_type_stubs():
     # each costs about a second of the start; they are imported where a model or an augmentation first needs them
     import subprocess
     import sys
-    code = 'import sys, app; app.create_demo(); print(sorted({"timm", "torchvision"} & set(sys.modules)))'
+    code = ('import sys, app, gradio.component_meta as meta, vitdemo.lazy as lazy; app.create_demo(); '
+            'print(sorted({"timm", "torchvision"} & set(sys.modules)), meta.create_or_modify_pyi is lazy._no_stubs)')
     done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parent.parent)
-    assert done.stdout.strip().splitlines()[-1] == '[]', done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == '[] True', done.stderr[-2000:]
+
+
+def test_gradio_imported_without_its_type_stubs_still_builds_every_component(tmp_path):
+    # a component class made after the hook is a whole component: its events wired, its stub never touched
+    import os
+    import subprocess
+    import sys
+    code = """
+from vitdemo.lazy import skip_gradio_type_stubs
+skip_gradio_type_stubs()
+import gradio as gr
+import gradio.component_meta as meta
+class Probe(gr.Textbox):
+    pass
+with gr.Blocks() as demo:
+    box = Probe()
+    box.change(lambda x: x, box, box)
+print(meta.create_or_modify_pyi.__module__, len(demo.fns))
+"""
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, 'PYTHONPATH': str(Path(__file__).resolve().parent.parent)})
+    assert done.stdout.strip().splitlines()[-1] == 'vitdemo.lazy 1', done.stderr[-2000:]
 
 
 LATE = ('timm', 'torchvision', 'captum', 'pytorch_grad_cam')  # imported where first needed

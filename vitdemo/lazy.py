@@ -1,5 +1,9 @@
-"""Heavy packages imported where they are first needed, not at start-up (timm and torchvision take seconds)."""
+"""Start-up kept short: heavy packages imported where they are first needed (timm and torchvision take
+seconds), and gradio imported without rewriting its type stubs."""
 import importlib
+import importlib.abc
+import importlib.machinery
+import sys
 import threading
 from types import ModuleType
 
@@ -12,3 +16,37 @@ def late_import(name: str) -> ModuleType:
     fails with ImportError."""
     with _IMPORTING:
         return importlib.import_module(name)
+
+
+def _no_stubs(*args, **kwargs) -> None:
+    return None
+
+
+class _GradioWithoutStubs(importlib.abc.MetaPathFinder):
+    """Finds `gradio.component_meta` as Python would and runs it, then swaps its `.pyi` writer for a no-op."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != 'gradio.component_meta':
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path, target)
+        if spec is None or spec.loader is None:
+            return spec
+        run = spec.loader.exec_module
+
+        def run_without_stubs(module: ModuleType) -> None:
+            run(module)
+            if hasattr(module, 'create_or_modify_pyi'):
+                module.create_or_modify_pyi = _no_stubs
+
+        spec.loader.exec_module = run_without_stubs  # this file's own loader: nothing else is loaded by it
+        return spec
+
+
+def skip_gradio_type_stubs() -> None:
+    """Before gradio's first import: every Gradio component class, as it is defined, rewrites its type stub
+    (`.pyi`, for editors and type checkers) by parsing its own source file, over a third of `import gradio` on
+    a 2-core CPU (docs/benchmarks.md, *Start-up*). The server never reads a stub. Does nothing once gradio is
+    imported, and nothing but cost if a Gradio release renames the writer."""
+    if 'gradio.component_meta' not in sys.modules and not any(isinstance(f, _GradioWithoutStubs)
+                                                              for f in sys.meta_path):
+        sys.meta_path.insert(0, _GradioWithoutStubs())
