@@ -135,12 +135,14 @@ def test_the_hub_ids_written_out_are_timms_own():
     assert HUB_IDS == {arch: timm.models.get_pretrained_cfg(arch).hf_hub_id for arch in TIMM_ARCHS}
 
 
-def test_the_app_starts_without_importing_timm_or_torchvision_or_writing_gradios_type_stubs():
-    # each costs about a second of the start; they are imported where a model or an augmentation first needs them
+def test_the_app_starts_without_importing_timm_torchvision_or_figures_or_writing_gradios_type_stubs():
+    # each costs half a second to a second of the start; they are imported where a model, an augmentation or a
+    # figure first needs them
     import subprocess
     import sys
     code = ('import sys, app, gradio.component_meta as meta, vitdemo.lazy as lazy; app.create_demo(); '
-            'print(sorted({"timm", "torchvision"} & set(sys.modules)), meta.create_or_modify_pyi is lazy._no_stubs)')
+            'print(sorted({"timm", "torchvision", "matplotlib.figure"} & set(sys.modules)), '
+            'meta.create_or_modify_pyi is lazy._no_stubs)')
     done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parent.parent)
     assert done.stdout.strip().splitlines()[-1] == '[] True', done.stderr[-2000:]

@@ -75,7 +75,8 @@ def test_one_colour_scale_for_all_layers(weights_dir, monkeypatch):
     assert scales == [None] * (len(maps) + 2)
     with pytest.raises(ValueError, match='colour scale must be one of own, shared'):
         views.attention_gallery(pred, 'mean', scale='log')
-    assert views.colour_bar().size == (640, 62)
+    bar = views.colour_bar_html('inferno', stops=3)  # inferno runs from near black to pale yellow
+    assert 'linear-gradient(to right, #000004, #bc3754, #fcffa4)' in bar and 'dark: less' in bar
 
 
 def test_runs_side_by_side_by_epoch_or_by_minutes():

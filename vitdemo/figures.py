@@ -5,19 +5,23 @@ title, axis labels and a colour bar, for the Inspect tab.
 """
 import math
 import textwrap
+from typing import TYPE_CHECKING
 
 import matplotlib
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
 from .attention import Fusion, fit_for_display, fuse_heads, overlay
 from .backends import Model, Prediction
 from .explain import Progress, twin
 from .faithfulness import faithfulness, verdict
+from .lazy import new_figure
 from .model import VisionTransformer, preset
 from .policy import checked_number
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 # Two figures share a row of the Inspect tab (~440 px at 1440 px): at this width (in inches, 100 dpi) they are
@@ -166,10 +170,10 @@ def mosaic(tiles: torch.Tensor) -> np.ndarray:
     return out
 
 
-def position_similarity_figure(model: Model) -> Figure:
+def position_similarity_figure(model: Model) -> 'Figure':
     sim = position_similarity(model.module.pos_embed.detach().cpu(), model.grid, model.num_prefix_tokens)
     rows, cols = model.grid
-    fig = Figure(figsize=(FIG_WIDTH, 4.9))
+    fig = new_figure(figsize=(FIG_WIDTH, 4.9))
     ax = fig.subplots()
     im = ax.imshow(mosaic(sim), vmin=-1, vmax=1, cmap='viridis')
     step = max(1, rows // 7)  # label a few tiles, not all 14
@@ -184,13 +188,13 @@ def position_similarity_figure(model: Model) -> Figure:
     return fig
 
 
-def patch_filters_figure(model: Model, k: int = 28) -> Figure:
+def patch_filters_figure(model: Model, k: int = 28) -> 'Figure':
     stem = model.module.patch_embed
     conv_stem = hasattr(stem, 'backbone')  # tokens from convolutions: its first 3x3 filters see the pixels
     filters = patch_filters((stem.backbone[0] if conv_stem else stem.proj).weight.detach().cpu(), k)
     cols = 7
     rows = math.ceil(len(filters) / cols)
-    fig = Figure(figsize=(9.0, 1.3 * rows + 1.0))  # a row of its own: tiles large enough to see
+    fig = new_figure(figsize=(9.0, 1.3 * rows + 1.0))  # a row of its own: tiles large enough to see
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
@@ -207,12 +211,12 @@ def patch_filters_figure(model: Model, k: int = 28) -> Figure:
 
 
 def head_scatter_figure(values: torch.Tensor, ylabel: str, title: str, ceiling: float | None = None,
-                        ceiling_label: str = '') -> Figure:
+                        ceiling_label: str = '') -> 'Figure':
     """One dot per head, layers along x: the layout of the paper's Fig. 7 (right). The y axis starts at 0,
     and reaches `ceiling` when given (drawn as a dashed line: the value's upper bound), so that heads of a
     barely trained model, all alike, read as alike rather than spread by a zoomed axis."""
     layers, heads = values.shape
-    fig = Figure(figsize=(FIG_WIDTH, 3.6))
+    fig = new_figure(figsize=(FIG_WIDTH, 3.6))
     ax = fig.subplots()
     colours = matplotlib.colormaps['tab20'].resampled(max(heads, 2))
     for h in range(heads):
@@ -249,11 +253,11 @@ def token_attention(attentions: torch.Tensor, patch: int, layer: int, grid: tupl
 
 
 def faithfulness_figure(model: Model, pred: Prediction, seed: int = 0, slow: bool = True,
-                        progress: Progress | None = None) -> Figure:
+                        progress: Progress | None = None) -> 'Figure':
     """Deletion and insertion curves of every map the model offers (`slow=False`: of those of few passes),
     beside a random order, with each curve's areas and a verdict in words (see `vitdemo.faithfulness`)."""
     scores = faithfulness(model, pred, seed=seed, slow=slow, progress=progress)
-    fig = Figure(figsize=(FIG_WIDTH, 5.2 + 0.1 * len(scores)), layout='constrained')
+    fig = new_figure(figsize=(FIG_WIDTH, 5.2 + 0.1 * len(scores)), layout='constrained')
     deletion, insertion = fig.subplots(2, 1, sharex=True)
     colours = matplotlib.colormaps['tab20'].colors[::2] + matplotlib.colormaps['tab20'].colors[1::2]
     for i, score in enumerate(scores):

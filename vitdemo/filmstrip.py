@@ -7,14 +7,18 @@ own maximum: a filmstrip shows where a layer looks, not how sharply compared wit
 """
 import base64
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 
 from .attention import cls_attention, received
 from .data import ImageData, to_model_input
+from .lazy import new_figure
 from .model import VisionTransformer
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 IMAGES = 4  # fixed validation images a run follows
 MAX_COLUMNS = 10  # epochs drawn; a longer run shows evenly spaced ones, the last always among them
@@ -73,7 +77,7 @@ class Filmstrip:
                    [list(p) for p in meta['predicted']])
 
 
-def filmstrip_figure(strip: Filmstrip, index: int, classes: list[str]) -> Figure:
+def filmstrip_figure(strip: Filmstrip, index: int, classes: list[str]) -> 'Figure':
     """Image `index` (0-based) of the strip: a row per layer, a column per epoch, each cell the image
     under that layer's map; each column titled with the class the model then gave it."""
     if not strip.epochs:
@@ -85,7 +89,7 @@ def filmstrip_figure(strip: Filmstrip, index: int, classes: list[str]) -> Figure
     image = strip.images[index]
     cell = 0.9
     # wide enough for the title however few epochs there are
-    fig = Figure(figsize=(max(3.6, 0.9 + cell * len(columns)), 0.9 + cell * layers), layout='constrained')
+    fig = new_figure(figsize=(max(3.6, 0.9 + cell * len(columns)), 0.9 + cell * layers), layout='constrained')
     axes = fig.subplots(layers, len(columns), squeeze=False)
     h, w = image.shape[:2]
     for col, e in enumerate(columns):

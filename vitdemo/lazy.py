@@ -6,6 +6,10 @@ import importlib.machinery
 import sys
 import threading
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 _IMPORTING = threading.RLock()
 
@@ -16,6 +20,11 @@ def late_import(name: str) -> ModuleType:
     fails with ImportError."""
     with _IMPORTING:
         return importlib.import_module(name)
+
+
+def new_figure(**kwargs) -> 'Figure':
+    """A matplotlib Figure (no pyplot: thread-safe); its module, half a second to import, on first use."""
+    return late_import('matplotlib.figure').Figure(**kwargs)
 
 
 def _no_stubs(*args, **kwargs) -> None:

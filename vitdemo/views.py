@@ -2,16 +2,14 @@
 import functools
 import hashlib
 import html
-import io
 import math
 import threading
 import time
 from collections import OrderedDict
 from typing import NamedTuple
 
+import matplotlib
 import numpy as np
-from matplotlib.figure import Figure
-
 import pandas as pd
 from PIL import Image
 
@@ -210,18 +208,14 @@ def training_curves(history: list[dict], steps: list[dict] = ()) -> tuple[pd.Dat
         return pd.DataFrame(sorted(rows, key=lambda r: (r['split'], r['epoch'])), columns=['epoch', 'value', 'split'])
     return frame('loss'), frame('accuracy')
 @functools.lru_cache(maxsize=4)
-def colour_bar(cmap: str = 'inferno', width: int = 640) -> Image.Image:
-    """The maps' colour scale as a strip, with what its ends mean."""
-    fig = Figure(figsize=(width / 100, 0.62), dpi=100)
-    ax = fig.add_axes((0.02, 0.52, 0.96, 0.4))
-    ax.imshow(np.linspace(0, 1, 256)[None, :], aspect='auto', cmap=cmap)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    fig.text(0.02, 0.1, 'dark: less', ha='left', fontsize=9)
-    fig.text(0.98, 0.1, 'bright: more attention, or more evidence for the class', ha='right', fontsize=9)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format='png')
-    return Image.open(buffer).convert('RGB')
+def colour_bar_html(cmap: str = 'inferno', stops: int = 16) -> str:
+    """The maps' colour scale as a strip, with what its ends mean: HTML (styled by the app's `.colour-bar`), so
+    the words stay readable at any width and drawing it needs no figure at start-up."""
+    colours = matplotlib.colormaps[cmap](np.linspace(0, 1, stops))[:, :3]
+    gradient = ', '.join('#{:02x}{:02x}{:02x}'.format(*(round(c * 255) for c in rgb)) for rgb in colours)
+    return (f'<div class="colour-bar"><div class="strip" style="background: linear-gradient(to right, {gradient})">'
+            '</div><div class="ends"><span>dark: less</span>'
+            '<span>bright: more attention, or more evidence for the class</span></div></div>')
 
 
 def progress_html(progress: float, status: str) -> str:

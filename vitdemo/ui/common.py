@@ -46,6 +46,11 @@ CSS = """
 .run-progress { height: 12px; border-radius: 6px; background: var(--background-fill-secondary);
   border: 1px solid var(--border-color-primary); overflow: hidden; }
 .run-progress > div { height: 100%; background: var(--color-accent); transition: width 0.5s; }
+.colour-bar { margin: 0 4%; }
+.colour-bar .strip { height: 18px; border: 1px solid var(--border-color-primary); }
+.colour-bar .ends { display: flex; justify-content: space-between; gap: 1em; font-size: var(--text-sm); }
+.colour-bar .ends span:first-child { white-space: nowrap; }
+.colour-bar .ends span:last-child { text-align: right; }
 @media (max-width: 640px) {
   .maps .grid-container { grid-template-columns: repeat(2, minmax(0, 1fr)) !important; }
 }

@@ -2,7 +2,7 @@
 import gradio as gr
 
 from ..explain import METHODS
-from ..views import FUSIONS, Explanations, colour_bar, predict_view, sanity_view
+from ..views import FUSIONS, Explanations, colour_bar_html, predict_view, sanity_view
 from .common import (MODEL_WORK, Server, Slider, bounded, example_picker, image_box, keeps_errors, model_list,
                      published, shows_user_errors)
 
@@ -105,7 +105,7 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
             gallery = gr.Gallery(label='The maps, layer by layer',
                                  columns=3, height='auto', object_fit='contain', format='jpeg',
                                  elem_classes=['maps'])
-            gr.Image(colour_bar(), show_label=False, interactive=False, container=False, buttons=[])
+            gr.HTML(colour_bar_html())
             # no fixed height: with one, the block's label pushes the legend and the caption out of view
             focus = gr.LinePlot(x='layer', y='entropy', color='line', y_lim=[0, None], color_title='CLS attention',
                                 color_map={'this image': '#1f77b4', 'spread evenly': '#ff7f0e'},
