@@ -2,7 +2,7 @@
 import gradio as gr
 
 from ..compare import compare_view
-from ..views import FUSIONS, fusion_mode
+from ..views import FUSIONS, colour_bar_html, fusion_mode
 from .common import (MODEL_WORK, Server, example_picker, image_box, keeps_errors, model_list, published,
                      shows_user_errors)
 
@@ -39,6 +39,7 @@ def compare_tab(server: Server) -> list[gr.Dropdown]:
             gallery = gr.Gallery(label='A | B, one pair of layers a row, then both rollouts', columns=2,
                                  height='auto', object_fit='contain', format='jpeg',
                                  elem_classes=['maps'])
+            gr.HTML(colour_bar_html())
     keeps_errors(run.click(compare, [image, model_a, model_b, fusion, as_cifar10], [label_a, label_b, gallery, text],
                            api_name='compare', **MODEL_WORK), server, text)
     return [model_a, model_b]
