@@ -224,6 +224,8 @@ def test_the_train_tab_says_when_this_cpu_trains_in_float32(weights_dir, monkeyp
     assert left_out.value == started.patch_drop
     stem = next(b for b in blocks if isinstance(b, gr.Radio) and b.label == 'Tokens from')
     assert stem.value == started.stem  # the float32 preset's stem has no conv at full size
+    pooled = next(b for b in blocks if isinstance(b, gr.Radio) and b.label == 'Classify from')
+    assert pooled.value == started.global_pool
 
 
 def test_the_method_list_follows_what_a_model_is_from_its_config_alone(weights_dir, tmp_path):

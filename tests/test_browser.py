@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT
 from test_data import make_folder
 from vitdemo.app_process import running_app
+from vitdemo.train import TRAIN_PRESETS
 
 CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
 SHOTS = ROOT / 'test-output' / 'browser'
@@ -166,7 +167,7 @@ def test_every_head_of_a_layer_and_a_slow_method_stopped(page):
     # ViT-Ti's heads are the slowest figure this test draws: on two cores shared with another job it has
     # taken past the 30 s that every other step is given
     expect(page.get_by_text('layer 12 · head 3')).to_be_visible(timeout=90_000)
-    expect(page.get_by_text('How focused the CLS token is').first).to_be_visible()
+    expect(page.get_by_text("How focused each layer's attention is").first).to_be_visible()
     shoot(page, SHOTS / '2c_every_head.png')
     pick(page, 'Explain with', 'Shapley values of patches for a class (slow)')
     expect(page.locator('.progress-text, .eta-bar, .progress-level').first).to_be_attached()
@@ -242,7 +243,15 @@ def test_a_teacher_is_picked_from_the_list_and_one_of_other_classes_is_refused_i
     page.get_by_role('button', name='Start', exact=True).click()
     expect(page.get_by_text('the teacher vit_cifar10.safetensors knows other classes').first).to_be_visible()
     shoot(page, SHOTS / '6b_train_teacher.png')
+    # a taught ViT classifies its CLS token; without the teacher, the form pools as its preset does
+    cls_token, mean = (page.get_by_label(label, exact=True) for label in
+                       ('the CLS token (as the ViT paper)', 'the mean of the patch tokens (learns faster)'))
+    if not cls_token.count():  # the form's settings, folded away unless an earlier test opened them
+        page.get_by_text('Model and recipe').click()
+    expect(cls_token).to_be_checked()
     pick(page, 'Teacher', 'none')
+    preset = TRAIN_PRESETS[page.get_by_label('Preset', exact=True).input_value()]
+    expect(mean if preset.global_pool == 'avg' else cls_token).to_be_checked()
 
 
 def offered(page, option: str) -> bool:

@@ -296,12 +296,20 @@ def test_a_twin_shares_the_weights_and_nothing_else(weights_dir):
     torch.testing.assert_close(copy_(x), module(x))
 
 
-def test_focus_is_the_entropy_of_the_cls_attention(weights_dir):
+def test_focus_is_the_entropy_of_the_cls_attention_or_of_what_the_patches_receive(weights_dir):
     pred = load_model(DEFAULT_SCRATCH, weights_dir).predict(str(CAT))
     uniform, peaked = torch.full((17,), 1 / 17), torch.zeros(17)
     peaked[5] = 1.0
     pred.attentions = torch.stack([uniform, peaked])[:, None, None, :].expand(2, 4, 17, 17)
     assert focus(pred) == pytest.approx([math.log(16), 0.0], abs=1e-5)
+    # a mean-pooled ViT's maps are what the patches receive: here every patch token looks at patch 4 in the
+    # first layer, and the CLS token's even spread no longer counts
+    pred.pooling = 'avg'
+    received = torch.zeros(17, 17)
+    received[:, 5] = 1.0
+    received[0] = 1 / 17
+    pred.attentions = torch.stack([received, torch.full((17, 17), 1 / 17)])[:, None].expand(2, 4, 17, 17)
+    assert focus(pred) == pytest.approx([0.0, math.log(16)], abs=1e-5)
 
 
 def test_the_predict_view_explains_the_chosen_class(weights_dir):

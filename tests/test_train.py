@@ -305,10 +305,20 @@ def test_cli_preset_gives_the_forms_model_and_recipe_and_flags_still_win(tmp_pat
     _, meta = load_checkpoint(out)
     form = TRAIN_PRESETS['2-minute quick look']
     assert (meta['config']['embed_dim'], meta['config']['depth'], meta['config']['stem'],
-            meta['config']['patch_drop_rate']) == (form.embed_dim, form.depth, form.stem, form.patch_drop)
+            meta['config']['patch_drop_rate'], meta['config']['global_pool']) == \
+        (form.embed_dim, form.depth, form.stem, form.patch_drop, form.global_pool)
     recipe = meta['train_config']
     assert (recipe['lr'], recipe['epochs'], recipe['minutes'], recipe['crop_padding']) == (1e-3, 1, None, 0)
     assert (recipe['finetune_from'], recipe['teacher']) == ('', '')  # the form's fine-tune fields stay off
+    # a teacher's student classifies its CLS token whatever the preset pools, unless told otherwise
+    taught = tmp_path / 'taught.safetensors'
+    args = ['--preset', '2-minute quick look', '--data', str(tmp_path / 'ds'), '--epochs', '1', '--teacher', str(out),
+            '--out', str(taught)]
+    train_cli.main(args)
+    assert load_checkpoint(taught)[1]['config']['global_pool'] == 'token' and form.global_pool == 'avg'
+    with pytest.raises(SystemExit):
+        train_cli.main(args + ['--global-pool', 'avg'])
+    assert 'global_pool must be token' in capsys.readouterr().err
 
 
 def test_float16_training_scales_the_loss_and_bfloat16_does_not(scalers):

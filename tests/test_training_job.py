@@ -27,6 +27,7 @@ def test_every_preset_is_a_valid_configuration_and_the_defaults_are_the_first():
         if p.arch == 'vit':
             assert (model_config.pos_embed, model_config.stem) == (p.pos_embed, p.stem), name
             assert model_config.patch_drop_rate == p.patch_drop, name
+            assert model_config.global_pool == p.global_pool, name
 
 
 @pytest.mark.parametrize('extra,message', [
@@ -35,6 +36,8 @@ def test_every_preset_is_a_valid_configuration_and_the_defaults_are_the_first():
     (dict(stem='pixels'), 'stem must be one of patch, conv, strided, hybrid'),
     (dict(patch_drop=0.95), 'patch tokens left out must be between 0 and 0.9'),
     (dict(patch_drop='half'), "patch tokens left out must be a number, got 'half'"),
+    (dict(global_pool='max'), "global_pool must be token or avg, not 'max'"),
+    (dict(global_pool='avg', teacher='scratch/convnet_cifar10'), 'classify from the CLS token, not the mean'),
 ])
 def test_bad_augmentation_and_model_choices_are_refused(extra, message):
     with pytest.raises(ValueError, match=message):

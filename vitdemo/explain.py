@@ -409,9 +409,11 @@ _RUN = {'attention': _attention, 'tokens': _tokens, 'heads': _heads, 'relevance'
 
 
 def focus(pred: Prediction) -> list[float]:
-    """How focused the CLS token is in each layer: the entropy (nats) of its attention over the patches,
-    re-normalised, averaged over heads. log(patches) is attention spread evenly; 0, one patch."""
-    a = pred.attentions[:, :, 0, pred.num_prefix_tokens:].float()
+    """How focused each layer's map is: the entropy (nats) of the CLS token's attention over the patches
+    (a mean-pooled ViT's: of the attention the patches receive, its 'attention' maps), re-normalised,
+    averaged over heads. log(patches) is attention spread evenly; 0, one patch."""
+    p = pred.num_prefix_tokens
+    a = (pred.attentions[:, :, p:, p:].mean(-2) if pred.pooling == 'avg' else pred.attentions[:, :, 0, p:]).float()
     a = a / a.sum(-1, keepdim=True).clamp_min(1e-12)
     return (-(a * a.clamp_min(1e-12).log()).sum(-1)).mean(-1).tolist()
 

@@ -108,7 +108,7 @@ class PredictView(NamedTuple):
     labels: dict[str, float]  # {class: probability} of the top k
     gallery: list[tuple[Image.Image, str]]
     text: str  # what the model is, and what the maps show
-    focus: pd.DataFrame  # the CLS attention's entropy per layer (empty for a CNN)
+    focus: pd.DataFrame  # each layer's attention entropy, as `explain.focus` (empty for a CNN)
     columns: int  # how many maps a gallery row shows: 2 where they come in pairs
 
 
@@ -166,7 +166,7 @@ def predict_view(model: Model, image, top_k: int = 5, fusion: str = 'mean', head
 
 
 def focus_frame(pred: Prediction) -> pd.DataFrame:
-    """The CLS attention's entropy per layer, and that of attention spread evenly, for a line plot."""
+    """Each layer's attention entropy (`explain.focus`), and that of attention spread evenly, for a line plot."""
     if pred.is_cnn:
         return pd.DataFrame(columns=['layer', 'entropy', 'line'])
     values = focus(pred)
@@ -207,6 +207,8 @@ def training_curves(history: list[dict], steps: list[dict] = ()) -> tuple[pd.Dat
         rows += [dict(epoch=p['epoch'], value=p[f'train_{metric}'], split='train') for p in steps]
         return pd.DataFrame(sorted(rows, key=lambda r: (r['split'], r['epoch'])), columns=['epoch', 'value', 'split'])
     return frame('loss'), frame('accuracy')
+
+
 @functools.lru_cache(maxsize=4)
 def colour_bar_html(cmap: str = 'inferno', stops: int = 16) -> str:
     """The maps' colour scale as a strip, with what its ends mean: HTML (styled by the app's `.colour-bar`), so

@@ -107,12 +107,12 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
                                  elem_classes=['maps'])
             gr.HTML(colour_bar_html())
             # no fixed height: with one, the block's label pushes the legend and the caption out of view
-            focus = gr.LinePlot(x='layer', y='entropy', color='line', y_lim=[0, None], color_title='CLS attention',
+            focus = gr.LinePlot(x='layer', y='entropy', color='line', y_lim=[0, None], color_title='attention',
                                 color_map={'this image': '#1f77b4', 'spread evenly': '#ff7f0e'},
                                 x_axis_format='d', caption='spread evenly: the same attention on every patch, '
                                                            'no focus at all (the highest entropy there is)',
-                                label='How focused the CLS token is, layer by layer (entropy of its attention over '
-                                      'the patches: lower is more focused)', x_title='layer', y_title='entropy (nats)')
+                                label="How focused each layer's attention is (entropy of its map over the patches: "
+                                      'lower is more focused)', x_title='layer', y_title='entropy (nats)')
             check = gr.Button('Sanity check: redraw the weights at random, does the map change?')
             check_text = gr.Markdown()
             # hidden until asked: an empty gallery reads as a picture that failed to load

@@ -32,8 +32,9 @@ FINETUNE_COST = {
 # training rates from bench/preset_rates.py (0.4 and 1.8 epochs in ten minutes; docs/benchmarks.md)
 FLOAT32_CPU = ('\n\n*This server\'s CPU has no bf16 arithmetic, so it trains in float32, about a quarter as fast. '
                f'So the form starts from a smaller model here ({SMALL_PRESET!r}: dim 96, depth 3, tokens from '
-               'convolutions that each halve the image, each training image leaving out half its patch tokens): it '
-               'gets through 14-15 epochs in ten minutes and reaches about 73% validation accuracy on such a CPU, '
+               'convolutions that each halve the image, each training image leaving out half its patch tokens, '
+               'classifying the mean of its patch tokens, so its maps show the attention each patch receives): it '
+               'gets through 13-14 epochs in ten minutes and reaches about 74-75% validation accuracy on such a CPU, '
                'where the first preset\'s larger model with every token gets through 4 (67%), and the 30-minute one '
                'through 5 (64%): for a longer run, give the smaller model more minutes (30: 40 epochs, 79%). The CNNs '
                'slow down more: ResNet-18 gets through a third '
@@ -193,6 +194,11 @@ def train_tab(server: Server, page_load) -> gr.State:
                                                 info='PatchDropout: cheaper steps, so more epochs in the minutes. '
                                                      'Predictions see every patch, so validation accuracy can read '
                                                      'above training')
+                    form['global_pool'] = gr.Radio([('the CLS token (as the ViT paper)', 'token'),
+                                                    ('the mean of the patch tokens (learns faster)', 'avg')],
+                                                   value=default.global_pool, label='Classify from',
+                                                   info='with the mean, the maps show the attention each patch '
+                                                        'receives: no CLS token decides')
                 with gr.Row():
                     form['minutes'] = Number(default.minutes, label='Minutes')
                     form['batch_size'] = Number(default.batch_size, label='Batch size', precision=0)
@@ -238,6 +244,10 @@ def train_tab(server: Server, page_load) -> gr.State:
     preset.change(lambda p: [getattr(TRAIN_PRESETS[p], k) for k in FORM_FIELDS], preset, inputs,
                   api_visibility='private')
     form['arch'].change(lambda a: gr.Column(visible=a == 'vit'), form['arch'], vit_settings, api_visibility='private')
+    # a taught ViT learns the teacher in a token of its own beside the CLS token, which is then what it classifies;
+    # without a teacher, the preset's choice again
+    form['teacher'].change(lambda t, p: 'token' if t else TRAIN_PRESETS[p].global_pool, [form['teacher'], preset],
+                           form['global_pool'], api_visibility='private')
     source.change(lambda s: (gr.File(visible=s != 'CIFAR-10', value=None), gr.Markdown(visible=s != 'CIFAR-10')),
                   source, [images, images_note], api_visibility='private')
     form['start_from'].change(lambda a: (gr.Group(visible=bool(a)), gr.Radio(visible=not a)), form['start_from'],
