@@ -37,7 +37,7 @@ def test_every_preset_is_a_valid_configuration_and_the_defaults_are_the_first():
     (dict(patch_drop=0.95), 'patch tokens left out must be between 0 and 0.9'),
     (dict(patch_drop='half'), "patch tokens left out must be a number, got 'half'"),
     (dict(global_pool='max'), "global_pool must be token or avg, not 'max'"),
-    (dict(global_pool='avg', teacher='scratch/convnet_cifar10'), 'classify from the CLS token, not the mean'),
+    (dict(global_pool='avg', teacher='scratch/convnet_cifar10'), r'must be token \(the CLS token\), not avg'),
 ])
 def test_bad_augmentation_and_model_choices_are_refused(extra, message):
     with pytest.raises(ValueError, match=message):

@@ -60,7 +60,8 @@ class ViTConfig:
         check(0 <= self.patch_drop_rate < 1, f'patch_drop_rate must be in [0, 1), not {self.patch_drop_rate}')
         check(self.stem in STEMS, f'stem must be one of {", ".join(STEMS)}, not {self.stem!r}')
         check(not (self.distilled and self.global_pool == 'avg'),
-              'a distilled ViT classifies its CLS and distillation tokens: global_pool must be token')
+              'a distilled ViT classifies its CLS and distillation tokens: global_pool must be token (the CLS token), '
+              'not avg (the mean of the patch tokens)')
         check(self.stem not in ('conv', 'strided') or self.patch_size & (self.patch_size - 1) == 0,
               f'a conv stem halves the image per conv, so patch_size must be a power of 2, not {self.patch_size}')
         check(self.stem != 'strided' or self.patch_size > 1, 'a strided conv stem needs a patch of 2 or more')

@@ -152,9 +152,6 @@ class TrainForm:
         if self.arch in CNN_CONFIGS:
             model_config = CNN_CONFIGS[self.arch](img_size=img_size)
         else:
-            if self.teacher and self.global_pool == 'avg':
-                raise ValueError("a taught ViT learns the teacher's answers in DeiT's distillation token beside its "
-                                 'CLS token: classify from the CLS token, not the mean of the patch tokens')
             model_config = ViTConfig(
                 img_size=img_size, num_classes=10, mlp_ratio=mlp_ratio, pos_embed=self.pos_embed, stem=self.stem,
                 global_pool=self.global_pool,
@@ -805,7 +802,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.set_defaults(**{k: v for k, v in form.items() if k != 'global_pool'})
     args = parser.parse_args(argv)
     if args.global_pool is None:  # not given: a taught ViT classifies its CLS token (as the Train tab switches)
-        args.global_pool = 'token' if args.teacher else (form['global_pool'] if preset_name else base.global_pool)
+        args.global_pool = 'token' if args.teacher else \
+            (TRAIN_PRESETS[preset_name].global_pool if preset_name else base.global_pool)
 
     from tqdm import tqdm
     if int(os.environ.get('WORLD_SIZE', '1')) > 1:  # started by torchrun
