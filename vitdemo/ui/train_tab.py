@@ -36,7 +36,7 @@ FLOAT32_CPU = ('\n\n*This server\'s CPU has no bf16 arithmetic, so it trains in 
                'classifying the mean of its patch tokens, so its maps show the attention each patch receives): it '
                'gets through 13-14 epochs in ten minutes and reaches about 74-75% validation accuracy on such a CPU, '
                'where the first preset\'s larger model with every token gets through 4 (67%), and the 30-minute one '
-               'through 5 (64%): for a longer run, give the smaller model more minutes (30: 40 epochs, 79%). The CNNs '
+               'through 5 (64%): for a longer run, give the smaller model more minutes (30: 42 epochs, 80%). The CNNs '
                'slow down more: ResNet-18 gets through a third '
                'of an epoch in ten minutes (the fast 8-layer CNN about two), so give a CNN baseline more minutes '
                'before you compare.*')
