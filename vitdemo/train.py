@@ -122,7 +122,7 @@ class TrainForm:
     num_heads: int = 4
     patch_size: int = 4
     pos_embed: str = 'sincos'  # fixed positions: one thing less to learn in a short run
-    stem: str = 'conv'  # 3x3 convolutions make the tokens: 75% vs 68-70% in ten minutes
+    stem: str = 'conv'  # 3x3 convolutions make the tokens: ~6 points over a patch projection in ten minutes
     patch_drop: float = 0.0  # share of patch tokens each training image leaves out (PatchDropout): cheaper steps
     minutes: float = 10.0
     batch_size: int = 128
@@ -130,7 +130,7 @@ class TrainForm:
     crop_padding: int = 2  # a ten-minute run underfits: light augmentation
     teacher: str = ''  # distillation: a model of the list (ours, the same classes) teaches; '' none
     distill: str = 'hard'  # with a teacher: 'hard' (its top class) or 'soft' (its distribution)
-    teacher_once: bool = True  # with a teacher: its answers once per image and mirror (measured: more epochs)
+    teacher_once: bool = True  # with a teacher: its answers once per image and mirror (more epochs in the time)
     start_from: str = ''  # '' random weights; or a pretrained ViT of FINETUNE_ARCHS, fine-tuned instead
     finetune: str = 'probe'  # with start_from: one of FINETUNE_MODES
     frozen_blocks: int = 8  # with 'partial': the first blocks kept as pretrained
@@ -190,25 +190,19 @@ FINETUNE_ARCHS = [a for a in TIMM_ARCHS if a in PRESETS]  # the plain ViTs (not 
 # in bf16 (or on a GPU); `default_preset` picks the smaller one where it would train in float32.
 SMALL_PRESET = '10-minute, smaller model (float32 CPUs)'
 TRAIN_PRESETS: dict[str, TrainForm] = {
-    # measured: 10-13 epochs, 75.5-76.2% validation with the conv stem (68.3-69.5% with a patch projection)
+    # each preset's choices are measured in docs/benchmarks.md ("The Train tab's ten-minute runs")
     '10-minute CPU demo': TrainForm(),
-    # a CPU without bf16 trains in float32, ~4x slower: there this smaller model gets through twice the epochs of
-    # the first and ends 2-3 points higher (measured: 7-8 epochs, 69.4-70.2% against 66.7-67.6%), and leaving out
-    # half of each image's patch tokens makes its steps 1.6-1.9x as fast: 11 epochs, 71.3-72.5%; then the conv
-    # stem's full-size conv is the step's largest cost, and the stem without it ('strided') another 1.3x: 14-15
-    # epochs, 72.8-73.0% (71.9% the same day with it); classifying the mean of the patch tokens instead of the CLS
-    # token learns faster in so few epochs: 74.2-75.4% (72.8-73.1% the same days); the default there
+    # a CPU without bf16 trains in float32, ~4x slower: every choice here buys epochs (a smaller model, half the
+    # patch tokens left out, a stem without a full-size conv) or learns more from each (the patch tokens' mean)
     SMALL_PRESET: TrainForm(embed_dim=96, depth=3, num_heads=3, stem='strided', patch_drop=0.5, global_pool='avg'),
-    # two minutes are a few epochs, where each more pays most: measured on a float32 CPU, half the patch tokens
-    # left out gave 3 epochs and 55.1%, every token 2 epochs and 47.1%; the strided stem 59.7% (55.0% without);
-    # the mean of the patch tokens classified 61.0%
+    # two minutes are a few epochs, where each more pays most
     '2-minute quick look': TrainForm(embed_dim=96, depth=3, num_heads=3, stem='strided', minutes=2.0,
                                      crop_padding=0, patch_drop=0.5, global_pool='avg'),
     '30-minute, larger model': TrainForm(embed_dim=192, depth=6, num_heads=3, minutes=30.0, batch_size=256,
                                          pos_embed='learn', crop_padding=4),
     # ResNet-18 does ~8x the arithmetic per image of the 10-minute ViT: about one epoch in ten minutes
     '10-minute CNN baseline (ResNet-18)': TrainForm(arch='resnet18', crop_padding=4),
-    # measured: 10 epochs, 88.6% validation (train 93.8%), ~730 images/s; as good as the shipped ViT in 10 minutes
+    # as good as the shipped ViT in ten minutes: the distillation teacher to train first
     '10-minute fast CNN (a teacher)': TrainForm(arch='convnet', batch_size=256, lr=3e-3, crop_padding=4),
 }
 
