@@ -2,7 +2,8 @@
 precision on random 32x32 images, in images per second, and the epochs of CIFAR-10's 45,000 training images
 that its minutes hold at that rate (validation and data loading not counted: a whole run gets a little less).
 A preset that leaves patch tokens out is timed again with every token, right after, for the speed-up; one
-whose conv stem has no conv at full size (`stem='strided'`), again with that conv.
+whose conv stem has no conv at full size (`stem='strided'`), again with that conv; one whose ViT learns with
+Muon, again with AdamW alone (what the orthogonalisation costs).
 
     python bench/preset_rates.py
     python bench/preset_rates.py --seconds 4 --presets '10-minute CPU demo'
@@ -16,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from vitdemo.train import TRAIN_PRESETS, TrainForm, autocast, default_preset, precision, training_device  # noqa: E402
+from vitdemo.train import (TRAIN_PRESETS, TrainForm, autocast, default_preset, optimizer_of, precision,  # noqa: E402
+                           training_device)
 from vitdemo.weights import build_model  # noqa: E402
 from finetune_cost import rate  # noqa: E402  (bench/ is the script's folder)
 
@@ -26,7 +28,7 @@ TRAIN_IMAGES = 45_000  # CIFAR-10's 50,000 less the 5,000 held out for validatio
 def images_per_second(form: TrainForm, seconds: float, device: torch.device) -> float:
     model_config, cfg = form.configs()
     model = build_model(model_config).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)
+    optimizer = optimizer_of(model, cfg, device)
     x = torch.randn(cfg.batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (cfg.batch_size,), device=device)
 
@@ -64,6 +66,9 @@ def main() -> None:
         if form.arch == 'vit' and form.stem == 'strided':  # the same preset with the full-size conv
             full = images_per_second(replace(form, stem='conv'), args.seconds, device)
             row('  the same, the conv stem', full, f'   (strided: {speed / full:.2f}x)')
+        if form.arch == 'vit' and form.optimizer == 'muon':  # the same preset with AdamW alone
+            adamw = images_per_second(replace(form, optimizer='adamw'), args.seconds, device)
+            row('  the same, AdamW alone', adamw, f'   (Muon: {speed / adamw:.2f}x)')
 
 
 if __name__ == '__main__':

@@ -226,6 +226,8 @@ def test_the_train_tab_says_when_this_cpu_trains_in_float32(weights_dir, monkeyp
     assert stem.value == started.stem  # the float32 preset's stem has no conv at full size
     pooled = next(b for b in blocks if isinstance(b, gr.Radio) and b.label == 'Classify from')
     assert pooled.value == started.global_pool
+    optimizer = next(b for b in blocks if isinstance(b, gr.Radio) and b.label == 'Optimizer')
+    assert optimizer.value == started.optimizer
 
 
 def test_the_method_list_follows_what_a_model_is_from_its_config_alone(weights_dir, tmp_path):

@@ -242,14 +242,16 @@ def test_a_second_run_goes_on_from_one_of_our_checkpoints_with_its_head_or_a_new
 NARROW_CNN = ConvNetConfig(img_size=32, num_classes=4, widths=(8, 16, 32, 32))  # channels-last and batch norm, quickly
 
 
-@pytest.mark.parametrize('model_config,half', [(CONFIG, False), (CONFIG, True), (NARROW_CNN, True)],
-                         ids=['vit', 'vit-float16', 'cnn-float16'])
-def test_a_run_stopped_after_an_epoch_and_resumed_ends_as_one_that_never_stopped(tmp_path, model_config, half):
+@pytest.mark.parametrize('model_config,half,optimizer', [(CONFIG, False, 'adamw'), (CONFIG, True, 'adamw'),
+                                                          (NARROW_CNN, True, 'adamw'), (CONFIG, False, 'muon')],
+                         ids=['vit', 'vit-float16', 'cnn-float16', 'vit-muon'])
+def test_a_run_stopped_after_an_epoch_and_resumed_ends_as_one_that_never_stopped(tmp_path, model_config, half,
+                                                                                   optimizer):
     # crops, CutMix/MixUp and the batch order all draw from random generators: the resumed run must draw alike;
-    # a float16 checkpoint's rounded weights must not be where it resumes from, and a CNN's channels-last
-    # weights must get moments of their own layout back
+    # a float16 checkpoint's rounded weights must not be where it resumes from, a CNN's channels-last
+    # weights must get moments of their own layout back, and Muon's momentum must come back beside AdamW's
     cfg = TrainConfig(epochs=4, minutes=None, batch_size=64, val_size=128, crop_padding=2, mix_prob=0.5,
-                      keep_state=True, half_checkpoint=half)
+                      keep_state=True, half_checkpoint=half, optimizer=optimizer)
     data = colour_data()
     whole = train(model_config, cfg, data, out=tmp_path / 'whole.safetensors')
     stop = threading.Event()
@@ -319,6 +321,11 @@ def test_cli_preset_gives_the_forms_model_and_recipe_and_flags_still_win(tmp_pat
     with pytest.raises(SystemExit):
         train_cli.main(args + ['--global-pool', 'avg'])
     assert 'global_pool must be token' in capsys.readouterr().err
+    # the preset's optimiser, unless told otherwise
+    assert recipe['optimizer'] == form.optimizer
+    train_cli.main(['--preset', '2-minute quick look', '--data', str(tmp_path / 'ds'), '--epochs', '1',
+                    '--optimizer', 'adamw', '--out', str(out)])
+    assert load_checkpoint(out)[1]['train_config']['optimizer'] == 'adamw'
 
 
 def test_float16_training_scales_the_loss_and_bfloat16_does_not(scalers):

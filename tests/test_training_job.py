@@ -28,6 +28,7 @@ def test_every_preset_is_a_valid_configuration_and_the_defaults_are_the_first():
             assert (model_config.pos_embed, model_config.stem) == (p.pos_embed, p.stem), name
             assert model_config.patch_drop_rate == p.patch_drop, name
             assert model_config.global_pool == p.global_pool, name
+        assert train_config.optimizer == (p.optimizer if p.arch == 'vit' else 'adamw'), name  # CNNs: AdamW alone
 
 
 @pytest.mark.parametrize('extra,message', [
@@ -38,6 +39,7 @@ def test_every_preset_is_a_valid_configuration_and_the_defaults_are_the_first():
     (dict(patch_drop='half'), "patch tokens left out must be a number, got 'half'"),
     (dict(global_pool='max'), "global_pool must be token or avg, not 'max'"),
     (dict(global_pool='avg', teacher='scratch/convnet_cifar10'), r'must be token \(the CLS token\), not avg'),
+    (dict(optimizer='sgd'), "optimizer must be 'adamw' or 'muon', got 'sgd'"),
 ])
 def test_bad_augmentation_and_model_choices_are_refused(extra, message):
     with pytest.raises(ValueError, match=message):

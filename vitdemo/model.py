@@ -350,6 +350,10 @@ class VisionTransformer(nn.Module):
         """Parameters kept out of weight decay besides biases and norms (timm's convention)."""
         return {'pos_embed', 'cls_token', 'dist_token'}
 
+    def hidden_matrices(self) -> set[str]:
+        """The blocks' 2-D weights: the hidden layers' matrices, which Muon may update (see `vitdemo.optim`)."""
+        return {f'blocks.{name}' for name, p in self.blocks.named_parameters() if p.ndim == 2}
+
     def set_distilled_training(self, enabled: bool = True) -> None:
         self.distilled_training = enabled
 

@@ -13,11 +13,11 @@ Run from the repository root:
     python -m vitdemo.train --data ../shared/data/cifar10-train.tar.gz --minutes 10 \
         --teacher weights/convnet_cifar10.safetensors --distill hard --out weights/distilled.safetensors
 
-The loop, top to bottom: AdamW with warm-up then cosine decay over the budget (epochs, or minutes: the
-schedule follows the clock), label smoothing, gradient clipping, bf16 autocast where the hardware has it
-(float16 with a loss scaler on older GPUs), batch augmentation on uint8 tensors. After every epoch it
-evaluates on a seeded validation split and writes a safetensors checkpoint atomically. A stop request
-ends at the next step and still saves what was learned.
+The loop, top to bottom: AdamW (or Muon for a ViT's hidden matrices) with warm-up then cosine decay over the
+budget (epochs, or minutes: the schedule follows the clock), label smoothing, gradient clipping, bf16 autocast
+where the hardware has it (float16 with a loss scaler on older GPUs), batch augmentation on uint8 tensors.
+After every epoch it evaluates on a seeded validation split and writes a safetensors checkpoint atomically. A
+stop request ends at the next step and still saves what was learned.
 
 Past one machine, the same entry point runs under torchrun with DistributedDataParallel (gloo on CPU,
 nccl on GPU), each rank training on its shard of every epoch:
@@ -48,6 +48,7 @@ from .distill import Distillation
 from .filmstrip import IMAGES, Filmstrip
 from .lazy import late_import
 from .model import PRESETS, STEMS, ViTConfig, VisionTransformer, preset
+from .optim import make_optimizer
 from .policy import checked_number
 from .train_state import TrainState, existing_state, load_state, match_layouts, save_state
 from .weights import (ARCHITECTURES, CheckpointError, Classifier, ModelConfig, build_model, config_of, from_timm,
@@ -67,6 +68,7 @@ class TrainConfig:
     rand_augment: int = 0  # RandAugment strength, 1-30 (0: off); for long runs, where the model overfits
     mix_prob: float = 0.0  # share of batches mixed by CutMix or MixUp; likewise for long runs
     clip_grad: float = 1.0
+    optimizer: str = 'adamw'  # 'muon': Muon for a ViT's hidden matrices, AdamW for the rest; a fine-tune: AdamW
     seed: int = 0
     val_size: int = 5000  # held out of the training images, never trained on
     train_limit: int | None = None  # use only this many training images (quick runs)
@@ -104,6 +106,11 @@ class TrainConfig:
             raise ValueError(f'RandAugment strength must be between 0 and 30, got {self.rand_augment}')
         if not 0 <= self.mix_prob <= 1:
             raise ValueError(f'mix probability must be in [0, 1], got {self.mix_prob}')
+        if self.optimizer not in ('adamw', 'muon'):
+            raise ValueError(f"optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
+        if self.optimizer == 'muon' and self.finetune_from:
+            # Muon's orthogonal steps would move every direction of weights that AdamW pretrained
+            raise ValueError('a fine-tune learns with AdamW: Muon is for a model trained from random weights')
         if self.amp_dtype not in ('', 'bfloat16', 'float16'):
             raise ValueError(f"amp dtype must be '', 'bfloat16' or 'float16', got {self.amp_dtype!r}")
         if not 0 <= self.warmup_frac < 1:
@@ -136,6 +143,7 @@ class TrainForm:
     frozen_blocks: int = 8  # with 'partial': the first blocks kept as pretrained
     layer_decay: float = 0.75  # with 'full': each layer learns at this fraction of the one above
     global_pool: str = 'token'  # classify the CLS token ('token', as the paper), or the patch tokens' mean ('avg')
+    optimizer: str = 'muon'  # for a ViT's hidden matrices, AdamW for the rest (`vitdemo.optim`); or 'adamw' alone
 
     def configs(self, img_size: int = 32, mlp_ratio: float = 2.0, seed: int = 0) -> tuple[ModelConfig, TrainConfig]:
         if self.arch not in ARCHS:
@@ -162,7 +170,9 @@ class TrainForm:
                 patch_drop_rate=checked_number(self.patch_drop, 'patch tokens left out', 0, 0.9),
                 distilled=bool(self.teacher))  # a taught ViT gets DeiT's distillation token
         return model_config, TrainConfig(minutes=minutes, batch_size=batch_size, lr=lr, crop_padding=crop_padding,
-                                         seed=seed, teacher=self.teacher, distill=self.distill if self.teacher else '',
+                                         seed=seed, teacher=self.teacher,
+                                         optimizer=self.optimizer if self.arch == 'vit' else 'adamw',
+                                         distill=self.distill if self.teacher else '',
                                          teacher_once=bool(self.teacher_once) and bool(self.teacher))
 
     def _finetune_configs(self, cfg: TrainConfig) -> tuple[ViTConfig, TrainConfig]:
@@ -374,21 +384,33 @@ def autocast(device: torch.device, enabled: bool = True, forced: str = ''):
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float,
-                 lr_scale: Callable[[str], float] = lambda name: 1.0) -> list[dict]:
+                 lr_scale: Callable[[str], float] = lambda name: 1.0, muon: bool = False) -> list[dict]:
     # no decay on biases, norms and what the model names (its tokens and position embeddings); each
-    # parameter learns at its `lr_scale` of the schedule's rate (a fine-tune's), 0 leaves it frozen
+    # parameter learns at its `lr_scale` of the schedule's rate (a fine-tune's), 0 leaves it frozen; with
+    # `muon`, the hidden matrices the model names form groups of their own, marked for Muon
     groups = {}
     skip = model.no_weight_decay() if hasattr(model, 'no_weight_decay') else set()
+    matrices = model.hidden_matrices() if muon and hasattr(model, 'hidden_matrices') else set()
     for name, p in model.named_parameters():
         scale = lr_scale(name)
         if scale == 0:
             p.requires_grad_(False)
             continue
         decay = p.ndim >= 2 and name not in skip
-        group = groups.setdefault((scale, decay), {'params': [], 'weight_decay': weight_decay if decay else 0.0,
-                                                   'lr_scale': scale})
+        key = (scale, decay, name in matrices)
+        group = groups.setdefault(key, {'params': [], 'weight_decay': weight_decay if decay else 0.0,
+                                        'lr_scale': scale, 'muon': key[2]})
         group['params'].append(p)
     return list(groups.values())
+
+
+def optimizer_of(model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
+                 lr_scale: Callable[[str], float] = lambda name: 1.0) -> torch.optim.Optimizer:
+    """The run's optimiser: AdamW, with Muon for a ViT's hidden matrices where `cfg.optimizer` asks."""
+    groups = param_groups(model, cfg.weight_decay, lr_scale, muon=cfg.optimizer == 'muon')
+    # Muon orthogonalises in bfloat16 where the model computes in it, else in float32 (bf16 may be emulated)
+    bf16 = precision(device, cfg.amp, cfg.amp_dtype) == torch.bfloat16
+    return make_optimizer(groups, cfg.lr, ns_dtype=torch.bfloat16 if bf16 else torch.float32)
 
 
 @torch.no_grad()
@@ -451,9 +473,7 @@ def train(model_config: ModelConfig | None, cfg: TrainConfig, data: ImageData,
     rank_seed = cfg.seed + 1000 * rank
     torch.manual_seed(rank_seed)
     forward = torch.compile(net) if cfg.compile else net
-    groups = param_groups(model, cfg.weight_decay, *([finetune.lr_scale] if finetune else []))
-    # fused: one kernel per tensor instead of a dozen (on the CPU the default is a Python loop over tensors)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=True)
+    optimizer = optimizer_of(model, cfg, device, *([finetune.lr_scale] if finetune else []))
     # float16's narrow range lets small gradients underflow to zero: the scaler multiplies the loss before
     # the backward pass and divides the gradients after it (skipping a step that overflowed); off otherwise
     scaler = torch.amp.GradScaler(device.type, enabled=precision(device, cfg.amp, cfg.amp_dtype) == torch.float16)
@@ -768,7 +788,10 @@ def main(argv: list[str] | None = None) -> None:
     # optimisation
     d = TrainConfig()
     parser.add_argument('--batch-size', type=int, default=d.batch_size, help='images per step')
-    parser.add_argument('--lr', type=float, default=d.lr, help='peak learning rate (AdamW)')
+    parser.add_argument('--lr', type=float, default=d.lr, help='peak learning rate (AdamW; Muon scales it to match)')
+    parser.add_argument('--optimizer', choices=['adamw', 'muon'], default=d.optimizer,
+                        help="muon: Muon for a ViT's hidden matrices, AdamW for the rest (learns faster from "
+                             'scratch); a CNN and a fine-tune use AdamW')
     parser.add_argument('--crop-padding', type=int, default=d.crop_padding,
                         help='random crops from the image padded by this many pixels; 0 flips only')
     parser.add_argument('--rand-augment', type=int, default=d.rand_augment, metavar='STRENGTH',
@@ -820,6 +843,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = TrainConfig(epochs=args.epochs, minutes=minutes, batch_size=args.batch_size, lr=args.lr,
                           weight_decay=args.weight_decay, crop_padding=args.crop_padding,
                           rand_augment=args.rand_augment, mix_prob=args.mix_prob, seed=args.seed,
+                          optimizer='adamw' if args.finetune or args.arch != 'vit' else args.optimizer,
                           val_size=args.val_size, train_limit=args.train_limit, val_limit=args.val_limit,
                           amp=not args.no_amp, amp_dtype=args.amp_dtype, compile=args.compile,
                           half_checkpoint=args.half_checkpoint,

@@ -30,16 +30,11 @@ FINETUNE_COST = {
 }
 # the 10-minute presets on a 2-core AMD EPYC with AVX2 only: whole runs from the command line, and the CNNs'
 # training rates from bench/preset_rates.py (0.4 and 1.8 epochs in ten minutes; docs/benchmarks.md)
-FLOAT32_CPU = ('\n\n*This server\'s CPU has no bf16 arithmetic, so it trains in float32, about a quarter as fast. '
-               f'So the form starts from a smaller model here ({SMALL_PRESET!r}: dim 96, depth 3, tokens from '
-               'convolutions that each halve the image, each training image leaving out half its patch tokens, '
-               'classifying the mean of its patch tokens, so its maps show the attention each patch receives): it '
-               'gets through 13-14 epochs in ten minutes and reaches about 74-75% validation accuracy on such a CPU, '
-               'where the first preset\'s larger model with every token gets through 4 (67%), and the 30-minute one '
-               'through 5 (64%): for a longer run, give the smaller model more minutes (30: 42 epochs, 80%). The CNNs '
-               'slow down more: ResNet-18 gets through a third '
-               'of an epoch in ten minutes (the fast 8-layer CNN about two), so give a CNN baseline more minutes '
-               'before you compare.*')
+FLOAT32_CPU = ('\n\n*This server\'s CPU has no bf16 arithmetic: it trains in float32, about a quarter as fast. So '
+               f'the form starts from a smaller, cheaper model ({SMALL_PRESET!r}): 13-14 epochs and about 79% '
+               'validation accuracy in ten minutes here, where the first preset gets through 4 (74%); given 30 '
+               'minutes, more. CNNs slow down more (ResNet-18: a third of an epoch in ten minutes): give a CNN '
+               'baseline more minutes before you compare.*')
 
 
 def speed_note() -> str:
@@ -53,8 +48,8 @@ def finetune_cost() -> str:
             'stopped early trains its head on the features it has.')
 
 
-SNAPSHOT_LABEL = ('Where the last layer\'s CLS token looks (a CNN: last-stage Grad-CAM) on one validation image, '
-                  'after each epoch')
+SNAPSHOT_LABEL = ('Where the last layer looks (a ViT: its attention; a CNN: last-stage Grad-CAM) on one validation '
+                  'image, after each epoch')
 
 
 def epoch_views(snap: Snapshot) -> tuple:
@@ -199,6 +194,12 @@ def train_tab(server: Server, page_load) -> gr.State:
                                                    value=default.global_pool, label='Classify from',
                                                    info='with the mean, the maps show the attention each patch '
                                                         'receives: no CLS token decides')
+                    form['optimizer'] = gr.Radio([('AdamW', 'adamw'),
+                                                  ("Muon for the blocks' matrices (learns faster)", 'muon')],
+                                                 value=default.optimizer, label='Optimizer',
+                                                 info='Muon makes each update of a weight matrix orthogonal, so '
+                                                      'every direction moves alike; the rest learns with AdamW, '
+                                                      'as does a fine-tune')
                 with gr.Row():
                     form['minutes'] = Number(default.minutes, label='Minutes')
                     form['batch_size'] = Number(default.batch_size, label='Batch size', precision=0)
