@@ -33,7 +33,7 @@ FINETUNE_COST = {
 FLOAT32_CPU = ('\n\n*This server\'s CPU has no bf16 arithmetic: it trains in float32, about a quarter as fast. So '
                f'the form starts from a smaller, cheaper model ({SMALL_PRESET!r}): 13-14 epochs and about 79% '
                'validation accuracy in ten minutes here, where the first preset gets through 4 (74%); given 30 '
-               'minutes, more. CNNs slow down more (ResNet-18: a third of an epoch in ten minutes): give a CNN '
+               'minutes, 82%. CNNs slow down more (ResNet-18: a third of an epoch in ten minutes): give a CNN '
                'baseline more minutes before you compare.*')
 
 
