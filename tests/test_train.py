@@ -326,6 +326,10 @@ def test_cli_preset_gives_the_forms_model_and_recipe_and_flags_still_win(tmp_pat
     train_cli.main(['--preset', '2-minute quick look', '--data', str(tmp_path / 'ds'), '--epochs', '1',
                     '--optimizer', 'adamw', '--out', str(out)])
     assert load_checkpoint(out)[1]['train_config']['optimizer'] == 'adamw'
+    cnn = tmp_path / 'cnn.safetensors'  # a CNN names no hidden matrices: it records AdamW, whatever the preset's
+    train_cli.main(['--preset', '10-minute fast CNN (a teacher)', '--data', str(tmp_path / 'ds'), '--epochs', '1',
+                    '--optimizer', 'muon', '--out', str(cnn)])
+    assert load_checkpoint(cnn)[1]['train_config']['optimizer'] == 'adamw'
 
 
 def test_float16_training_scales_the_loss_and_bfloat16_does_not(scalers):

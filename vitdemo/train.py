@@ -171,7 +171,7 @@ class TrainForm:
                 distilled=bool(self.teacher))  # a taught ViT gets DeiT's distillation token
         return model_config, TrainConfig(minutes=minutes, batch_size=batch_size, lr=lr, crop_padding=crop_padding,
                                          seed=seed, teacher=self.teacher,
-                                         optimizer=self.optimizer if self.arch == 'vit' else 'adamw',
+                                         optimizer=optimizer_choice(self.optimizer, self.arch),
                                          distill=self.distill if self.teacher else '',
                                          teacher_once=bool(self.teacher_once) and bool(self.teacher))
 
@@ -190,6 +190,12 @@ class TrainForm:
             raise ValueError('layer decay must be above 0 (1 gives every layer the same rate)')
         return model_config, replace(cfg, finetune_from=self.start_from, finetune=self.finetune,
                                      frozen_blocks=frozen, layer_decay=decay)
+
+
+def optimizer_choice(asked: str, arch: str, finetune: bool = False) -> str:
+    """The optimiser a run records: the one asked for where Muon applies (a ViT from random weights); AdamW
+    alone for a CNN, which names no hidden matrices, and for a fine-tune, whose weights AdamW shaped."""
+    return asked if arch == VisionTransformer.arch and not finetune else 'adamw'
 
 
 # the CNN baselines, by `--arch`: every architecture a checkpoint can hold but the ViT
@@ -843,7 +849,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = TrainConfig(epochs=args.epochs, minutes=minutes, batch_size=args.batch_size, lr=args.lr,
                           weight_decay=args.weight_decay, crop_padding=args.crop_padding,
                           rand_augment=args.rand_augment, mix_prob=args.mix_prob, seed=args.seed,
-                          optimizer='adamw' if args.finetune or args.arch != 'vit' else args.optimizer,
+                          optimizer=optimizer_choice(args.optimizer, args.arch, bool(args.finetune)),
                           val_size=args.val_size, train_limit=args.train_limit, val_limit=args.val_limit,
                           amp=not args.no_amp, amp_dtype=args.amp_dtype, compile=args.compile,
                           half_checkpoint=args.half_checkpoint,
