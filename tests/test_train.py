@@ -332,16 +332,18 @@ def test_cli_preset_gives_the_forms_model_and_recipe_and_flags_still_win(tmp_pat
     assert load_checkpoint(cnn)[1]['train_config']['optimizer'] == 'adamw'
 
 
-def test_float16_training_scales_the_loss_and_bfloat16_does_not(scalers):
+@pytest.mark.parametrize('optimizer', ['adamw', 'muon'])
+def test_float16_training_scales_the_loss_and_bfloat16_does_not(scalers, optimizer):
     # float16 on a CPU without float16 arithmetic is slow: two steps (that it learns is bench/gpu_check.sh's)
     torch.manual_seed(0)
     before = build_model(CONFIG).state_dict()
-    cfg = TrainConfig(epochs=1, minutes=None, batch_size=32, val_size=32, amp_dtype='float16')
+    cfg = TrainConfig(epochs=1, minutes=None, batch_size=32, val_size=32, amp_dtype='float16', optimizer=optimizer)
     result = train(CONFIG, cfg, colour_data(n=96))
     assert len(scalers) == 1 and scalers[0].is_enabled() and scalers[0]._scale is not None  # it scaled the loss
     after = result.model.state_dict()
     assert all(torch.isfinite(v).all() for v in after.values())
-    assert not torch.equal(after['head.weight'], before['head.weight'])  # the unscaled gradients made a step
+    for name in ('head.weight', 'blocks.0.attn.qkv.weight'):  # AdamW's and (with Muon) Muon's, both unscaled
+        assert not torch.equal(after[name], before[name]), name  # the unscaled gradients made a step
     train(CONFIG, TrainConfig(epochs=1, minutes=None, batch_size=32, val_size=32, amp_dtype='bfloat16'),
           colour_data(n=96))
     assert len(scalers) == 2 and not scalers[1].is_enabled()  # bfloat16 has float32's range: nothing to scale
