@@ -15,9 +15,9 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')]
 
 
-@pytest.mark.parametrize('dtype', ['', 'float16'])
-def test_training_on_the_gpu_learns_with_its_precision_and_fused_attention(dtype, scalers):
-    cfg = TrainConfig(epochs=4, minutes=None, batch_size=64, val_size=128, amp_dtype=dtype)
+@pytest.mark.parametrize('dtype,optimizer', [('', 'adamw'), ('float16', 'adamw'), ('', 'muon')])
+def test_training_on_the_gpu_learns_with_its_precision_and_fused_attention(dtype, optimizer, scalers):
+    cfg = TrainConfig(epochs=4, minutes=None, batch_size=64, val_size=128, amp_dtype=dtype, optimizer=optimizer)
     result = train(CONFIG, cfg, colour_data(), device='cuda')
     expected = precision(torch.device('cuda'), True, dtype)
     assert scalers[0].is_enabled() == (expected == torch.float16)  # float16 always with the scaler
