@@ -413,7 +413,8 @@ def focus(pred: Prediction) -> list[float]:
     (a mean-pooled ViT's: of the attention the patches receive, its 'attention' maps), re-normalised,
     averaged over heads. log(patches) is attention spread evenly; 0, one patch."""
     p = pred.num_prefix_tokens
-    a = (pred.attentions[:, :, p:, p:].mean(-2) if pred.pooling == 'avg' else pred.attentions[:, :, 0, p:]).float()
+    a = (received(pred.attentions, pred.grid, p).flatten(-2) if pred.pooling == 'avg'
+         else pred.attentions[:, :, 0, p:]).float()
     a = a / a.sum(-1, keepdim=True).clamp_min(1e-12)
     return (-(a * a.clamp_min(1e-12).log()).sum(-1)).mean(-1).tolist()
 
