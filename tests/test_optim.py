@@ -107,3 +107,14 @@ def test_a_finetune_learns_with_adamw():
     form = replace(next(p for p in TRAIN_PRESETS.values() if p.optimizer == 'muon'),
                    start_from='vit_tiny_patch16_224')
     assert form.configs()[1].optimizer == 'adamw'
+
+
+def test_a_cnn_asked_to_learn_with_muon_learns_and_is_recorded_with_adamw(tmp_path):
+    from test_train import colour_data
+    from vitdemo.cnn import ConvNetConfig
+    from vitdemo.train import TrainConfig, train
+    from vitdemo.weights import read_metadata
+    cfg = TrainConfig(epochs=1, minutes=None, batch_size=32, val_size=32, optimizer='muon', amp=False)
+    result = train(ConvNetConfig(img_size=32, num_classes=4, widths=(8, 8, 16, 16)), cfg, colour_data(n=96),
+                   out=tmp_path / 'cnn.safetensors')
+    assert read_metadata(result.path)['train_config']['optimizer'] == 'adamw'

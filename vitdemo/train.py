@@ -466,6 +466,8 @@ def train(model_config: ModelConfig | None, cfg: TrainConfig, data: ImageData,
 
     rank, world = rank_and_world()
     model = (finetune.model if finetune else build_model(model_config)).to(device).train()
+    # what the run records is what it learns with: Muon asked for a CNN trains (and is recorded) as AdamW
+    cfg = replace(cfg, optimizer=optimizer_choice(cfg.optimizer, model.arch, finetune is not None))
     if isinstance(model, VisionTransformer):
         # SDPA's fused kernels pay on a GPU; on a CPU the manual path measured faster for bf16 training at
         # CIFAR's 65 tokens
