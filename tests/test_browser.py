@@ -227,7 +227,7 @@ def test_the_cnn_model_hides_the_vit_settings(page):
     expect(panel.get_by_text('After the first epoch, the loss and accuracy curves appear here')).to_be_visible()
     expect(panel.locator('.curves:visible')).to_have_count(0)
     expect(panel.locator('.filmstrip')).to_be_hidden()
-    page.get_by_text('Model and recipe').click()
+    page.get_by_role('button', name='Model and recipe').click()
     expect(page.get_by_label('Embed dim')).to_be_visible()
     page.get_by_label('ResNet-18, the CNN baseline').check()
     expect(page.get_by_label('Embed dim')).to_be_hidden()
@@ -247,7 +247,7 @@ def test_a_teacher_is_picked_from_the_list_and_one_of_other_classes_is_refused_i
     cls_token, mean = (page.get_by_label(label, exact=True) for label in
                        ('the CLS token (as the ViT paper)', 'the mean of the patch tokens (learns faster)'))
     if not cls_token.count():  # the form's settings, folded away unless an earlier test opened them
-        page.get_by_text('Model and recipe').click()
+        page.get_by_role('button', name='Model and recipe').click()
     expect(cls_token).to_be_checked()
     pick(page, 'Teacher', 'none')
     preset = TRAIN_PRESETS[page.get_by_label('Preset', exact=True).input_value()]
@@ -269,7 +269,7 @@ def test_a_trained_model_is_kept_across_a_reload_and_for_other_clients(browser, 
     expect(other.get_by_role('tab', name='Predict')).to_be_visible()
     open_tab(page, 'Train')
     if not page.get_by_label('Minutes').is_visible():
-        page.get_by_text('Model and recipe').click()
+        page.get_by_role('button', name='Model and recipe').click()
     page.get_by_label('Minutes').fill('5')
     page.get_by_label('Save as').fill('browser_run')
     page.get_by_role('button', name='Start', exact=True).click()
@@ -352,7 +352,7 @@ def test_a_finetune_on_an_uploaded_zip_and_a_hostile_zip_refused(page, tmp_path)
     pick(page, 'Start from', 'vit_tiny_patch16_224 (pretrained on ImageNet): fine-tune')
     expect(page.get_by_text('linear probe: the head alone')).to_be_visible()
     if not page.get_by_label('Batch size').is_visible():
-        page.get_by_text('Model and recipe').click()
+        page.get_by_role('button', name='Model and recipe').click()
     page.get_by_label('partial: the first K blocks frozen').check()  # 128 at 224 px needs ~11.7 GB: it offers 32
     expect(page.get_by_label('Batch size')).to_have_value('32')
     page.get_by_label('linear probe: the head alone').check()  # a probe keeps no activations: 128 fits
