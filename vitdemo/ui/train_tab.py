@@ -32,9 +32,10 @@ FINETUNE_COST = {
 # training rates from bench/preset_rates.py (0.4 and 1.8 epochs in ten minutes; docs/benchmarks.md)
 FLOAT32_CPU = ('\n\n*This server\'s CPU has no bf16 arithmetic: it trains in float32, about a quarter as fast. So '
                f'the form starts from a smaller, cheaper model ({SMALL_PRESET!r}): 13-14 epochs and about 79% '
-               'validation accuracy in ten minutes here, where the first preset gets through 4 (74%); given 30 '
-               'minutes, 82%. CNNs slow down more (ResNet-18: a third of an epoch in ten minutes): give a CNN '
-               'baseline more minutes before you compare.*')
+               'validation accuracy in ten minutes here, where the first preset gets through 4 (74%). For a longer '
+               'run, give this preset more minutes (under Model and recipe; thirty: 82%) rather than taking the '
+               '30-minute larger model, which gets through 5 epochs here (74%). CNNs slow down more (ResNet-18: a '
+               'third of an epoch in ten minutes): give a CNN baseline more minutes before you compare.*')
 
 
 def speed_note() -> str:
