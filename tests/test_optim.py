@@ -1,4 +1,6 @@
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -118,3 +120,12 @@ def test_a_cnn_asked_to_learn_with_muon_learns_and_is_recorded_with_adamw(tmp_pa
     result = train(ConvNetConfig(img_size=32, num_classes=4, widths=(8, 8, 16, 16)), cfg, colour_data(n=96),
                    out=tmp_path / 'cnn.safetensors')
     assert read_metadata(result.path)['train_config']['optimizer'] == 'adamw'
+
+
+def test_a_torch_without_muon_is_named_with_the_upgrade_that_mends_it():
+    # torch before 2.9, as pip keeps one installed when vitdemo is installed without its requirements
+    script = ('import sys, torch; del torch.optim.Muon; sys.modules["torch.optim._muon"] = None\n'
+              'import vitdemo.optim')
+    run = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert 'vitdemo needs torch 2.9 or later' in run.stderr and 'pip install -U -r requirements.txt' in run.stderr

@@ -8,7 +8,11 @@ biases keep AdamW. With `adjust_lr_fn='match_rms_adamw'` (Moonshot's scaling) it
 weight decay unchanged, so the same schedule drives both.
 """
 import torch
-from torch.optim._muon import _adjust_lr  # the rate for a matrix's shape, as torch's Muon scales it
+
+if not hasattr(torch.optim, 'Muon'):  # an older torch installed before (a conda environment, `pip install --no-deps`)
+    raise ImportError(f'vitdemo needs torch 2.9 or later (for torch.optim.Muon); this is torch {torch.__version__}. '
+                      'Upgrade it: pip install -U -r requirements.txt')
+from torch.optim._muon import _adjust_lr  # noqa: E402  the rate for a matrix's shape, as torch's Muon scales it
 
 
 def orthogonalise(update: torch.Tensor, coefficients, steps: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
