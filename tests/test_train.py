@@ -150,11 +150,10 @@ def test_evaluate_draws_the_training_curves_of_a_checkpoint(tmp_path, capsys):
 
 
 def test_finetune_a_locally_saved_timm_vit_as_linear_probe_partially_and_in_full(weights_dir, tmp_path):
+    from vitdemo.backends import timm_pretrained
     from vitdemo.train import prepare_finetune
     from vitdemo.weights import from_timm
-    import timm
-    pretrained = from_timm(timm.create_model('vit_tiny_patch16_224', pretrained=True, pretrained_cfg_overlay=dict(
-        file=str(weights_dir / 'vit_tiny_patch16_224.safetensors'))))
+    pretrained = from_timm(timm_pretrained('vit_tiny_patch16_224', weights_dir))
     cfg = TrainConfig(epochs=2, minutes=None, batch_size=16, lr=1e-3, train_limit=32, val_size=128, val_limit=16)
     data = colour_data(n=256)
     events = []

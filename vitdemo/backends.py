@@ -279,7 +279,10 @@ def timm_pretrained(arch: str, weights_dir: Path) -> torch.nn.Module:
             f'save it as weights/{arch}.safetensors, or run with internet access.')
     if local is not None:
         try:
-            return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(local)))
+            # custom_load off: the file is a state dict, though the tag's own weights (Google's .npz for the
+            # augreg ViTs) need timm's custom loader, which timm before 1.0.31 would also run on this file
+            return timm.create_model(arch, pretrained=True,
+                                     pretrained_cfg_overlay=dict(file=str(local), custom_load=False))
         except Exception as e:  # safetensors, shape and key errors: the file is not this model's weights
             raise ModelUnavailable(f'{local.name} is not usable as weights for {arch}: {e}') from None
     try:
