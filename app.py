@@ -5,7 +5,7 @@ events to tested functions of the `vitdemo` package.
 """
 import logging
 
-from vitdemo.lazy import skip_gradio_type_stubs
+from vitdemo.lazy import app_built_at_launch, skip_gradio_type_stubs
 
 skip_gradio_type_stubs()  # before gradio's first import: seconds of start-up on two cores
 import gradio as gr
@@ -59,6 +59,7 @@ def launch_options(policy: ServerPolicy) -> dict:
     return options
 
 
+@app_built_at_launch()  # Gradio's web app, a third of a second each, built by `launch` alone
 def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None,
                 policy: ServerPolicy | None = None) -> gr.Blocks:
     policy = policy or ServerPolicy.from_env()

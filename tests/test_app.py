@@ -40,6 +40,26 @@ def client(weights_dir, tmp_path_factory):
         demo.close()
 
 
+def test_the_web_app_is_built_at_launch_alone_and_other_threads_build_theirs(weights_dir):
+    # Gradio would build (and throw away) three FastAPI apps before the one `launch` serves; the page the
+    # served app answers with is covered by the client fixture's tests
+    import threading
+    from gradio.routes import App
+    from vitdemo.lazy import app_built_at_launch
+    built = []
+    demo = create_demo(ModelCache(weights_dir=weights_dir))
+    with app_built_at_launch():
+        with gr.Blocks() as here:
+            gr.Markdown('here')
+        meanwhile = threading.Thread(target=lambda: built.append(gr.Blocks().app))
+        meanwhile.start()
+        meanwhile.join()
+    with gr.Blocks() as after:
+        gr.Markdown('after')
+    assert demo.app is None and here.app is None
+    assert isinstance(built[0], App) and isinstance(after.app, App)
+
+
 def test_api_contract_without_a_server(weights_dir):
     info = create_demo(ModelCache(weights_dir=weights_dir)).get_api_info()
     params = info['named_endpoints']['/predict']['parameters']

@@ -1,12 +1,14 @@
 """Start-up kept short: heavy packages imported where they are first needed (timm and torchvision take
-seconds), and gradio imported without rewriting its type stubs."""
+seconds), gradio imported without rewriting its type stubs, and its web app built once, at launch."""
+import contextlib
+import functools
 import importlib
 import importlib.abc
 import importlib.machinery
 import sys
 import threading
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -59,3 +61,30 @@ def skip_gradio_type_stubs() -> None:
     if 'gradio.component_meta' not in sys.modules and not any(isinstance(f, _GradioWithoutStubs)
                                                               for f in sys.meta_path):
         sys.meta_path.insert(0, _GradioWithoutStubs())
+
+
+_BUILDING = threading.local()
+
+
+def _skipped_while_building(create_app):
+    @functools.wraps(create_app)
+    def create(*args, **kwargs):
+        return None if getattr(_BUILDING, 'layout', False) else create_app(*args, **kwargs)
+    return staticmethod(create)
+
+
+@contextlib.contextmanager
+def app_built_at_launch() -> Iterator[None]:
+    """Within it, this thread's Blocks get no web app until `launch`. Gradio builds its FastAPI app (each
+    route's signature analysed by pydantic: 0.1-0.3 s on two cores) when a Blocks is made, when its `with`
+    closes and at each `queue()`, and `launch` builds the one that serves; the others are thrown away. The
+    Blocks' `app` is None until then. Other threads build theirs as usual."""
+    from gradio.routes import App
+    with _IMPORTING:
+        if not hasattr(App.create_app, '__wrapped__'):
+            App.create_app = _skipped_while_building(App.create_app)
+    outer, _BUILDING.layout = getattr(_BUILDING, 'layout', False), True
+    try:
+        yield
+    finally:
+        _BUILDING.layout = outer
