@@ -31,13 +31,22 @@ def good_entries(prefix=''):
            {f'{prefix}dog/{i}.png': png((0, 10 * i, 200)) for i in range(2)}
 
 
-def listing() -> set:
-    """Every file under the temporary folder and the working folder: where an extraction would land."""
-    found = set()
-    for root in (Path(tempfile.gettempdir()), Path.cwd()):
-        for dirpath, _, names in os.walk(root):
-            found.update(os.path.join(dirpath, n) for n in names)
-    return found
+def listing(root: Path) -> set:
+    """Every file under `root`, and whether the absolute target of a hostile entry exists."""
+    found = {os.path.join(dirpath, n) for dirpath, _, names in os.walk(root) for n in names}
+    return found | ({'/tmp/cat/evil.png'} if Path('/tmp/cat/evil.png').exists() else set())
+
+
+@pytest.fixture
+def landing(tmp_path, monkeypatch) -> Path:
+    """Where an extraction would land, private to the test: the temporary folder and the working folder, two
+    levels inside `tmp_path` so that entries climbing out land inside it too. Anything else writing to the
+    machine's temporary folder meanwhile (a download, another job) cannot fail the test."""
+    inner = tmp_path / 'outer' / 'inner'
+    (inner / 'tmp').mkdir(parents=True)
+    monkeypatch.setattr(tempfile, 'tempdir', str(inner / 'tmp'))
+    monkeypatch.chdir(inner)
+    return tmp_path
 
 
 @pytest.mark.parametrize('prefix', ['', 'my_pets/'])
@@ -113,13 +122,13 @@ HOSTILE = {
 
 
 @pytest.mark.parametrize('case', list(HOSTILE))
-def test_hostile_zip_is_refused_with_a_message_and_nothing_written(tmp_path, case):
+def test_hostile_zip_is_refused_with_a_message_and_nothing_written(landing, case):
     make, words = HOSTILE[case]
-    path = make(tmp_path)
-    before = listing()
+    path = make(landing)
+    before = listing(landing)
     with pytest.raises(ArchiveError, match=words):
         read_image_zip(path)
-    assert listing() == before
+    assert listing(landing) == before
 
 
 def test_limits_are_checked_from_the_directory(tmp_path):
