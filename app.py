@@ -5,9 +5,9 @@ events to tested functions of the `vitdemo` package.
 """
 import logging
 
-from vitdemo.lazy import app_built_at_launch, skip_gradio_type_stubs
+from vitdemo.lazy import app_built_at_launch, lean_gradio_import
 
-skip_gradio_type_stubs()  # before gradio's first import: seconds of start-up on two cores
+lean_gradio_import()  # before gradio's first import: seconds of start-up on two cores
 import gradio as gr
 import huggingface_hub
 from starlette.middleware import Middleware

@@ -135,13 +135,13 @@ def test_the_hub_ids_written_out_are_timms_own():
     assert HUB_IDS == {arch: timm.models.get_pretrained_cfg(arch).hf_hub_id for arch in TIMM_ARCHS}
 
 
-def test_the_app_starts_without_importing_timm_torchvision_or_figures_or_writing_gradios_type_stubs():
+def test_the_app_starts_without_importing_timm_torchvision_figures_or_ipython_or_writing_gradios_type_stubs():
     # each costs half a second to a second of the start; they are imported where a model, an augmentation or a
-    # figure first needs them
+    # figure first needs them (IPython, where it is installed, by nothing the server does)
     import subprocess
     import sys
     code = ('import sys, app, gradio.component_meta as meta, vitdemo.lazy as lazy; app.create_demo(); '
-            'print(sorted({"timm", "torchvision", "matplotlib.figure"} & set(sys.modules)), '
+            'print(sorted({"timm", "torchvision", "matplotlib.figure", "IPython"} & set(sys.modules)), '
             'meta.create_or_modify_pyi is lazy._no_stubs)')
     done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parent.parent)
@@ -154,8 +154,8 @@ def test_gradio_imported_without_its_type_stubs_still_makes_working_components(t
     import subprocess
     import sys
     code = """
-from vitdemo.lazy import skip_gradio_type_stubs
-skip_gradio_type_stubs()
+from vitdemo.lazy import lean_gradio_import
+lean_gradio_import()
 import gradio as gr
 import gradio.component_meta as meta
 class Probe(gr.Textbox):
@@ -168,6 +168,32 @@ print(meta.create_or_modify_pyi.__module__, len(demo.fns))
     done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
                           env={**os.environ, 'PYTHONPATH': str(Path(__file__).resolve().parent.parent)})
     assert done.stdout.strip().splitlines()[-1] == 'vitdemo.lazy 1', done.stderr[-2000:]
+
+
+@pytest.mark.parametrize('in_ipython', [False, True])
+def test_a_server_process_never_imports_ipython_and_a_notebook_keeps_gradios_magics(in_ipython):
+    pytest.importorskip('IPython')  # where it is not installed, gradio never imports it
+    import subprocess
+    import sys
+    code = f"""
+import sys
+{'import IPython' if in_ipython else ''}
+from vitdemo.lazy import lean_gradio_import
+lean_gradio_import()
+import gradio as gr
+import gradio.ipython_ext as ext
+with gr.Blocks() as demo:  # building the page asks IPython whether it runs in Colab
+    gr.Markdown('hello')
+try:
+    import IPython.core.magic
+    importable = True
+except ModuleNotFoundError:
+    importable = False
+print(importable, hasattr(ext, 'register_cell_magic'))
+"""
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.stdout.strip().splitlines()[-1] == f'{in_ipython} {in_ipython}', done.stderr[-2000:]
 
 
 LATE = ('timm', 'torchvision', 'captum', 'pytorch_grad_cam')  # imported where first needed

@@ -1,5 +1,5 @@
 """Start-up kept short: heavy packages imported where they are first needed (timm and torchvision take
-seconds), gradio imported without rewriting its type stubs, and its web app built once, at launch."""
+seconds), gradio imported without what only editors and notebooks use, and its web app built once, at launch."""
 import contextlib
 import functools
 import importlib
@@ -33,10 +33,16 @@ def _no_stubs(*args, **kwargs) -> None:
     return None
 
 
-class _GradioWithoutStubs(importlib.abc.MetaPathFinder):
-    """Finds `gradio.component_meta` as Python would and runs it, then swaps its `.pyi` writer for a no-op."""
+class _LeanGradio(importlib.abc.MetaPathFinder):
+    """Finds `gradio.component_meta` as Python would and runs it, then swaps its `.pyi` writer for a no-op;
+    with `hide_ipython`, IPython cannot be imported at all (as where it is not installed)."""
+
+    def __init__(self, hide_ipython: bool):
+        self.hide_ipython = hide_ipython
 
     def find_spec(self, name, path=None, target=None):
+        if self.hide_ipython and name.split('.')[0] == 'IPython':
+            raise ModuleNotFoundError(f'{name}: this server runs outside IPython and does not import it', name=name)
         if name != 'gradio.component_meta':
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path, target)
@@ -53,14 +59,16 @@ class _GradioWithoutStubs(importlib.abc.MetaPathFinder):
         return spec
 
 
-def skip_gradio_type_stubs() -> None:
-    """Before gradio's first import: every Gradio component class, as it is defined, rewrites its type stub
-    (`.pyi`, for editors and type checkers) by parsing its own source file, over a third of `import gradio` on
-    a 2-core CPU (docs/benchmarks.md, *Start-up*). The server never reads a stub. Does nothing once gradio is
-    imported, and nothing but cost if a Gradio release renames the writer."""
-    if 'gradio.component_meta' not in sys.modules and not any(isinstance(f, _GradioWithoutStubs)
-                                                              for f in sys.meta_path):
-        sys.meta_path.insert(0, _GradioWithoutStubs())
+def lean_gradio_import() -> None:
+    """Before gradio's first import, for a server process: two things gradio does that a server never uses,
+    most of `import gradio` on a 2-core CPU (docs/benchmarks.md, *Start-up*). Every Gradio component class, as
+    it is defined, rewrites its type stub (`.pyi`, for editors and type checkers) by parsing its own source
+    file. And where IPython is installed, gradio imports it (half a second) for its notebook magics and, as
+    each page is built, to ask whether it runs in Colab: IPython is hidden from this process unless it is
+    already running in it (a notebook keeps it whole). Does nothing once gradio is imported, and nothing but
+    cost if a Gradio release renames the stub writer."""
+    if 'gradio.component_meta' not in sys.modules and not any(isinstance(f, _LeanGradio) for f in sys.meta_path):
+        sys.meta_path.insert(0, _LeanGradio(hide_ipython='IPython' not in sys.modules))
 
 
 _BUILDING = threading.local()
