@@ -4,6 +4,7 @@ This file only assembles the tabs of `vitdemo.ui`, each of which builds its layo
 events to tested functions of the `vitdemo` package.
 """
 import logging
+import threading
 
 from vitdemo.lazy import app_built_at_launch, lean_gradio_import
 
@@ -12,7 +13,7 @@ import gradio as gr
 import huggingface_hub
 from starlette.middleware import Middleware
 
-from vitdemo.backends import DEFAULT_SCRATCH, WEIGHTS_DIR, ModelCache, needs_download
+from vitdemo.backends import DEFAULT_SCRATCH, WEIGHTS_DIR, ModelCache, needs_download, prepare_first_prediction
 from vitdemo.data import default_data_path
 from vitdemo.policy import MB, ServerPolicy
 from vitdemo.serving import UploadQuota, limit_queue_per_session
@@ -49,6 +50,15 @@ def notes(server: Server) -> str:
             lines.append(f'*The pretrained models {listed} download their weights from the Hugging Face Hub the first '
                          'time you pick one; later picks load from the cache.*')
     return '\n\n'.join(lines)
+
+
+def warm_up() -> None:
+    """Once the page answers: the imports of the first prediction, done while its visitor reads the page."""
+    log = logging.getLogger('vitdemo.server')
+    try:
+        log.info('ready for the first prediction (its imports took %.1f s)', prepare_first_prediction())
+    except Exception:  # the first request that needs them will say what is wrong
+        log.exception('could not prepare the first prediction')
 
 
 def launch_options(policy: ServerPolicy) -> dict:
@@ -104,4 +114,7 @@ if __name__ == '__main__':
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
     # GRADIO_SERVER_NAME and GRADIO_SERVER_PORT, when set, choose the address (Gradio reads them)
     server_policy = ServerPolicy.from_env()
-    create_demo(policy=server_policy).launch(**launch_options(server_policy))
+    demo = create_demo(policy=server_policy)
+    demo.launch(prevent_thread_lock=True, **launch_options(server_policy))
+    threading.Thread(target=warm_up, name='warm-up', daemon=True).start()
+    demo.block_thread()

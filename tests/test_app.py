@@ -13,7 +13,7 @@ from PIL import Image
 
 from app import MAX_UPLOAD, create_demo
 from conftest import GRADIO_TEMP_DIR, ROOT
-from vitdemo.app_process import free_port
+from vitdemo.app_process import free_port, running_app
 from vitdemo.backends import TIMM_ARCHS, ModelCache
 from vitdemo.policy import ServerPolicy
 from vitdemo.store import ModelStore
@@ -58,6 +58,22 @@ def test_the_web_app_is_built_at_launch_alone_and_other_threads_build_theirs(wei
         gr.Markdown('after')
     assert demo.app is None and here.app is None
     assert isinstance(built[0], App) and isinstance(after.app, App)
+
+
+def test_the_started_app_prepares_the_first_prediction_once_its_page_answers(tmp_path):
+    # `python app.py` as a user starts it: the page first, then, in the background, the imports that the first
+    # prediction would otherwise wait seconds for; the server keeps answering
+    import time
+    import urllib.request
+    log_path = tmp_path / 'app.log'
+    with open(log_path, 'w') as log, running_app(ROOT, {'PYTHONUNBUFFERED': '1'}, log) as (url, _):
+        deadline = time.monotonic() + 60
+        while 'ready for the first prediction' not in log_path.read_text():
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.2)
+        assert urllib.request.urlopen(url, timeout=10).status == 200
+    text = log_path.read_text()
+    assert text.index('Running on local URL') < text.index('ready for the first prediction'), text[-3000:]
 
 
 def test_api_contract_without_a_server(weights_dir):
