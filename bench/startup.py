@@ -1,7 +1,10 @@
-"""Start-up: seconds from `python app.py` to the page's first answer, for this checkout and, side by side
-in alternating rounds, another one (e.g. an older commit in a git worktree).
+"""Start-up: seconds from `python app.py` to the page's first answer and, with `--predict-after S`, to the
+first prediction's answer when it is asked S seconds after the page answered (a visitor who reads the page
+first), for this checkout and, side by side in alternating rounds, another one (e.g. an older commit in a
+git worktree).
 
     python bench/startup.py
+    python bench/startup.py --predict-after 5
     git worktree add /tmp/old 545c8d3 && python bench/startup.py --other /tmp/old
 
 Offline (HF_HUB_OFFLINE=1) and with a warm file cache after the first round: the first round shows a
@@ -10,30 +13,49 @@ colder start.
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from vitdemo.app_process import running_app  # noqa: E402
 
+IMAGE = ROOT / 'examples' / 'cat.jpg'
 
-def seconds_to_answer(root: Path) -> float:
-    with running_app(root) as (_, seconds):
-        return seconds
+
+def timed_start(root: Path, predict_after: float | None) -> tuple[float, float | None]:
+    """Seconds to the page's first answer, and those of the first prediction asked `predict_after` s later."""
+    with running_app(root) as (url, seconds):
+        if predict_after is None:
+            return seconds, None
+        from gradio_client import Client, handle_file
+        time.sleep(predict_after)
+        client = Client(url, verbose=False)
+        start = time.perf_counter()
+        client.predict(handle_file(str(IMAGE)), 'scratch/vit_cifar10', api_name='/predict')
+        return seconds, time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--other', type=Path, help='another checkout to time alongside')
     parser.add_argument('--rounds', type=int, default=3)
+    parser.add_argument('--predict-after', type=float, help='also time a first prediction asked this many '
+                                                            'seconds after the page answered')
     args = parser.parse_args()
     roots = {'this checkout': ROOT} | ({f'{args.other}': args.other} if args.other else {})
     times = {name: [] for name in roots}
     for _ in range(args.rounds):
         for name, root in roots.items():
-            times[name].append(seconds_to_answer(root))
+            times[name].append(timed_start(root, args.predict_after))
     for name, t in times.items():
-        print(f'{name:24s} ' + ' '.join(f'{x:5.2f}' for x in t) + f'   median {statistics.median(t):.2f} s')
+        page = [p for p, _ in t]
+        print(f'{name:24s} page     ' + ' '.join(f'{x:5.2f}' for x in page) +
+              f'   median {statistics.median(page):.2f} s')
+        if args.predict_after is not None:
+            first = [f for _, f in t]
+            print(f'{"":24s} predict  ' + ' '.join(f'{x:5.2f}' for x in first) +
+                  f'   median {statistics.median(first):.2f} s')
 
 
 if __name__ == '__main__':
