@@ -3,6 +3,7 @@
 The maths are pure functions of tensors; the `*_figure` functions draw them with matplotlib, each with a
 title, axis labels and a colour bar, for the Inspect tab.
 """
+import functools
 import math
 import textwrap
 from typing import TYPE_CHECKING
@@ -79,20 +80,26 @@ def multiply_adds(module: torch.nn.Module, img_size: int) -> int:
     return total
 
 
+@functools.lru_cache(maxsize=32)
+def paper_size(label: str, img_size: int, patch: int, num_classes: int) -> tuple:
+    """One of the paper's sizes at this input and patch size: its row of `model_sizes`. Counting runs the
+    model on PyTorch's meta device (shapes only, no memory), each operation through Python: seconds for the
+    five on two cores, so each input and patch size is counted once."""
+    with torch.device('meta'):
+        module = VisionTransformer(preset(PAPER_SIZES[label], img_size=img_size, patch_size=patch,
+                                          num_classes=num_classes))
+    c = module.config
+    return (f'ViT-{label}/{patch}', c.depth, c.embed_dim, int(c.embed_dim * c.mlp_ratio), c.num_heads,
+            round(sum(p.numel() for p in module.parameters()) / 1e6, 1),
+            round(multiply_adds(module, img_size) / 1e9, 3))
+
+
 def model_sizes(model: Model) -> list[list]:
     """The paper's Ti/S/B/L/H at this model's input size and patch size (so with as many tokens), then this
-    model: layers, width, MLP width, heads, parameters (millions) and multiply-adds per image (billions).
-    The paper's sizes are built on PyTorch's meta device: shapes only, no memory."""
+    model: layers, width, MLP width, heads, parameters (millions) and multiply-adds per image (billions)."""
     size = model.data_config['input_size'][1]
     patch = size // model.grid[0]
-    rows = []
-    for label, name in PAPER_SIZES.items():
-        with torch.device('meta'):
-            module = VisionTransformer(preset(name, img_size=size, patch_size=patch, num_classes=len(model.classes)))
-        c = module.config
-        rows.append([f'ViT-{label}/{patch}', c.depth, c.embed_dim, int(c.embed_dim * c.mlp_ratio), c.num_heads,
-                     round(sum(p.numel() for p in module.parameters()) / 1e6, 1),
-                     round(multiply_adds(module, size) / 1e9, 3)])
+    rows = [list(paper_size(label, size, patch, len(model.classes))) for label in PAPER_SIZES]
     m = model.module
     blocks = m.blocks
     rows.append([f'this model ({model.name})', len(blocks), blocks[0].norm1.normalized_shape[0],
