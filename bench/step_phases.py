@@ -57,7 +57,8 @@ def main() -> None:
     crops = torch.Generator().manual_seed(0)
     teacher = Distillation.from_checkpoint(TEACHER, read_metadata(TEACHER)['classes'], device=device)
     name = torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'
-    print(f'torch {torch.__version__}, {name}, autocast {precision(device)}, ms per batch (mean of {args.rounds} calls)')
+    print(f'torch {torch.__version__}, {name}, autocast {precision(device)}, '
+          f'ms per batch (mean of {args.rounds} calls)')
     for batch in args.batches:
         pixels, y = images[:batch].to(device), labels[:batch].to(device)
         x = to_model_input(pixels, MEAN, STD, 32)
