@@ -12,7 +12,6 @@ import torch
 if not hasattr(torch.optim, 'Muon'):  # an older torch installed before (a conda environment, `pip install --no-deps`)
     raise ImportError(f'vitdemo needs torch 2.9 or later (for torch.optim.Muon); this is torch {torch.__version__}. '
                       'Upgrade it: pip install -U -r requirements.txt')
-from torch.optim._muon import _adjust_lr  # noqa: E402  the rate for a matrix's shape, as torch's Muon scales it
 
 
 def orthogonalise(update: torch.Tensor, coefficients, steps: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
@@ -40,6 +39,9 @@ class Muon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
+        # the rate for a matrix's shape, as torch's Muon scales it; private to torch, so imported here: a
+        # release that moves it stops Muon's runs, not the app's start
+        from torch.optim._muon import _adjust_lr
         for group in self.param_groups:
             params, grads, buffers = [], [], []
             self._init_group(group, params, grads, buffers)
