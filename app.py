@@ -15,6 +15,7 @@ from starlette.middleware import Middleware
 
 from vitdemo.backends import DEFAULT_SCRATCH, WEIGHTS_DIR, ModelCache, needs_download, prepare_first_prediction
 from vitdemo.data import default_data_path
+from vitdemo.explain import prepare_explanations
 from vitdemo.policy import MB, ServerPolicy
 from vitdemo.serving import UploadQuota, limit_queue_per_session
 from vitdemo.store import ModelStore
@@ -53,12 +54,14 @@ def notes(server: Server) -> str:
 
 
 def warm_up() -> None:
-    """Once the page answers: the imports of the first prediction, done while its visitor reads the page."""
+    """Once the page answers: the imports of the first prediction, then of the explanation methods' libraries,
+    done while the first visitor reads the page."""
     log = logging.getLogger('vitdemo.server')
     try:
         log.info('ready for the first prediction (its imports took %.1f s)', prepare_first_prediction())
+        log.info('ready for every explanation method (%.1f s more)', prepare_explanations())
     except Exception:  # the first request that needs them will say what is wrong
-        log.exception('could not prepare the first prediction')
+        log.exception('could not import ahead what the first requests need')
 
 
 def launch_options(policy: ServerPolicy) -> dict:

@@ -5,6 +5,7 @@ git worktree).
 
     python bench/startup.py
     python bench/startup.py --predict-after 5
+    python bench/startup.py --predict-after 15 --method gradcam
     git worktree add /tmp/old 545c8d3 && python bench/startup.py --other /tmp/old
 
 Offline (HF_HUB_OFFLINE=1) and with a warm file cache after the first round: the first round shows a
@@ -23,8 +24,9 @@ from vitdemo.app_process import running_app  # noqa: E402
 IMAGE = ROOT / 'examples' / 'cat.jpg'
 
 
-def timed_start(root: Path, predict_after: float | None) -> tuple[float, float | None]:
-    """Seconds to the page's first answer, and those of the first prediction asked `predict_after` s later."""
+def timed_start(root: Path, predict_after: float | None, method: str) -> tuple[float, float | None]:
+    """Seconds to the page's first answer, and those of the first prediction asked `predict_after` s later,
+    explained by `method`."""
     with running_app(root) as (url, seconds):
         if predict_after is None:
             return seconds, None
@@ -32,7 +34,7 @@ def timed_start(root: Path, predict_after: float | None) -> tuple[float, float |
         time.sleep(predict_after)
         client = Client(url, verbose=False)
         start = time.perf_counter()
-        client.predict(handle_file(str(IMAGE)), 'scratch/vit_cifar10', api_name='/predict')
+        client.predict(handle_file(str(IMAGE)), 'scratch/vit_cifar10', method=method, api_name='/predict')
         return seconds, time.perf_counter() - start
 
 
@@ -42,12 +44,13 @@ def main() -> None:
     parser.add_argument('--rounds', type=int, default=3)
     parser.add_argument('--predict-after', type=float, help='also time a first prediction asked this many '
                                                             'seconds after the page answered')
+    parser.add_argument('--method', default='attention', help="the first prediction's explanation method")
     args = parser.parse_args()
     roots = {'this checkout': ROOT} | ({f'{args.other}': args.other} if args.other else {})
     times = {name: [] for name in roots}
     for _ in range(args.rounds):
         for name, root in roots.items():
-            times[name].append(timed_start(root, args.predict_after))
+            times[name].append(timed_start(root, args.predict_after, args.method))
     for name, t in times.items():
         page = [p for p, _ in t]
         print(f'{name:24s} page     ' + ' '.join(f'{x:5.2f}' for x in page) +

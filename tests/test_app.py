@@ -60,20 +60,22 @@ def test_the_web_app_is_built_at_launch_alone_and_other_threads_build_theirs(wei
     assert isinstance(built[0], App) and isinstance(after.app, App)
 
 
-def test_the_started_app_prepares_the_first_prediction_once_its_page_answers(tmp_path):
+def test_the_started_app_prepares_the_first_requests_once_its_page_answers(tmp_path):
     # `python app.py` as a user starts it: the page first, then, in the background, the imports that the first
-    # prediction would otherwise wait seconds for; the server keeps answering
+    # prediction and the first explanation by a library's method would otherwise wait seconds for; the server
+    # keeps answering
     import time
     import urllib.request
     log_path = tmp_path / 'app.log'
     with open(log_path, 'w') as log, running_app(ROOT, {'PYTHONUNBUFFERED': '1'}, log) as (url, _):
         deadline = time.monotonic() + 60
-        while 'ready for the first prediction' not in log_path.read_text():
+        while 'ready for every explanation method' not in log_path.read_text():
             assert time.monotonic() < deadline, log_path.read_text()[-3000:]
             time.sleep(0.2)
         assert urllib.request.urlopen(url, timeout=10).status == 200
     text = log_path.read_text()
-    assert text.index('Running on local URL') < text.index('ready for the first prediction'), text[-3000:]
+    assert text.index('Running on local URL') < text.index('ready for the first prediction') < \
+        text.index('ready for every explanation method'), text[-3000:]
 
 
 def test_api_contract_without_a_server(weights_dir):
