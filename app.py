@@ -6,16 +6,16 @@ events to tested functions of the `vitdemo` package.
 import logging
 import threading
 
-from vitdemo.lazy import app_built_at_launch, lean_gradio_import
+from vitdemo.lazy import app_built_at_launch, import_ahead, lean_gradio_import
 
 lean_gradio_import()  # before gradio's first import: seconds of start-up on two cores
 import gradio as gr
 import huggingface_hub
 from starlette.middleware import Middleware
 
-from vitdemo.backends import DEFAULT_SCRATCH, WEIGHTS_DIR, ModelCache, needs_download, prepare_first_prediction
+from vitdemo.backends import DEFAULT_SCRATCH, FIRST_PREDICTION, WEIGHTS_DIR, ModelCache, needs_download
 from vitdemo.data import default_data_path
-from vitdemo.explain import prepare_explanations
+from vitdemo.explain import LIBRARIES
 from vitdemo.policy import MB, ServerPolicy
 from vitdemo.serving import UploadQuota, limit_queue_per_session
 from vitdemo.store import ModelStore
@@ -58,8 +58,8 @@ def warm_up() -> None:
     done while the first visitor reads the page."""
     log = logging.getLogger('vitdemo.server')
     try:
-        log.info('ready for the first prediction (its imports took %.1f s)', prepare_first_prediction())
-        log.info('ready for every explanation method (%.1f s more)', prepare_explanations())
+        log.info('ready for the first prediction (its imports took %.1f s)', import_ahead(*FIRST_PREDICTION))
+        log.info('ready for every explanation method (%.1f s more)', import_ahead(*LIBRARIES))
     except Exception:  # the first request that needs them will say what is wrong
         log.exception('could not import ahead what the first requests need')
 

@@ -15,7 +15,6 @@ import math
 import os
 import socket
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,9 @@ HUB_IDS = {'vit_tiny_patch16_224': 'timm/vit_tiny_patch16_224.augreg_in21k_ft_in
            'deit_small_patch16_224': 'timm/deit_small_patch16_224.fb_in1k',
            'deit_small_distilled_patch16_224': 'timm/deit_small_distilled_patch16_224.fb_in1k'}
 DEFAULT_SCRATCH = 'scratch/vit_cifar10'
+# what every model's first prediction imports: timm's preprocessing, with torchvision and torch._dynamo (~4 s
+# on two cores), for a server to import ahead
+FIRST_PREDICTION = ('timm.data',)
 
 
 class ModelUnavailable(RuntimeError):
@@ -122,16 +124,6 @@ class Model:
                           num_prefix_tokens=self.num_prefix_tokens, image=image,
                           box=crop_box(image.size, self.data_config), probs=probs,
                           saliency=maps if self.is_cnn else None, pooling=self.pooling)
-
-
-def prepare_first_prediction() -> float:
-    """Imports now what every model's first prediction would otherwise wait for: timm's preprocessing, which
-    brings torchvision and torch._dynamo (~4 s on two cores). For a server to call in the background once its
-    page answers; a request that needs them meanwhile waits for this import (`late_import`), not a second one.
-    Returns the seconds it took."""
-    start = time.perf_counter()
-    late_import('timm.data')
-    return time.perf_counter() - start
 
 
 def crop_box(size: tuple[int, int], data_config: dict) -> tuple[float, float, float, float]:

@@ -29,7 +29,6 @@ A new method is one function here, one line in `METHODS`, and its test.
 """
 import copy
 import math
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
@@ -325,17 +324,8 @@ def _target_layer(job: _Job, net: nn.Module):
     return net.blocks[-1].norm1, reshape
 
 
-LIBRARIES = ('pytorch_grad_cam', 'pytorch_grad_cam.utils.model_targets', 'captum.attr')  # imported when first used
-
-
-def prepare_explanations() -> float:
-    """Imports now the libraries of the explanation methods (pytorch-grad-cam with OpenCV, Captum: ~3 s on two
-    cores), which the first explanation by one of them would otherwise wait for. For a server to call in the
-    background; returns the seconds it took."""
-    start = time.perf_counter()
-    for name in LIBRARIES:
-        late_import(name)
-    return time.perf_counter() - start
+# the methods' libraries, imported when first used (pytorch-grad-cam with OpenCV, Captum: ~3 s on two cores)
+LIBRARIES = ('pytorch_grad_cam', 'pytorch_grad_cam.utils.model_targets', 'captum.attr')
 
 
 def _library_cam(job: _Job, method: str):

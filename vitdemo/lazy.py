@@ -7,6 +7,7 @@ import importlib.abc
 import importlib.machinery
 import sys
 import threading
+import time
 from types import ModuleType
 from typing import TYPE_CHECKING, Iterator
 
@@ -22,6 +23,16 @@ def late_import(name: str) -> ModuleType:
     fails with ImportError."""
     with _IMPORTING:
         return importlib.import_module(name)
+
+
+def import_ahead(*names: str) -> float:
+    """Imports `names` now, as `late_import` does: for a server to import in the background, once its page
+    answers, what its first requests would otherwise wait seconds for (a request that needs one meanwhile
+    waits for this import, not a second one). Returns the seconds it took."""
+    start = time.perf_counter()
+    for name in names:
+        late_import(name)
+    return time.perf_counter() - start
 
 
 def new_figure(**kwargs) -> 'Figure':
@@ -61,7 +72,7 @@ class _LeanGradio(importlib.abc.MetaPathFinder):
 
 def lean_gradio_import() -> None:
     """Before gradio's first import, for a server process: two things gradio does that a server never uses,
-    most of `import gradio` on a 2-core CPU (docs/benchmarks.md, *Start-up*). Every Gradio component class, as
+    nearly half of `import gradio` on a 2-core CPU (docs/benchmarks.md, *Start-up*). Every Gradio component class, as
     it is defined, rewrites its type stub (`.pyi`, for editors and type checkers) by parsing its own source
     file. And where IPython is installed, gradio imports it (half a second) for its notebook magics and, as
     each page is built, to ask whether it runs in Colab: IPython is hidden from this process unless it is
