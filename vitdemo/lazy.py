@@ -72,9 +72,9 @@ class _LeanGradio(importlib.abc.MetaPathFinder):
 
 def lean_gradio_import() -> None:
     """Before gradio's first import, for a server process: two things gradio does that a server never uses,
-    nearly half of `import gradio` on a 2-core CPU (docs/benchmarks.md, *Start-up*). Every Gradio component class, as
-    it is defined, rewrites its type stub (`.pyi`, for editors and type checkers) by parsing its own source
-    file. And where IPython is installed, gradio imports it (half a second) for its notebook magics and, as
+    nearly half of `import gradio` on a 2-core CPU (docs/benchmarks.md, *Start-up*). Every Gradio component
+    class, as it is defined, rewrites its type stub (`.pyi`, for editors and type checkers) by parsing its own
+    source file. And where IPython is installed, gradio imports it (half a second) for its notebook magics and, as
     each page is built, to ask whether it runs in Colab: IPython is hidden from this process unless it is
     already running in it (a notebook keeps it whole). Does nothing once gradio is imported, and nothing but
     cost if a Gradio release renames the stub writer."""
