@@ -13,9 +13,8 @@ import gradio as gr
 import huggingface_hub
 from starlette.middleware import Middleware
 
-from vitdemo.backends import DEFAULT_SCRATCH, FIRST_PREDICTION, WEIGHTS_DIR, ModelCache, needs_download
-from vitdemo.data import default_data_path
-from vitdemo.explain import LIBRARIES
+from vitdemo.catalog import DEFAULT_SCRATCH, FIRST_PREDICTION, WEIGHTS_DIR, ModelCache, needs_download
+from vitdemo.methods import LIBRARIES
 from vitdemo.policy import MB, ServerPolicy
 from vitdemo.serving import UploadQuota, limit_queue_per_session
 from vitdemo.store import ModelStore
@@ -78,7 +77,7 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None,
     policy = policy or ServerPolicy.from_env()
     cache = cache or ModelCache(store=ModelStore.from_policy(WEIGHTS_DIR, policy))
     cache.store.clean_partials()  # what a killed save left behind
-    server = Server(cache, job or TrainingJob(default_data_path(), cache.store, policy), policy)
+    server = Server(cache, job or TrainingJob(None, cache.store, policy), policy)
 
     def lists_for_session(known: list | None, request: gr.Request):
         # every model list follows the model store, for this visitor; unchanged, nothing is sent (an open

@@ -22,8 +22,10 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from vitdemo.backends import OURS_ARCHS, TIMM_ARCHS, WEIGHTS_DIR, load_model  # noqa: E402
-from vitdemo.explain import METHODS, explain, methods_for  # noqa: E402
+from vitdemo.backends import load_model  # noqa: E402
+from vitdemo.catalog import OURS_ARCHS, TIMM_ARCHS, WEIGHTS_DIR  # noqa: E402
+from vitdemo.explain import explain, methods_for  # noqa: E402
+from vitdemo.methods import METHODS  # noqa: E402
 from vitdemo.model import VisionTransformer  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parent.parent / 'examples' / 'cat.jpg'

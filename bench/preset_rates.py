@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from vitdemo.train import (TRAIN_PRESETS, TrainForm, autocast, default_preset, optimizer_of, precision,  # noqa: E402
-                           training_device)
+from vitdemo.train import autocast, optimizer_of, precision, training_device  # noqa: E402
+from vitdemo.train_form import TRAIN_PRESETS, TrainForm, default_preset  # noqa: E402
 from vitdemo.weights import build_model  # noqa: E402
 from finetune_cost import rate  # noqa: E402  (bench/ is the script's folder)
 

@@ -14,10 +14,10 @@ from PIL import Image
 from app import MAX_UPLOAD, create_demo
 from conftest import GRADIO_TEMP_DIR, ROOT
 from vitdemo.app_process import free_port, running_app
-from vitdemo.backends import TIMM_ARCHS, ModelCache
+from vitdemo.catalog import TIMM_ARCHS, ModelCache
 from vitdemo.policy import ServerPolicy
 from vitdemo.store import ModelStore
-from vitdemo.train import SMALL_PRESET, TRAIN_PRESETS, TrainForm, default_preset
+from vitdemo.train_form import SMALL_PRESET, TRAIN_PRESETS, TrainForm, default_preset
 from vitdemo.training_job import Snapshot, TrainingJob
 
 
@@ -243,9 +243,9 @@ def test_online_the_page_says_which_models_download_on_first_use(tmp_path, weigh
 def test_the_train_tab_says_when_this_cpu_trains_in_float32(weights_dir, monkeypatch, bf16):
     # a CPU without bf16 trains 4-5x slower: its visitors are told, not left to wonder at the preset's figures,
     # and the form starts from the smaller model that learns more in ten minutes there
-    import torch
-    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
-    monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: bf16)
+    import vitdemo.train_form as train_form
+    monkeypatch.setattr(train_form, 'has_gpu', lambda: False)
+    monkeypatch.setattr(train_form, 'cpu_has_bf16', lambda: bf16)
     blocks = create_demo(ModelCache(weights_dir=weights_dir)).blocks.values()
     texts = [b.value or '' for b in blocks if isinstance(b, gr.Markdown)]
     intro = next(t for t in texts if t.startswith('Train a small ViT'))

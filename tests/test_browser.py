@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT
 from test_data import make_folder
 from vitdemo.app_process import running_app
-from vitdemo.train import TRAIN_PRESETS
+from vitdemo.train_form import TRAIN_PRESETS
 
 CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
 SHOTS = ROOT / 'test-output' / 'browser'

@@ -8,12 +8,13 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from test_train import colour_data
-from vitdemo.backends import ModelCache, list_models, load_model
+from vitdemo.backends import load_model
+from vitdemo.catalog import ModelCache, list_models
 from vitdemo.cnn import CifarConvNet, CifarResNet, ConvNetConfig, ResNetConfig
 from vitdemo.compare import compare_view
 from vitdemo.figures import inspect_view
 from vitdemo.train import TrainConfig, train
-from vitdemo.train import TRAIN_PRESETS, TrainForm
+from vitdemo.train_form import TRAIN_PRESETS, TrainForm
 from vitdemo.training_job import attention_snapshot
 from vitdemo.views import predict_view
 from vitdemo.weights import CheckpointError, load_checkpoint, read_metadata

@@ -3,7 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vitdemo.backends import DEFAULT_SCRATCH, imagenet_classes, load_model
+from vitdemo.backends import load_model
+from vitdemo.catalog import DEFAULT_SCRATCH, imagenet_classes
 from vitdemo.compare import (IMAGENET_TO_CIFAR10, OTHER, agreement, agreement_words, align_layers, compare_view,
                              image_space, imagenet_to_cifar10, left_out, top_mass)
 

@@ -7,11 +7,12 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, TINY_CIFAR, randomize_
-from vitdemo.backends import DEFAULT_SCRATCH, load_model
+from vitdemo.backends import load_model
+from vitdemo.catalog import DEFAULT_SCRATCH
 from vitdemo.cnn import CifarConvNet, CifarResNet, ConvNetConfig, ResNetConfig
-from vitdemo.explain import Stopped, explain, focus, mass_mask, methods_for, rank_correlation, sanity_check, twin
+from vitdemo.explain import explain, focus, mass_mask, methods_for, rank_correlation, sanity_check, twin
+from vitdemo.methods import Stopped
 from vitdemo.model import VisionTransformer
-from vitdemo import views
 from vitdemo.views import Explanations, predict_view, sanity_view
 from vitdemo.weights import save_checkpoint
 
@@ -333,7 +334,8 @@ def test_deit_tokens_are_drawn_in_pairs_and_a_redraw_reuses_the_explanation(weig
     view = predict_view(model, str(CAT), method='tokens', remembered=remembered)
     assert view.columns == 2 and [c for _, c in view.gallery][:2] == ['layer 1 · CLS · mean of 6 heads',
                                                                      'layer 1 · distillation · mean of 6 heads']
-    monkeypatch.setattr(views, 'explain', lambda *a, **k: pytest.fail('explained again'))
+    import vitdemo.explain
+    monkeypatch.setattr(vitdemo.explain, 'explain', lambda *a, **k: pytest.fail('explained again'))
     again = predict_view(model, str(CAT), method='tokens', opacity=0.2, remembered=remembered)
     assert [c for _, c in again.gallery] == [c for _, c in view.gallery]
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vitdemo.backends import DEFAULT_SCRATCH, load_model
+from vitdemo.backends import load_model
+from vitdemo.catalog import DEFAULT_SCRATCH
 from vitdemo.faithfulness import Score, auc, faithfulness, perturbation_curves, verdict
 
 

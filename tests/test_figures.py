@@ -6,7 +6,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from vitdemo.backends import DEFAULT_SCRATCH, load_model
+from vitdemo.backends import load_model
+from vitdemo.catalog import DEFAULT_SCRATCH
 from vitdemo.figures import (attention_entropy, inspect_view, mean_attention_distance, model_sizes, mosaic,
                              patch_filters, position_similarity, token_costs)
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from vitdemo.backends import ModelCache
+from vitdemo.catalog import ModelCache
 from vitdemo.views import predict_view
 
 STATUS = Path('/proc/self/status')

@@ -104,7 +104,8 @@ def test_the_trainer_orthogonalises_in_bfloat16_only_where_the_model_computes_in
 
 def test_a_finetune_learns_with_adamw():
     from dataclasses import replace
-    from vitdemo.train import TRAIN_PRESETS, TrainConfig
+    from vitdemo.train import TrainConfig
+    from vitdemo.train_form import TRAIN_PRESETS
     with pytest.raises(ValueError, match='a fine-tune learns with AdamW'):
         TrainConfig(finetune_from='vit_tiny_patch16_224', finetune='full', optimizer='muon')
     form = replace(next(p for p in TRAIN_PRESETS.values() if p.optimizer == 'muon'),

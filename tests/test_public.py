@@ -20,21 +20,25 @@ from gradio_client import handle_file
 from PIL import Image
 
 import app
-from vitdemo.ui import compare_tab, inspect_tab, predict_tab
+from vitdemo import compare, figures
+from vitdemo.ui import predict_tab
 from vitdemo.ui.common import Server
 from conftest import ROOT
 from test_app import connect
 from test_memory import STATUS, resident_mb
 from test_train import CONFIG, colour_data
 from vitdemo.app_process import free_port
-from vitdemo.backends import ModelCache, load_model
-from vitdemo.explain import Stopped, explain
+from vitdemo.backends import load_model
+from vitdemo.catalog import ModelCache
+from vitdemo.explain import explain
+from vitdemo.methods import Stopped
 from vitdemo.cnn import ResNetConfig
 from vitdemo.model import ViTConfig
 from vitdemo.policy import MB, ServerPolicy, check_training, estimate_training_memory
 from vitdemo.serving import publish_image
 from vitdemo.store import ModelStore
-from vitdemo.train import TRAIN_PRESETS, TrainConfig, TrainForm
+from vitdemo.train import TrainConfig
+from vitdemo.train_form import TRAIN_PRESETS, TrainForm
 from vitdemo.training_job import TrainingFailed, TrainingJob
 from vitdemo.weights import load_checkpoint
 
@@ -279,8 +283,8 @@ class Concurrency:
 
 def test_predict_inspect_and_compare_together_run_two_at_a_time(weights_dir, tmp_path, monkeypatch):
     running = Concurrency(0.4)
-    for tab, name in ((predict_tab, 'predict_view'), (inspect_tab, 'inspect_view'), (compare_tab, 'compare_view')):
-        monkeypatch.setattr(tab, name, running.wrap(getattr(tab, name)))
+    for module, name in ((predict_tab, 'predict_view'), (figures, 'inspect_view'), (compare, 'compare_view')):
+        monkeypatch.setattr(module, name, running.wrap(getattr(module, name)))
     demo, port = launch(app.create_demo(ModelCache(weights_dir=weights_dir), policy=ServerPolicy()), ServerPolicy())
     try:
         image = handle_file(CAT)
@@ -368,13 +372,13 @@ def test_uploads_past_the_folders_budget_are_refused(weights_dir, tmp_path):
 
 @pytest.mark.skipif(not STATUS.exists(), reason='reads the resident set size from Linux /proc')
 def test_memory_comes_back_after_a_failed_run(tmp_path, weights_dir, monkeypatch):
-    import vitdemo.training_job as training_job
-    real_train = training_job.train
+    import vitdemo.train as training
+    real_train = training.train
 
     def runs_out(*args, **kwargs):
         activations = torch.ones(150_000_000)  # 600 MB held by the run's frame when it fails
         raise RuntimeError(f"DefaultCPUAllocator: can't allocate memory: you tried to allocate {activations.numel()}")
-    monkeypatch.setattr(training_job, 'train', runs_out)
+    monkeypatch.setattr(training, 'train', runs_out)
     job = TrainingJob('unused', ModelStore(weights_dir, runs_dir=tmp_path / 'runs'), update_seconds=0.0)
     before = resident_mb()
     with pytest.raises(TrainingFailed, match='out of memory: lower the batch size') as failure:
@@ -382,7 +386,7 @@ def test_memory_comes_back_after_a_failed_run(tmp_path, weights_dir, monkeypatch
     after = resident_mb()
     print(f'resident memory {before:.0f} MB before the failed run, {after:.0f} MB after')
     assert after - before < 100 and failure.value.__cause__ is None and not job.busy
-    monkeypatch.setattr(training_job, 'train', real_train)
+    monkeypatch.setattr(training, 'train', real_train)
     assert list(job.run(CONFIG, EPOCH, 'next', data=colour_data(256)))[-1].checkpoint.exists()
 
 

@@ -298,7 +298,7 @@ def test_cli_resumes_a_run_from_its_checkpoint_and_refuses_one_without_state(tmp
 
 def test_cli_preset_gives_the_forms_model_and_recipe_and_flags_still_win(tmp_path, capsys):
     from test_data import make_folder
-    from vitdemo.train import TRAIN_PRESETS
+    from vitdemo.train_form import TRAIN_PRESETS
     make_folder(tmp_path / 'ds', classes=['a', 'b'], per_class=40, size=32)
     out = tmp_path / 'quick.safetensors'
     train_cli.main(['--preset', '2-minute quick look', '--data', str(tmp_path / 'ds'), '--epochs', '1',

@@ -4,7 +4,8 @@ import pytest
 
 from test_train import CONFIG, colour_data
 from vitdemo.cnn import ResNetConfig
-from vitdemo.train import TRAIN_PRESETS, TrainConfig, TrainForm
+from vitdemo.train import TrainConfig
+from vitdemo.train_form import TRAIN_PRESETS, TrainForm
 from vitdemo.training_job import TrainingBusy, TrainingJob, checkpoint_name, of_budget
 from vitdemo.views import progress_html, training_curves
 from vitdemo.store import ModelStore
@@ -29,6 +30,21 @@ def test_every_preset_is_a_valid_configuration_and_the_defaults_are_the_first():
             assert model_config.patch_drop_rate == p.patch_drop, name
             assert model_config.global_pool == p.global_pool, name
         assert train_config.optimizer == (p.optimizer if p.arch == 'vit' else 'adamw'), name  # CNNs: AdamW alone
+
+
+def test_the_forms_torch_free_facts_are_the_training_codes():
+    # the page knows them without torch; the training code holds the same from its own classes and torch's answers
+    import torch
+    from vitdemo.metadata import ARCH_NAMES
+    from vitdemo.model import PRESETS
+    from vitdemo.train import precision, training_device
+    from vitdemo.train_form import ARCHS, FINETUNE_ARCHS, cpu_has_bf16, has_gpu, trains_in_float32
+    from vitdemo.weights import ARCHITECTURES
+    assert list(ARCHITECTURES) == list(ARCH_NAMES) == ARCHS
+    assert FINETUNE_ARCHS and all(a in PRESETS for a in FINETUNE_ARCHS)
+    assert cpu_has_bf16() == torch.cpu._is_avx512_bf16_supported()
+    assert has_gpu() == torch.cuda.is_available()
+    assert trains_in_float32() == (precision(training_device()) is None)
 
 
 @pytest.mark.parametrize('extra,message', [

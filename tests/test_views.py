@@ -2,7 +2,8 @@ import gradio as gr
 import pytest
 from PIL import Image
 
-from vitdemo.backends import DEFAULT_SCRATCH, load_model
+from vitdemo.backends import load_model
+from vitdemo.catalog import DEFAULT_SCRATCH
 from vitdemo.views import attention_gallery, focus_frame, fusion_mode, parse_fusion, predict_view
 
 
@@ -64,8 +65,9 @@ def test_one_colour_scale_for_all_layers(weights_dir, monkeypatch):
     pred = load_model(DEFAULT_SCRATCH, weights_dir).predict(Image.new('RGB', (64, 64), (120, 30, 60)))
     maps = [m for _, m in from_prediction(pred, 'mean').maps]
     scales = []
-    real = views.overlay
-    monkeypatch.setattr(views, 'overlay',
+    import vitdemo.attention as attention
+    real = attention.overlay
+    monkeypatch.setattr(attention, 'overlay',
                         lambda *a, scale=None, **k: scales.append(scale) or real(*a, scale=scale, **k))
     views.attention_gallery(pred, 'mean', scale='shared')
     expected = (min(float(m.min()) for m in maps), max(float(m.max()) for m in maps))

@@ -8,19 +8,24 @@ decompressed into memory, at most the size it declared, and decoded by `vitdemo.
 limits, the whole archive within a budget of pixels (read from each header first) and of seconds.
 Nothing is extracted: no file is written, so none is left behind.
 """
+from __future__ import annotations
+
 import io
 import re
 import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
-from .data import IMAGE_SUFFIXES, ImageData
-from .images import FORMATS, ImageError, load_image
+from .images import FORMATS, IMAGE_SUFFIXES, ImageError, load_image
+from .lazy import late_import
+
+if TYPE_CHECKING:
+    from .data import ImageData
 
 MB = 2 ** 20
 ARCHIVE_SUFFIXES = ('.zip', '.tar', '.gz', '.tgz', '.bz2', '.xz', '.7z', '.rar', '.zst', '.jar')
@@ -68,8 +73,9 @@ def read_image_zip(path: str | Path, size: int = 32, limits: ZipLimits = ZipLimi
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, RuntimeError) as e:
         # a damaged archive, a checksum that fails, an entry that holds more than it declares, encryption
         raise ArchiveError(f'the archive cannot be read ({e})') from None
+    torch = late_import('torch')  # the training set's tensors: the page that describes the limits imports none
     stacked = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    return ImageData(stacked, torch.tensor(labels), classes)
+    return late_import('vitdemo.data').ImageData(stacked, torch.tensor(labels), classes)
 
 
 def _check_directory(infos: list[zipfile.ZipInfo], limits: ZipLimits) -> tuple[list[tuple[zipfile.ZipInfo, int]],

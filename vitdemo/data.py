@@ -22,9 +22,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .images import IMAGE_SUFFIXES
 from .lazy import late_import
 
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 CACHE_DIR = Path(os.environ.get('VITDEMO_CACHE', Path.home() / '.cache' / 'vitdemo'))
 
 

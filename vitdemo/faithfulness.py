@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from .backends import Model, Prediction
-from .explain import METHODS, Progress, class_index, explain, methods_for
+from .explain import class_index, explain, methods_for
+from .methods import METHODS, Progress
 
 
 @dataclass

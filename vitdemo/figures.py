@@ -15,7 +15,8 @@ from PIL import Image, ImageDraw
 
 from .attention import Fusion, fit_for_display, fuse_heads, overlay
 from .backends import Model, Prediction
-from .explain import Progress, twin
+from .explain import twin
+from .methods import Progress
 from .faithfulness import faithfulness, verdict
 from .lazy import new_figure
 from .model import VisionTransformer, preset

@@ -4,21 +4,24 @@ after each epoch, kept small in the checkpoint's metadata and drawn as a layers 
 A mean-pooled ViT has no CLS token to follow: its maps are the attention each patch receives from the
 patch tokens (as `explain`'s 'attention' method draws it). Maps are stored as 8-bit, each scaled to its
 own maximum: a filmstrip shows where a layer looks, not how sharply compared with another layer.
+
+Reading and drawing one needs no torch (the page's Inspect tab does both); recording one imports it.
 """
+from __future__ import annotations
+
 import base64
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from .attention import cls_attention, received
-from .data import ImageData, to_model_input
-from .lazy import new_figure
-from .model import VisionTransformer
+from .lazy import late_import, new_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from .data import ImageData
+    from .model import VisionTransformer
 
 IMAGES = 4  # fixed validation images a run follows
 MAX_COLUMNS = 10  # epochs drawn; a longer run shows evenly spaced ones, the last always among them
@@ -45,22 +48,24 @@ class Filmstrip:
         """The first `count` images of `data` (a seeded validation split: the same ones every epoch)."""
         return cls(data.images[:count].permute(0, 2, 3, 1).numpy().copy(), data.labels[:count].tolist())
 
-    @torch.no_grad()
     def record(self, model: VisionTransformer, mean: list[float], std: list[float], epoch: int) -> None:
         """Where every layer looks on the fixed images now, and what the model says they are."""
+        torch, attention = late_import('torch'), late_import('vitdemo.attention')
         was_training = model.training
         model.eval()
         size = model.config.img_size
-        x = to_model_input(torch.from_numpy(self.images).permute(0, 3, 1, 2), mean, std, size)
-        logits, attentions = model.forward_with_attention(x.to(next(model.parameters()).device))
+        x = late_import('vitdemo.data').to_model_input(torch.from_numpy(self.images).permute(0, 3, 1, 2), mean, std,
+                                                         size)
+        with torch.no_grad():
+            logits, attentions = model.forward_with_attention(x.to(next(model.parameters()).device))
         model.train(was_training)
         grid = (size // model.config.patch_size,) * 2
         stacked = torch.stack(attentions, dim=1).float().cpu()  # (N, layers, heads, T, T)
         p = model.num_prefix_tokens
         if model.config.global_pool == 'avg':
-            maps = received(stacked.mean(2), grid, p)
+            maps = attention.received(stacked.mean(2), grid, p)
         else:
-            maps = torch.stack([cls_attention(a, grid, p) for a in stacked])
+            maps = torch.stack([attention.cls_attention(a, grid, p) for a in stacked])
         peak = maps.flatten(2).amax(2).clamp(min=1e-12)[:, :, None, None]
         self.epochs.append(epoch)
         self.maps.append((maps / peak * 255).round().to(torch.uint8).numpy())

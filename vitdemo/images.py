@@ -22,6 +22,7 @@ TRIM_PIXELS = 4_000_000  # after decoding more than this, hand the freed memory 
 # the decoders the README lists (JPEG's also opens cameras' multi-picture files); no others run, so an EPS upload
 # never reaches Ghostscript, nor any other decoder PIL knows of
 FORMATS = ('PNG', 'JPEG', 'WEBP', 'GIF', 'BMP', 'TIFF')
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')  # the files a folder or a zip of images is read for
 
 
 class ImageError(ValueError):

@@ -1,5 +1,9 @@
-"""Start-up kept short: heavy packages imported where they are first needed (timm and torchvision take
-seconds), gradio imported without what only editors and notebooks use, and its web app built once, at launch."""
+"""Start-up kept short: heavy packages imported where they are first needed (torch, timm and torchvision take
+seconds), gradio imported without what only editors and notebooks use, and its web app built once, at launch.
+
+The app's page is built from torch-free modules (`vitdemo.catalog`, `vitdemo.metadata`, `vitdemo.methods`,
+`vitdemo.train_form`, `vitdemo.policy`, `vitdemo.views`, ...); the code that runs models, and torch with it, is
+imported by `late_import` where a request first needs it, or ahead of it by the server (`import_ahead`)."""
 import contextlib
 import functools
 import importlib

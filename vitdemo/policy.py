@@ -8,16 +8,20 @@ but no training run is started that would not fit in memory.
 Every limit can be set through the environment (see `ServerPolicy.from_env`), which is also how the tests
 give a server small budgets.
 """
+from __future__ import annotations
+
 import ctypes
 import gc
 import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from .lazy import late_import
 
-from .weights import ModelConfig, build_model
+if TYPE_CHECKING:
+    from .weights import ModelConfig
 
 MB = 2 ** 20
 CIFAR10_IMAGES = 50_000  # what the Train tab's data holds, for the estimate made before it is loaded
@@ -136,14 +140,15 @@ def estimate_training_memory(model_config: ModelConfig, batch_size: int,
     every tensor autograd saves for the backward pass. Counted in fp32: an upper bound under bf16 autocast.
     A `frozen` model (a linear probe's) only answers: no optimiser state, and a pass that keeps one
     block's tensors at a time (bounded here by twice a block's share of what training saves)."""
+    torch, weights = late_import('torch'), late_import('vitdemo.weights')  # not for the page: see `vitdemo.lazy`
     with torch.device('meta'):
-        model = build_model(model_config).train()
+        model = weights.build_model(model_config).train()
         if hasattr(model, 'set_fused_attn'):
             model.set_fused_attn(False)  # training reads no maps, but runs the manual path (see train.py)
         x = torch.empty(batch_size, 3, model_config.img_size, model_config.img_size)
     saved = 0
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    def pack(t):
         nonlocal saved
         if not isinstance(t, torch.nn.Parameter):  # weights are counted once, in the state
             saved += t.numel() * t.element_size()

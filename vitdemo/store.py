@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from .policy import ServerPolicy
-from .weights import CheckpointError, read_metadata
+from .metadata import CheckpointError, read_metadata
 
 SUFFIX = '.safetensors'
 NAME_PATTERN = re.compile(r'[A-Za-z0-9][A-Za-z0-9_-]{0,47}')

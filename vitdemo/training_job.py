@@ -6,28 +6,35 @@ the server is busy rather than queued behind a run of many minutes. Before any w
 against the server's policy (minutes, model size, memory) and given a checkpoint path in the model store
 that replaces no one's file. In public mode a run belongs to the session that started it: only that
 session can stop it.
+
+The page creates its `TrainingJob` before torch is imported: a run imports the training code when it starts.
 """
+from __future__ import annotations
+
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import torch
 from PIL import Image
 
-from .attention import overlay
-from .backends import TIMM_ARCHS, ModelUnavailable, checkpoint_model
-from .data import ImageData, load_dataset
-from .distill import Distillation
-from .explain import from_prediction
-from .filmstrip import Filmstrip
+from .catalog import TIMM_ARCHS, ModelUnavailable
+from .lazy import late_import
+from .metadata import read_metadata
 from .policy import CIFAR10_IMAGES, ServerPolicy, check_training, fitting_batch, release_memory
 from .store import NAME_PATTERN, ModelStore
-from .train import TrainConfig, TrainEvent, TrainForm, prepare_finetune, split, train
-from .weights import Classifier, ModelConfig, config_of, read_metadata
+
+if TYPE_CHECKING:
+    import torch
+
+    from .data import ImageData
+    from .filmstrip import Filmstrip
+    from .train_form import TrainForm
+    from .train import TrainConfig, TrainEvent
+    from .weights import Classifier, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +75,8 @@ def attention_snapshot(model: Classifier, image: torch.Tensor, mean: list[float]
                        display: int = 192) -> tuple[Image.Image, int]:
     """Where the model looks at its last depth (a ViT: the last layer's CLS attention; a CNN: its last
     stage's Grad-CAM), for one uint8 (3, H, W) image, drawn large; and the class the model gives it."""
+    checkpoint_model = late_import('vitdemo.backends').checkpoint_model
+    from_prediction, overlay = late_import('vitdemo.explain').from_prediction, late_import('vitdemo.attention').overlay
     was_training = model.training
     model.eval()
     picture = Image.fromarray(image.permute(1, 2, 0).numpy())
@@ -100,13 +109,14 @@ class TrainingJob:
     """Runs `vitdemo.train.train` for the app; at most one run at a time.
 
     Args:
-        data_path: the training images (see `data.load_dataset`).
+        data_path: the training images (see `data.load_dataset`); None: `data.default_data_path()`, looked up
+            when a run starts.
         store: where checkpoints go (`trained/`), and which names the shipped models hold.
         policy: the server's limits, checked before any work.
         update_seconds: at most one step snapshot per this many seconds.
     """
 
-    def __init__(self, data_path: str | Path, store: ModelStore, policy: ServerPolicy = ServerPolicy(),
+    def __init__(self, data_path: str | Path | None, store: ModelStore, policy: ServerPolicy = ServerPolicy(),
                  update_seconds: float = 1.0):
         self.data_path = data_path
         self.store = store
@@ -136,11 +146,12 @@ class TrainingJob:
 
     def run(self, model_config: ModelConfig, cfg: TrainConfig, name: str, owner: str | None = None,
             data: ImageData | None = None) -> Iterator[Snapshot]:
+        training, weights = late_import('vitdemo.train'), late_import('vitdemo.weights')
         shipped = [n.split('/')[1] for n in self.store.checkpoint_names() if n.startswith('scratch/')]
         reserved = set(TIMM_ARCHS) | set(shipped)
         name = checkpoint_name(name, reserved)
         teacher = self._teacher(cfg.teacher, owner)
-        teacher_config = config_of(read_metadata(teacher)) if teacher else None
+        teacher_config = weights.config_of(read_metadata(teacher)) if teacher else None
         probe = cfg.finetune == 'probe'
         estimate = check_training(self.policy, model_config, cfg.minutes, cfg.batch_size,
                                   len(data) if data is not None else CIFAR10_IMAGES, teacher_config, probe)
@@ -154,22 +165,24 @@ class TrainingJob:
             out = self.store.reserve(name, owner, estimate.params * bytes_per_param + 2 ** 16)  # + the header
             yield Snapshot(0.0, 'loading the training images (the first time decodes and caches them)')
             if data is None:
-                data = load_dataset(self.data_path)
+                data_module = late_import('vitdemo.data')
+                data = data_module.load_dataset(self.data_path or data_module.default_data_path())
                 # the first check assumed CIFAR-10's size: check again with the real one
                 check_training(self.policy, model_config, cfg.minutes, cfg.batch_size, len(data), teacher_config,
                                probe)
             model_config = replace(model_config, num_classes=len(data.classes))  # the form's 10 is a guess
+            Distillation = late_import('vitdemo.distill').Distillation
             distillation = (Distillation.from_checkpoint(teacher, data.classes, cfg.distill, once=cfg.teacher_once)
                             if teacher else None)
             finetune = None
             if cfg.finetune_from:
                 yield Snapshot(0.0, f'loading the pretrained {cfg.finetune_from} (downloaded the first time)')
                 try:
-                    finetune = prepare_finetune(cfg.finetune_from, data.classes, cfg.finetune,
-                                                cfg.frozen_blocks, cfg.layer_decay, self.store.weights_dir)
+                    finetune = training.prepare_finetune(cfg.finetune_from, data.classes, cfg.finetune,
+                                                         cfg.frozen_blocks, cfg.layer_decay, self.store.weights_dir)
                 except ModelUnavailable as e:
                     raise TrainingFailed(f'the pretrained weights are not at hand ({e})') from None
-            train_data, val_data = split(data, cfg)
+            train_data, val_data = training.split(data, cfg)
             shown = val_data or train_data  # one image: what changes is the model
             fixed, fixed_class = shown.images[0], data.classes[int(shown.labels[0])]
             yield from self._follow(model_config, cfg, data, fixed, fixed_class, out, distillation, finetune)
@@ -208,6 +221,7 @@ class TrainingJob:
 
         def work() -> None:
             try:
+                train = late_import('vitdemo.train').train
                 outcome['result'] = train(model_config, cfg, data, out=out, on_event=on_event, stop=self._stop,
                                           distillation=distillation, finetune=finetune)
             except Exception as e:  # reported to the person; the server goes on

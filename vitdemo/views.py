@@ -1,4 +1,9 @@
-"""What the Predict tab shows, as plain functions of a prediction: no UI code, tested without a browser."""
+"""What the Predict tab shows, as plain functions of a prediction: no UI code, tested without a browser.
+
+The page is built from this module before torch is imported: the explanation and drawing code (with torch) is
+imported by the first view asked for (`vitdemo.lazy`)."""
+from __future__ import annotations
+
 import functools
 import hashlib
 import html
@@ -6,17 +11,21 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import matplotlib
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .attention import Fusion, fit_for_display, overlay
-from .backends import Model, Prediction
-from .explain import Explanation, Progress, explain, focus, from_prediction, methods_for, sanity_check
+from .lazy import late_import
+from .methods import Progress
 from .policy import checked_number
+
+if TYPE_CHECKING:
+    from .attention import Fusion
+    from .backends import Model, Prediction
+    from .explain import Explanation
 
 FUSIONS = ['mean', 'max', 'min', 'one head']
 DISPLAY_SIDE = 448  # overlays are drawn at this size: sharp in the gallery, quick to render
@@ -48,6 +57,7 @@ SCALES = ['own', 'shared']  # each map stretched to its own range, or one scale 
 def attention_gallery(pred: Prediction, fusion: Fusion = 'mean', opacity: float = 0.6,
                       discard_ratio: float = 0.9, scale: str = 'own') -> list[tuple[Image.Image, str]]:
     """The gallery of what a prediction holds: a ViT's attention per layer and rollout, a CNN's Grad-CAM."""
+    from_prediction = late_import('vitdemo.explain').from_prediction
     return explanation_gallery(pred, from_prediction(pred, fusion, discard_ratio), fusion, opacity, scale)
 
 
@@ -59,21 +69,24 @@ def explanation_gallery(pred: Prediction, explanation: Explanation, fusion: Fusi
     map keeps its own range)."""
     if scale not in SCALES:
         raise ValueError(f'colour scale must be one of {", ".join(SCALES)}, not {scale!r}')
-    image, box = fit_for_display(pred.image, pred.box, DISPLAY_SIDE)
+    attention = late_import('vitdemo.attention')
+    image, box = attention.fit_for_display(pred.image, pred.box, DISPLAY_SIDE)
     maps = [m for _, m in explanation.maps]
     shared = (min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)) if scale == 'shared' else None
     # opacity 0 draws no heat, only dims what lies outside the model's view; captions short enough to be
     # read whole under a thumbnail, the description says the rest
     # the input first, except where the maps come in pairs to be read side by side
-    items = [] if explanation.paired else [(overlay(image, maps[0], box, opacity=0.0), 'input (bright: what it sees)')]
+    items = [] if explanation.paired else [(attention.overlay(image, maps[0], box, opacity=0.0),
+                                            'input (bright: what it sees)')]
     if explanation.method in ('attention', 'tokens'):
         heads = pred.attentions.shape[1]
         how = f' · head {fusion + 1} of {heads}' if isinstance(fusion, int) else f' · {fusion} of {heads} heads'
     else:
         how = f' · {explanation.target}' if explanation.target else ''
-    items += [(overlay(image, m, box, opacity, scale=shared), caption + how) for caption, m in explanation.maps]
+    items += [(attention.overlay(image, m, box, opacity, scale=shared), caption + how)
+              for caption, m in explanation.maps]
     if not any(m is explanation.overall[1] for m in maps):  # a last stage or a single map is already shown
-        items.append((overlay(image, explanation.overall[1], box, opacity), explanation.overall[0]))
+        items.append((attention.overlay(image, explanation.overall[1], box, opacity), explanation.overall[0]))
     return items
 
 
@@ -147,13 +160,14 @@ def predict_view(model: Model, image, top_k: int = 5, fusion: str = 'mean', head
     layer = None if layer is None else checked_number(layer, 'layer', -10 ** 6, 10 ** 6, integer=True)
     pred = model.predict(image, top_k=top_k)
     chosen = 'mean' if pred.is_cnn else parse_fusion(fusion, head, pred.attentions.shape[1])
-    offered = methods_for(model)
+    explaining = late_import('vitdemo.explain')
+    offered = explaining.methods_for(model)
     method = method if method in offered else offered[0]  # e.g. a CNN asked for attention gets its Grad-CAM
     key = (model.name, id(model.module), hashlib.sha1(np.asarray(pred.image).tobytes()).hexdigest(), method,
            target or None, chosen, discard_ratio, layer, keep)
 
     def compute() -> Explanation:
-        return explain(model, pred, method, target or None, chosen, discard_ratio, layer=layer, keep=keep,
+        return explaining.explain(model, pred, method, target or None, chosen, discard_ratio, layer=layer, keep=keep,
                        progress=progress)
     explanation = remembered.get(key, compute) if remembered is not None else compute()
     gallery = explanation_gallery(pred, explanation, chosen, opacity, scale)
@@ -169,7 +183,7 @@ def focus_frame(pred: Prediction) -> pd.DataFrame:
     """Each layer's attention entropy (`explain.focus`), and that of attention spread evenly, for a line plot."""
     if pred.is_cnn:
         return pd.DataFrame(columns=['layer', 'entropy', 'line'])
-    values = focus(pred)
+    values = late_import('vitdemo.explain').focus(pred)
     even = math.log(pred.grid[0] * pred.grid[1])
     frame = pd.DataFrame([dict(layer=i + 1, entropy=v, line='this image') for i, v in enumerate(values)]
                          + [dict(layer=i + 1, entropy=even, line='spread evenly') for i in range(len(values))])
@@ -182,12 +196,14 @@ def sanity_view(model: Model, image, method: str = 'attention', target: str | No
                 progress: Progress | None = None):
     """The sanity check in pictures and words: the overall map with the trained weights and with weights
     redrawn at random, and whether the map depends on what the model learned."""
-    method = method if method in methods_for(model) else methods_for(model)[0]
+    explaining, attention = late_import('vitdemo.explain'), late_import('vitdemo.attention')
+    offered = explaining.methods_for(model)
+    method = method if method in offered else offered[0]
     pred = model.predict(image)
-    trained, randomized, correlation = sanity_check(model, pred, method, target or None, progress=progress)
-    shown, box = fit_for_display(pred.image, pred.box, DISPLAY_SIDE)
-    gallery = [(overlay(shown, trained.overall[1], box), f'trained: {trained.overall[0]}'),
-               (overlay(shown, randomized.overall[1], box), f'random weights: {randomized.overall[0]}')]
+    trained, randomized, correlation = explaining.sanity_check(model, pred, method, target or None, progress=progress)
+    shown, box = attention.fit_for_display(pred.image, pred.box, DISPLAY_SIDE)
+    gallery = [(attention.overlay(shown, trained.overall[1], box), f'trained: {trained.overall[0]}'),
+               (attention.overlay(shown, randomized.overall[1], box), f'random weights: {randomized.overall[0]}')]
     passed = correlation < 0.5
     verdict = ('the map depends on what the model learned: it passes' if passed else
                'the map hardly changes when the weights are random: it shows the architecture or the image, '

@@ -10,23 +10,18 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .cnn import CifarConvNet, CifarResNet, ConvNetConfig, ResNetConfig
+from .metadata import FORMAT, VERSION, CheckpointError, read_metadata
 from .model import ViTConfig, VisionTransformer
 
-FORMAT = 'vitdemo.vit'
-VERSION = '1'
-# what a checkpoint's `arch` names: its config and model classes (checkpoints without `arch` are ViTs)
+# what a checkpoint's `arch` names (`metadata.ARCH_NAMES`): its config and model classes
 ARCHITECTURES = {VisionTransformer.arch: (ViTConfig, VisionTransformer), CifarResNet.arch: (ResNetConfig, CifarResNet),
                  CifarConvNet.arch: (ConvNetConfig, CifarConvNet)}
 Classifier = VisionTransformer | CifarResNet | CifarConvNet
 ModelConfig = ViTConfig | ResNetConfig | ConvNetConfig
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used, with a message a person can act on."""
 
 
 def build_model(config: ModelConfig) -> Classifier:
@@ -60,30 +55,6 @@ def save_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
-
-
-def read_metadata(path: str | Path) -> dict:
-    """Decoded metadata of a vitdemo checkpoint, from its header alone; CheckpointError for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f'no checkpoint file at {path}')
-    try:
-        with safe_open(str(path), framework='pt') as f:
-            raw = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f'{path.name} is not a readable safetensors file ({e})') from None
-    if raw.get('format') != FORMAT or 'config' not in raw:
-        raise CheckpointError(f'{path.name} is a safetensors file but not a vitdemo checkpoint: '
-                              'its metadata has no model config')
-    try:
-        meta = {k: json.loads(v) for k, v in raw.items() if k not in ('format', 'version', 'arch')}
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f'{path.name} has corrupt metadata ({e})') from None
-    meta['arch'] = raw.get('arch', VisionTransformer.arch)
-    if meta['arch'] not in ARCHITECTURES:
-        raise CheckpointError(f'{path.name} holds a {meta["arch"]!r} model; this version of vitdemo knows '
-                              f'{", ".join(ARCHITECTURES)}')
-    return meta
 
 
 def config_of(meta: dict) -> ModelConfig:

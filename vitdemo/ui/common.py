@@ -1,5 +1,9 @@
 """What every tab shares: the server (models, the training run, the policy), the model lists a visitor
-gets, how errors reach people, and components that leave the checking of values to the package."""
+gets, how errors reach people, and components that leave the checking of values to the package.
+
+The page is built before torch is imported (two seconds on two cores): the tabs import the package's torch-free
+modules only, and the first request imports the model code (`vitdemo.lazy.late_import`, in the model cache, the
+views and the handlers of Compare and Inspect); `tests/test_backends.py` holds the page to that."""
 import contextlib
 import functools
 import html
@@ -10,20 +14,23 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from inspect import isgeneratorfunction
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import gradio as gr
 import huggingface_hub
 from PIL import Image
 
-from ..backends import (DEFAULT_SCRATCH, Model, ModelCache, ModelUnavailable, imagenet_classes, model_shape,
-                        needs_download, prefix_tokens)
-from ..explain import METHODS, Progress, Stopped, kinds, offered
+from ..catalog import (DEFAULT_SCRATCH, ModelCache, ModelUnavailable, imagenet_classes, model_shape, needs_download,
+                       prefix_tokens)
 from ..images import ImageError, load_image
+from ..metadata import CheckpointError, read_metadata
+from ..methods import METHODS, Progress, Stopped, kinds, offered
 from ..policy import ServerPolicy
 from ..serving import publish_image
 from ..training_job import TrainingBusy, TrainingFailed, TrainingJob
-from ..weights import CheckpointError, read_metadata
+
+if TYPE_CHECKING:
+    from ..backends import Model
 
 USER_ERRORS = (ImageError, ModelUnavailable, CheckpointError, TrainingBusy, TrainingFailed, Stopped,
                FileNotFoundError, ValueError, TypeError)
@@ -75,7 +82,7 @@ class Server:
         """Whose models and run these are: the browser session in public mode; locally, one user owns all."""
         return request.session_hash if self.policy.public and request is not None else None
 
-    def model(self, name, request: gr.Request | None, progress: gr.Progress | None = None) -> Model:
+    def model(self, name, request: gr.Request | None, progress: gr.Progress | None = None) -> 'Model':
         if not isinstance(name, str):
             raise ValueError(f'the model must be a name from the list, got {name!r}')
         if progress is not None and not self.cache.has(name, self.owner(request)):

@@ -1,7 +1,7 @@
 """The Compare tab: one image, two models side by side, their layers paired by relative depth."""
 import gradio as gr
 
-from ..compare import compare_view
+from ..lazy import late_import
 from ..views import FUSIONS, colour_bar_html, fusion_mode
 from .common import (MODEL_WORK, Server, example_picker, image_box, keeps_errors, model_list, published,
                      shows_user_errors)
@@ -15,6 +15,7 @@ def compare_tab(server: Server) -> list[gr.Dropdown]:
     def compare(image: bytes, model_a: str, model_b: str, fusion: str = 'mean', as_cifar10: bool = True,
                 request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
         fusion = fusion_mode(fusion)  # checked before any model loads
+        compare_view = late_import('vitdemo.compare').compare_view
         a, b, gallery, text = compare_view(server.model(model_a, request, progress),
                                            server.model(model_b, request, progress), image, fusion, bool(as_cifar10))
         return a, b, published(gallery), text

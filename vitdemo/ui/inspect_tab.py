@@ -1,12 +1,12 @@
 """The Inspect tab: the ViT paper's Fig. 7 computed live from the chosen model, and click-a-patch."""
 import gradio as gr
 
-from ..figures import inspect_view, patch_view
 from ..filmstrip import IMAGES, Filmstrip, filmstrip_figure
+from ..lazy import late_import
+from ..metadata import read_metadata
 from ..policy import checked_number
-from ..weights import read_metadata
-from ..views import FUSIONS, fusion_mode
 from ..serving import publish_image
+from ..views import FUSIONS, fusion_mode
 from .common import (MODEL_WORK, Server, Slider, bounded, example_picker, image_box, keeps_errors, model_list,
                      shows_user_errors)
 
@@ -24,6 +24,7 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
     @shows_user_errors(server)
     def inspect(image: bytes, model: str, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
         with server.explaining(request, progress, 'the faithfulness test') as tell:
+            inspect_view = late_import('vitdemo.figures').inspect_view
             grid, *rest = inspect_view(server.model(model, request, progress), image, progress=tell)
         return publish_image(grid), *rest
 
@@ -32,6 +33,7 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
         if image is None or point is None:  # nothing clicked yet
             return gr.skip(), gr.skip()
         fusion = fusion_mode(fusion)
+        patch_view = late_import('vitdemo.figures').patch_view
         picture, caption = patch_view(server.model(model, request), image, tuple(point), layer, fusion)
         return publish_image(picture), caption
 

@@ -1,7 +1,7 @@
 """The Predict tab: an image and a model in; the top classes and, layer by layer, where the CLS token looks."""
 import gradio as gr
 
-from ..explain import METHODS
+from ..methods import METHODS
 from ..views import FUSIONS, Explanations, colour_bar_html, predict_view, sanity_view
 from .common import (MODEL_WORK, Server, Slider, bounded, example_picker, image_box, keeps_errors, model_list,
                      published, shows_user_errors)

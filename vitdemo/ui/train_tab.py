@@ -1,7 +1,7 @@
 """The Train tab: a small ViT (or the CNN baseline) trained from scratch on CIFAR-10, watched as it learns.
 
 The form's fields, the presets and the `/train` API's named parameters all come from one definition,
-`vitdemo.train.TrainForm`."""
+`vitdemo.train_form.TrainForm`."""
 import inspect
 from dataclasses import asdict, fields, replace
 
@@ -10,11 +10,11 @@ import gradio as gr
 from ..serving import publish_image
 from ..archive import ZipLimits, read_image_zip
 from ..filmstrip import filmstrip_figure
-from ..train import (FINETUNE_ARCHS, FINETUNE_MODES, SMALL_PRESET, TRAIN_PRESETS, TrainForm, default_preset,
-                     trains_in_float32)
+from ..train_form import (FINETUNE_ARCHS, FINETUNE_MODES, SMALL_PRESET, TRAIN_PRESETS, TrainForm, default_preset,
+                          trains_in_float32)
 from ..training_job import Snapshot
 from ..views import progress_html, runs_frame, training_curves
-from ..weights import read_metadata
+from ..metadata import read_metadata
 from .common import Number, Server, Slider, keeps_errors, shows_user_errors
 
 FORM_FIELDS = [f.name for f in fields(TrainForm)]
