@@ -200,6 +200,29 @@ print(importable, hasattr(ext, 'register_cell_magic'))
 LATE = ('timm', 'torchvision', 'captum', 'pytorch_grad_cam')  # imported where first needed
 
 
+def test_a_module_imported_before_does_not_wait_for_another_threads_import():
+    # the server's warm-up imports the explanation libraries for seconds: a prediction meanwhile, whose modules
+    # are in already, must not queue behind it
+    import threading
+    from vitdemo import lazy
+    lazy.late_import('json')
+    importing, done, got = threading.Event(), threading.Event(), []
+
+    def warm_up():
+        with lazy._IMPORTING:  # as an import in progress holds it
+            importing.set()
+            done.wait(10)
+    holder = threading.Thread(target=warm_up)
+    holder.start()
+    importing.wait(10)
+    asker = threading.Thread(target=lambda: got.append(lazy.late_import('json')))
+    asker.start()
+    asker.join(2)
+    done.set()
+    holder.join()
+    assert got and got[0].__name__ == 'json'
+
+
 def test_two_first_requests_at_once_import_timm_and_torchvision_one_at_a_time():
     # their modules import one another: two threads importing them at once (two visitors' first requests on
     # a fresh server) each find the other's module half made, and one fails with ImportError

@@ -19,14 +19,20 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 _IMPORTING = threading.RLock()
+_IMPORTED: set[str] = set()  # names `late_import` has imported whole
 
 
 def late_import(name: str) -> ModuleType:
     """`import name`, one thread at a time. timm's and torchvision's modules import one another: two threads
     importing them at once (two visitors' first requests) each find the other's module half made, and one
-    fails with ImportError."""
+    fails with ImportError. A name imported before is returned at once, without waiting for an import that
+    another thread (the server's warm-up) is running meanwhile."""
+    if name in _IMPORTED:
+        return sys.modules[name]
     with _IMPORTING:
-        return importlib.import_module(name)
+        module = importlib.import_module(name)
+        _IMPORTED.add(name)
+        return module
 
 
 def import_ahead(*names: str) -> float:
