@@ -23,10 +23,6 @@ if TYPE_CHECKING:
     from .train import TrainConfig
     from .weights import ModelConfig
 
-# where Linux has a GPU driver's device files (NVIDIA's, ROCm's); without them torch finds no GPU
-GPU_DRIVER_FILES = ('/dev/nvidiactl', '/dev/kfd')
-
-
 FINETUNE_MODES = {  # how a pretrained ViT learns the new classes
     'probe': 'linear probe: the head alone, on features computed once',
     'partial': 'partial: the first K blocks frozen, the rest and the head learn',
@@ -140,6 +136,10 @@ TRAIN_PRESETS: dict[str, TrainForm] = {
     # as good as the shipped ViT in ten minutes: the distillation teacher to train first
     '10-minute fast CNN (a teacher)': TrainForm(arch='convnet', batch_size=256, lr=3e-3, crop_padding=4),
 }
+
+
+# a GPU driver's device files on Linux (NVIDIA's, ROCm's, WSL2's): without one, torch finds no GPU
+GPU_DRIVER_FILES = ('/dev/nvidiactl', '/dev/kfd', '/dev/dxg')
 
 
 @functools.cache
