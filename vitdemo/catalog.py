@@ -1,7 +1,8 @@
 """The models the app lists, known from their names and checkpoint headers alone: which there are, which
-need a download, their layers, heads and prefix tokens, and the cache that loads them when asked. Nothing here
-imports torch, so the page is built and served before the seconds that import takes (`vitdemo.backends`
-loads and runs the models; its names are the ones listed here).
+need a download, their layers, heads and prefix tokens, and the cache that loads them when asked. Our own
+checkpoints are described from their headers, without torch, so the page is built and served before the seconds
+that import takes (a pretrained model's shape and classes come from timm, imported when first asked for);
+`vitdemo.backends` loads and runs the models.
 """
 import functools
 import os

@@ -71,5 +71,6 @@ def offered(model_kinds: frozenset) -> list[str]:
     return [name for name, m in METHODS.items() if m.offered_to & model_kinds]
 
 
-# the methods' libraries, imported when first used (pytorch-grad-cam with OpenCV, Captum: ~3 s on two cores)
+# the methods' libraries (pytorch-grad-cam with OpenCV, Captum: ~3 s on two cores), imported by `vitdemo.explain` when
+# first used, and by the server ahead of the first request
 LIBRARIES = ('pytorch_grad_cam', 'pytorch_grad_cam.utils.model_targets', 'captum.attr')
