@@ -51,11 +51,11 @@ class Filmstrip:
     def record(self, model: VisionTransformer, mean: list[float], std: list[float], epoch: int) -> None:
         """Where every layer looks on the fixed images now, and what the model says they are."""
         torch, attention = late_import('torch'), late_import('vitdemo.attention')
+        to_model_input = late_import('vitdemo.data').to_model_input
         was_training = model.training
         model.eval()
         size = model.config.img_size
-        x = late_import('vitdemo.data').to_model_input(torch.from_numpy(self.images).permute(0, 3, 1, 2), mean, std,
-                                                         size)
+        x = to_model_input(torch.from_numpy(self.images).permute(0, 3, 1, 2), mean, std, size)
         with torch.no_grad():
             logits, attentions = model.forward_with_attention(x.to(next(model.parameters()).device))
         model.train(was_training)

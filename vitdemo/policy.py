@@ -148,7 +148,7 @@ def estimate_training_memory(model_config: ModelConfig, batch_size: int,
         x = torch.empty(batch_size, 3, model_config.img_size, model_config.img_size)
     saved = 0
 
-    def pack(t):
+    def pack(t: torch.Tensor) -> torch.Tensor:
         nonlocal saved
         if not isinstance(t, torch.nn.Parameter):  # weights are counted once, in the state
             saved += t.numel() * t.element_size()
