@@ -105,7 +105,7 @@ def test_inspect_through_the_api(client):
     rocket = handle_file(str(ROOT / 'examples' / 'rocket.jpg'))
     grid, costs, *plots, sizes = client.predict(rocket, 'timm/vit_tiny_patch16_224', api_name='/inspect')
     assert grid and len(plots) == 5 and all(plots)
-    assert [row[0] for row in sizes['data']][-1] == 'this model (timm/vit_tiny_patch16_224)'
+    assert [row[0] for row in sizes['data']][-1] == 'this model'
     assert [row[2] for row in costs['data']] == [3137, 785, 197, 50]  # tokens at 224 for patches 4, 8, 16, 32
 
 

@@ -103,7 +103,8 @@ def model_sizes(model: Model) -> list[list]:
     rows = [list(paper_size(label, size, patch, len(model.classes))) for label in PAPER_SIZES]
     m = model.module
     blocks = m.blocks
-    rows.append([f'this model ({model.name})', len(blocks), blocks[0].norm1.normalized_shape[0],
+    # the chosen model's name stays in its list: here it would set the column's width (on a phone, the whole table's)
+    rows.append(['this model', len(blocks), blocks[0].norm1.normalized_shape[0],
                  blocks[0].mlp.fc1.out_features, blocks[0].attn.num_heads,
                  round(sum(p.numel() for p in m.parameters()) / 1e6, 1), round(multiply_adds(m, size) / 1e9, 3)])
     return rows
