@@ -77,7 +77,7 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None,
     policy = policy or ServerPolicy.from_env()
     cache = cache or ModelCache(store=ModelStore.from_policy(WEIGHTS_DIR, policy))
     cache.store.clean_partials()  # what a killed save left behind
-    server = Server(cache, job or TrainingJob(None, cache.store, policy), policy)
+    server = Server(cache, job or TrainingJob(data_path=None, store=cache.store, policy=policy), policy)
 
     def lists_for_session(known: list | None, request: gr.Request):
         # every model list follows the model store, for this visitor; unchanged, nothing is sent (an open
