@@ -32,18 +32,49 @@ def test_image_folder_is_read_once_then_served_from_the_cache(tmp_path):
     assert torch.equal(again.images, data.images) and again.classes == data.classes
 
 
-def test_archive_is_extracted_and_test_split_found(tmp_path):
+def test_an_archive_is_read_in_place_as_the_folder_it_holds(tmp_path):
     make_folder(tmp_path / 'src')
     make_folder(tmp_path / 'src', per_class=2, split='test')
     archive = tmp_path / 'ds.tar.gz'
     with tarfile.open(archive, 'w:gz') as tar:
+        tar.add(tmp_path / 'src' / 'test', arcname='./test')  # a leading './', as `tar -C src -czf ds.tar.gz .` writes
         tar.add(tmp_path / 'src' / 'train', arcname='train')
-        tar.add(tmp_path / 'src' / 'test', arcname='test')
-    assert len(load_dataset(archive, cache_dir=tmp_path / 'c')) == 6
-    assert len(load_dataset(archive, split='test', cache_dir=tmp_path / 'c')) == 4
+    cache = tmp_path / 'c'
+    data = load_dataset(archive, cache_dir=cache)
+    folder = load_dataset(tmp_path / 'src', cache_dir=tmp_path / 'c2')
+    assert torch.equal(data.images, folder.images) and torch.equal(data.labels, folder.labels)
+    assert data.classes == folder.classes == ['cat', 'dog']
+    assert len(load_dataset(archive, split='test', cache_dir=cache)) == 4
+    assert all(f.suffix == '.safetensors' for f in cache.iterdir())  # nothing extracted beside the cache
+    with pytest.raises(FileNotFoundError, match='no valid/ folder of images'):
+        load_dataset(archive, split='valid', cache_dir=cache)
     with pytest.raises(FileNotFoundError, match='no test/ folder'):
         make_folder(tmp_path / 'only_train')
         load_dataset(tmp_path / 'only_train', split='test', cache_dir=tmp_path / 'c', download=False)
+
+
+def test_jpegs_decode_as_pil_decodes_them_beside_pngs_and_a_damaged_one_is_named(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / 'ds' / 'train'
+    for name in ['cat', 'dog']:
+        (folder / name).mkdir(parents=True)
+        for i in range(3):
+            pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / name / f'{i}.jpg', quality=80)
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), 'L').save(folder / name / 'grey.jpg')
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / name / 'z.png')
+    data = load_dataset(tmp_path / 'ds', cache_dir=tmp_path / 'c')
+    files = sorted(folder.glob('*/*'))
+    assert data.labels.tolist() == [0] * 5 + [1] * 5
+    for got, f in zip(data.images, files):
+        assert torch.equal(got, torch.from_numpy(np.array(Image.open(f).convert('RGB'))).permute(2, 0, 1)), f
+
+    (folder / 'dog' / '1.jpg').write_bytes((folder / 'dog' / '1.jpg').read_bytes()[:40])
+    with pytest.raises(ValueError, match=r'dog/1\.jpg could not be read'):
+        load_dataset(tmp_path / 'ds', cache_dir=tmp_path / 'c3')
+    Image.new('RGB', (9, 8)).save(folder / 'dog' / '1.jpg')
+    with pytest.raises(ValueError, match=r'differ in size \(8x8, 8x9'):
+        load_dataset(tmp_path / 'ds', cache_dir=tmp_path / 'c4')
 
 
 def test_split_is_seeded_and_disjoint():

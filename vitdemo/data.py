@@ -1,19 +1,20 @@
 """CIFAR-10 (or any small image-folder dataset) as uint8 tensors in memory, augmented a batch at a time.
 
 Sources, by what `path` is:
-- a `.tar.gz` / `.tgz` archive of an image folder (such as the shipped `cifar10-train.tar.gz`): extracted
-  beside the cache, then read as a folder;
+- a `.tar.gz` / `.tgz` archive of an image folder (such as the shipped `cifar10-train.tar.gz`): read in place,
+  member by member, as the folder it holds (nothing is extracted to disk);
 - an image folder `train/<class>/*.jpg|png` (and `test/<class>/...` if present);
 - an official CIFAR-10 root (`cifar-10-batches-py`, downloaded by torchvision when missing).
 
 Each source is decoded once into a safetensors cache; later runs load it in a second.
 """
 import hashlib
+import io
 import json
 import os
 import tarfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -75,7 +76,7 @@ def load_dataset(path: str | Path, split: str = 'train', cache_dir: Path = CACHE
             return ImageData(f.get_tensor('images'), f.get_tensor('labels'), json.loads(f.metadata()['classes']))
 
     if path.name.endswith(('.tar.gz', '.tgz', '.tar')):
-        data = _read_folder(_extract(path, cache_dir / f'{path.name}-{key[:8]}'), split)
+        data = _read_archive(path, split)
     elif (path / 'train').is_dir() or (path / split).is_dir():
         data = _read_folder(path, split)
     else:
@@ -88,13 +89,23 @@ def load_dataset(path: str | Path, split: str = 'train', cache_dir: Path = CACHE
     return data
 
 
-def _extract(archive: Path, dest: Path) -> Path:
-    if not (dest / '.complete').exists():
-        dest.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(archive) as tar:
-            tar.extractall(dest, filter='data')  # 'data' refuses absolute paths, links out and devices
-        (dest / '.complete').touch()
-    return dest
+def _read_archive(archive: Path, split: str) -> ImageData:
+    """The images of `split/<class>/` in a tar archive, read from its stream in member order."""
+    found: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            parts = PurePosixPath(member.name).parts  # './train/cat/1.jpg' reads as ('train', 'cat', '1.jpg')
+            if (member.isfile() and len(parts) == 3 and parts[0] == split
+                    and PurePosixPath(parts[2]).suffix.lower() in IMAGE_SUFFIXES):
+                found.setdefault(parts[1], {})[parts[2]] = tar.extractfile(member).read()
+    if not found:
+        raise FileNotFoundError(f'no {split}/ folder of images in {archive}: expected {split}/<class>/<image>.jpg')
+    classes = sorted(found)
+    # the order a folder is read in (classes, then file names, sorted): the same images get the same indices,
+    # and so the same seeded validation split, from the archive and from the folder it holds
+    files = [(f'{split}/{name}/{file}', label, found[name][file])
+             for label, name in enumerate(classes) for file in sorted(found[name])]
+    return _decode(files, classes)
 
 
 def _read_folder(root: Path, split: str) -> ImageData:
@@ -102,16 +113,38 @@ def _read_folder(root: Path, split: str) -> ImageData:
     if not split_dir.is_dir():
         raise FileNotFoundError(f'no {split}/ folder in {root}: expected {split}/<class>/<image>.jpg')
     classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        for f in sorted((split_dir / name).iterdir()):
-            if f.suffix.lower() in IMAGE_SUFFIXES:
-                files.append(f)
-                labels.append(label)
+    files = [(str(f), label, f.read_bytes()) for label, name in enumerate(classes)
+             for f in sorted((split_dir / name).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise FileNotFoundError(f'no images under {split_dir}')
-    images = np.stack([np.asarray(Image.open(f).convert('RGB')) for f in files])  # (N, H, W, 3)
-    return ImageData(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels), classes)
+    return _decode(files, classes)
+
+
+def _decode(files: list[tuple[str, int, bytes]], classes: list[str]) -> ImageData:
+    """Decode (name, label, file bytes) to (N, 3, H, W) uint8. JPEGs go to torchvision in one call, which loops
+    in C++: through PIL, the Python round trip per image costs more than decoding 32 x 32 pixels."""
+    tv_io = late_import('torchvision.io')
+    jpegs = [i for i, (_, _, blob) in enumerate(files) if blob[:3] == b'\xff\xd8\xff']
+    images: list[torch.Tensor | None] = [None] * len(files)
+    try:
+        decoded = tv_io.decode_jpeg([torch.frombuffer(bytearray(files[i][2]), dtype=torch.uint8) for i in jpegs],
+                                    mode=tv_io.ImageReadMode.RGB) if jpegs else []
+        for i, image in zip(jpegs, decoded):
+            images[i] = image
+    except RuntimeError:  # a damaged JPEG fails the whole call: PIL goes through them one by one and names it
+        pass
+    for i, image in enumerate(images):
+        if image is None:  # PNG, BMP, WebP, or any JPEG after a damaged one
+            name, _, blob = files[i]
+            try:
+                images[i] = torch.from_numpy(np.array(Image.open(io.BytesIO(blob)).convert('RGB'))).permute(2, 0, 1)
+            except (OSError, ValueError) as e:
+                raise ValueError(f'{name} could not be read as an image ({e})') from None
+    sizes = sorted({tuple(image.shape[1:]) for image in images})
+    if len(sizes) > 1:
+        raise ValueError(f'the images differ in size ({", ".join(f"{h}x{w}" for h, w in sizes[:3])}, ...): '
+                         'resize them to one size first')
+    return ImageData(torch.stack(images), torch.tensor([label for _, label, _ in files]), classes)
 
 
 def _read_official(root: Path, split: str, download: bool) -> ImageData:
