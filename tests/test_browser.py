@@ -216,7 +216,7 @@ def test_compare_answers_with_its_defaults_and_inspect_draws(page):
     open_tab(page, 'Inspect')
     upload(page, ROOT / 'examples' / 'rocket.jpg')
     page.get_by_role('button', name='Inspect', exact=True).click()
-    expect(page.get_by_text('attention pairs')).to_be_visible()
+    expect(page.get_by_text('each attention head compares')).to_be_visible()
     expect(page.locator('.js-plotly-plot, img[src*="data:image"], canvas').first).to_be_attached()
     shoot(page, SHOTS / '5_inspect.png')
 

@@ -72,8 +72,10 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
                     patch_caption = gr.Markdown('**Click a patch** in the grid to see where *that* patch looks.')
                     patch_layer = Slider(1, layers, value=1, step=1, label='Layer')
                     patch_fusion = gr.Radio(FUSIONS[:3], value='mean', label='Fuse heads by')
-            costs = gr.Dataframe(headers=['patch size', 'grid', 'tokens', 'attention pairs'],
-                                 label='Tokens and attention cost (tokens squared) at this input size',
+            # short headers: at a phone's width the four columns fit without scrolling
+            costs = gr.Dataframe(headers=['patch', 'grid', 'tokens', 'pairs'],
+                                 label='Tokens at this input size, by patch size, and the pairs of them each '
+                                       'attention head compares (tokens squared: its cost)',
                                  interactive=False)
             sizes = gr.Dataframe(headers=['model', 'layers', 'width', 'MLP', 'heads', 'params (M)', 'GMACs'],
                                  label="The ViT paper's sizes at this input and patch size, and this model "
