@@ -5,7 +5,9 @@ from PIL import Image
 
 from vitdemo.backends import load_model
 from vitdemo.catalog import DEFAULT_SCRATCH
+import vitdemo.faithfulness as faithfulness_module
 from vitdemo.faithfulness import Score, auc, faithfulness, perturbation_curves, verdict
+from vitdemo.methods import Stopped
 
 
 def test_curves_start_and_end_where_they_must(weights_dir):
@@ -19,6 +21,9 @@ def test_curves_start_and_end_where_they_must(weights_dir):
     assert deletion[0] == pytest.approx(float(pred.probs.max()), abs=1e-4)  # nothing blanked: the prediction
     assert insertion[-1] == pytest.approx(deletion[0], abs=1e-5)  # everything shown: the same image
     assert deletion[-1] == pytest.approx(insertion[0], abs=1e-5)  # all blanked = nothing shown
+    with torch.no_grad():
+        blank = model.module(torch.zeros(1, *model.transform(pred.image).shape)).softmax(-1)[0, target]
+    assert insertion[0] == pytest.approx(float(blank), abs=1e-5)
     assert deletion[-1] == pytest.approx(deletion_reversed[-1], abs=1e-6)  # then the order no longer matters
     assert deletion[2] != pytest.approx(deletion_reversed[2], abs=1e-6)  # half way it does
     assert insertion[2] != pytest.approx(insertion_reversed[2], abs=1e-6)
@@ -71,3 +76,28 @@ def test_the_faithfulness_bench_runs_on_a_handful_of_images(tmp_path):
     assert [r.split(' | ')[0][2:] for r in rows][:5] == ['random order', 'last-layer attention', 'rollout',
                                                          'relevance', 'Grad-CAM']
     assert len(rows) == 11  # every method the ViT offers that ranks patches, and random
+
+
+def test_the_test_reports_before_each_pair_of_curves_and_stops_between_them(weights_dir, monkeypatch):
+    # a ViT-B's pair of curves takes seconds on a CPU: Stop and the server's time limit must reach between them
+    model = load_model(DEFAULT_SCRATCH, weights_dir)
+    image = Image.new('RGB', (48, 48), (30, 90, 200))
+    passes = []
+    real = faithfulness_module.perturbation_curves
+
+    def counted(*args):
+        passes.append(args[2])
+        return real(*args)
+    monkeypatch.setattr(faithfulness_module, 'perturbation_curves', counted)
+    shares = []
+    faithfulness(model, image, steps=3, slow=False, progress=shares.append)
+    units = 5 + 7  # attention, relevance, Grad-CAM, Grad-CAM++, EigenCAM; random and six maps
+    assert set(k / units for k in range(units)) <= set(shares) and shares == sorted(shares) and len(passes) == 7
+
+    def stop_at_the_third_pair(share):
+        if share >= (5 + 2) / units:
+            raise Stopped('stopped, as asked')
+    passes.clear()
+    with pytest.raises(Stopped):
+        faithfulness(model, image, steps=3, slow=False, progress=stop_at_the_third_pair)
+    assert len(passes) == 2

@@ -36,36 +36,55 @@ def auc(x: list[float], y: list[float]) -> float:
     return float(sum((x[i + 1] - x[i]) * (y[i] + y[i + 1]) / 2 for i in range(len(x) - 1)))
 
 
-def perturbation_curves(model: Model, pred: Prediction, order: torch.Tensor, target: int,
-                        steps: int = 10) -> tuple[list[float], list[float], list[float]]:
+def perturbation_curves(model: Model, pred: Prediction, order: torch.Tensor, target: int, steps: int = 10,
+                        ends: tuple[float, float] | None = None) -> tuple[list[float], list[float], list[float]]:
     """(fractions, deletion, insertion): the probability of class `target` with the first fraction of
-    patches in `order` blanked (to the normalised mean, 0), and with only those patches shown."""
+    patches in `order` blanked (to the normalised mean, 0), and with only those patches shown. `ends`: the
+    probabilities of the whole image and of a blank one (`end_points`), which every order shares."""
     x = model.transform(pred.image).unsqueeze(0)
+    whole, blank = ends or end_points(model, pred, target)
     rows, cols = pred.grid
     ph, pw = x.shape[-2] // rows, x.shape[-1] // cols
     fractions = [i / steps for i in range(steps + 1)]
-    mask = torch.zeros(len(fractions), 1, rows, cols)  # 1 where a patch is among the first `fraction`
-    for i, f in enumerate(fractions):
-        chosen = order[:round(f * rows * cols)]
-        mask[i, 0].view(-1)[chosen] = 1.0
+    inner = fractions[1:-1]
+    mask = torch.zeros(len(inner), 1, rows, cols)  # 1 where a patch is among the first `fraction`
+    for i, f in enumerate(inner):
+        mask[i, 0].view(-1)[order[:round(f * rows * cols)]] = 1.0
     pixels = mask.repeat_interleave(ph, -2).repeat_interleave(pw, -1)
     batch = torch.cat([x * (1 - pixels), x * pixels])  # deletion, then insertion
+    probs = _probabilities(model, batch, target) if inner else []
+    return fractions, [whole, *probs[:len(inner)], blank], [blank, *probs[len(inner):], whole]
+
+
+def end_points(model: Model, pred: Prediction, target: int) -> tuple[float, float]:
+    """The probability of class `target` for the whole image and for a blank one (every patch blanked)."""
+    x = model.transform(pred.image).unsqueeze(0)
+    whole, blank = _probabilities(model, torch.cat([x, torch.zeros_like(x)]), target)
+    return whole, blank
+
+
+def _probabilities(model: Model, batch: torch.Tensor, target: int) -> list[float]:
     with torch.inference_mode():
-        probs = model.module(batch.to(model.device)).float().softmax(-1)[:, target].cpu().tolist()
-    return fractions, probs[:len(fractions)], probs[len(fractions):]
+        return model.module(batch.to(model.device)).float().softmax(-1)[:, target].cpu().tolist()
 
 
 def faithfulness(model: Model, image, target: int | str | None = None, steps: int = 10, seed: int = 0,
                  slow: bool = True, progress: Progress | None = None) -> list[Score]:
     """Deletion and insertion for the overall map of every method the model offers (and, for attention, its
-    last layer alone), beside a random order; `slow=False` leaves out the methods of many passes."""
+    last layer alone), beside a random order; `slow=False` leaves out the methods of many passes. `progress`
+    is told the share done before each map and each pair of curves (a ViT-B's take seconds each on a CPU),
+    and may stop the work there by raising `Stopped`."""
     pred = image if isinstance(image, Prediction) else model.predict(image)
     index = class_index(model, target, pred)
     methods = [m for m in methods_for(model) if METHODS[m].ranked and (slow or not METHODS[m].slow)]
+    curves = 1 + sum(2 if m == 'attention' else 1 for m in methods)  # random, and each map (attention's two)
+    units = len(methods) + curves
+    tell = progress or (lambda share: None)
     maps: list[tuple[str, torch.Tensor, float]] = []
     for i, method in enumerate(methods):
+        tell(i / units)
         start = time.perf_counter()
-        share = None if progress is None else (lambda f, i=i: progress((i + f) / len(methods)))
+        share = None if progress is None else (lambda f, i=i: progress((i + f) / units))
         explanation = explain(model, pred, method, index, progress=share)
         spent = time.perf_counter() - start
         if method == 'attention':
@@ -75,10 +94,13 @@ def faithfulness(model: Model, image, target: int | str | None = None, steps: in
             maps.append((METHODS[method].short, explanation.overall[1], spent))
     rows, cols = pred.grid
     random_order = torch.randperm(rows * cols, generator=torch.Generator().manual_seed(seed))
-    scores = [Score('random order', *perturbation_curves(model, pred, random_order, index, steps), 0.0)]
-    for name, heat, spent in maps:
-        order = torch.as_tensor(heat).flatten().argsort(descending=True)
-        scores.append(Score(name, *perturbation_curves(model, pred, order, index, steps), spent))
+    ends = end_points(model, pred, index)
+    orders = [('random order', random_order, 0.0)] + [
+        (name, torch.as_tensor(heat).flatten().argsort(descending=True), spent) for name, heat, spent in maps]
+    scores = []
+    for j, (name, order, spent) in enumerate(orders):
+        tell((len(methods) + j) / units)
+        scores.append(Score(name, *perturbation_curves(model, pred, order, index, steps, ends), spent))
     return scores
 
 
