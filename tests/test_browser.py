@@ -217,8 +217,19 @@ def test_compare_answers_with_its_defaults_and_inspect_draws(page):
     upload(page, ROOT / 'examples' / 'rocket.jpg')
     page.get_by_role('button', name='Inspect', exact=True).click()
     expect(page.get_by_text('each attention head compares')).to_be_visible()
+    expect(page.get_by_text('this model', exact=True).filter(visible=True).first).to_be_visible()  # sizes: answered
     expect(page.locator('.js-plotly-plot, img[src*="data:image"], canvas').first).to_be_attached()
     shoot(page, SHOTS / '5_inspect.png')
+    # ViT-Ti's test at 224 px takes seconds: its progress shows, and Inspect's own Stop ends it
+    pick(page, 'Model', 'timm/vit_tiny_patch16_224')
+    panel = page.locator('[role=tabpanel]:visible').first
+    panel.get_by_role('button', name='Inspect', exact=True).click()
+    # Stop counts once the test has begun (a click while the model loads is forgotten): its progress names it
+    expect(panel.get_by_text('the faithfulness test').first).to_be_visible()
+    panel.get_by_role('button', name='Stop', exact=True).click()
+    expect(page.get_by_text('the faithfulness test stopped at').first).to_be_visible()
+    shoot(page, SHOTS / '5b_inspect_stopped.png')
+    pick(page, 'Model', 'scratch/vit_cifar10')
 
 
 def test_the_cnn_model_hides_the_vit_settings(page):

@@ -47,6 +47,9 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
         which = checked_number(which, 'image', 1, len(strip.labels), integer=True)
         return filmstrip_figure(strip, which - 1, meta['classes']), ''
 
+    def stop(request: gr.Request):
+        server.stop(request)
+
     def clicked(evt: gr.SelectData):
         return evt.index
 
@@ -62,7 +65,10 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
             image = image_box()
             example_picker(image)
             model = model_list(server, 'Model', first)
-            run = gr.Button('Inspect', variant='primary')
+            with gr.Row():
+                run = gr.Button('Inspect', variant='primary', scale=3)
+                # a large model's faithfulness test runs for most of a minute on a CPU
+                halt = gr.Button('Stop', variant='stop', scale=1, min_width=80)
         with gr.Column(scale=2):
             note = gr.Markdown()
             with gr.Row():
@@ -98,6 +104,8 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
     keeps_errors(run.click(inspect, [image, model], [grid_image, costs, position_plot, filters_plot, distance_plot,
                                                       entropy_plot, deletion_plot, sizes], api_name='inspect',
                            **MODEL_WORK), server, note)
+    # not queued behind the model work it stops
+    halt.click(stop, None, None, api_visibility='private', concurrency_limit=None)
     grid_image.select(clicked, None, point, api_visibility='private')
     keeps_errors(gr.on([point.change, patch_layer.release, patch_fusion.change], look_from_patch,
                        [image, model, patch_layer, patch_fusion, point], [patch_image, patch_caption],
