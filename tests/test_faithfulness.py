@@ -101,3 +101,17 @@ def test_the_test_reports_before_each_pair_of_curves_and_stops_between_them(weig
     with pytest.raises(Stopped):
         faithfulness(model, image, steps=3, slow=False, progress=stop_at_the_third_pair)
     assert len(passes) == 2
+
+
+def test_the_curves_of_a_224_pixel_model_run_at_most_16_images_at_once(weights_dir):
+    # the bound every method keeps at 224 px (ViT-B's activations and attention maps): the curves keep it too
+    model = load_model('timm/vit_tiny_patch16_224', weights_dir)
+    pred = model.predict(Image.effect_noise((64, 64), 60).convert('RGB'))
+    batches = []
+    hook = model.module.register_forward_hook(lambda module, inputs, out: batches.append(inputs[0].shape[0]))
+    try:
+        fractions, deletion, insertion = perturbation_curves(model, pred, torch.arange(196), 3, steps=10)
+    finally:
+        hook.remove()
+    assert max(batches) == 16 and sum(batches) == 2 + 2 * 9  # the two ends, then nine steps of each curve
+    assert len(deletion) == len(insertion) == len(fractions) == 11

@@ -217,6 +217,12 @@ def _gradcam(job: _Job):
     return maps, ('last-stage Grad-CAM', maps[-1][1]), None
 
 
+def images_per_pass(model: Model) -> int:
+    """How many images a method (or the faithfulness test) runs through the model at once, without gradients:
+    at 224 px, 16 bound the memory of a ViT-B's pass (its activations and attention maps)."""
+    return 16 if model.data_config['input_size'][1] > 64 else 64
+
+
 def twin(module: nn.Module) -> nn.Module:
     """The same network sharing the same weights, with hooks of its own and no gradients for the weights:
     the libraries' hooks on it never see another request's forward pass, and their backward passes grow no
@@ -266,7 +272,7 @@ def _library_cam(job: _Job, method: str):
     kind = {'gradcam': GradCAM, 'gradcam++': GradCAMPlusPlus, 'scorecam': ScoreCAM, 'eigencam': EigenCAM}[method]
     net = twin(job.model.module)
     layer, reshape = _target_layer(job, net)
-    batch = 16 if job.model.data_config['input_size'][1] > 64 else 64
+    batch = images_per_pass(job.model)
     channels = layer.normalized_shape[0] if reshape else net.num_features
     total = 1 + (math.ceil(channels / batch) if method == 'scorecam' else 0)
     cam = kind(model=_Counted(net, total, job.progress), target_layers=[layer], reshape_transform=reshape)
@@ -308,7 +314,7 @@ def _occlusion(job: _Job):
     Occlusion = late_import('captum.attr').Occlusion
     rows, cols = job.pred.grid
     ph, pw = _patch_size(job)
-    batch = 16 if job.model.data_config['input_size'][1] > 64 else 64
+    batch = images_per_pass(job.model)
     net = _Counted(twin(job.model.module), 1 + math.ceil(rows * cols / batch), job.progress)
     window = (job.x.shape[1], ph, pw)
     with torch.no_grad():
@@ -323,7 +329,7 @@ def _shapley(job: _Job):
     ShapleyValueSampling = late_import('captum.attr').ShapleyValueSampling
     rows, cols = job.pred.grid
     ph, pw = _patch_size(job)
-    batch = 16 if job.model.data_config['input_size'][1] > 64 else 64
+    batch = images_per_pass(job.model)
     samples = max(2, min(10, 640 // (rows * cols)))  # random orders: 10 for CIFAR's 64 patches, 3 for 196
     net = _Counted(twin(job.model.module), 1 + samples * math.ceil(rows * cols / batch), job.progress)
     patches = torch.arange(rows * cols).reshape(rows, cols).repeat_interleave(ph, 0).repeat_interleave(pw, 1)

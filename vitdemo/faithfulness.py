@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .backends import Model, Prediction
-from .explain import class_index, explain, methods_for
+from .explain import class_index, explain, images_per_pass, methods_for
 from .methods import METHODS, Progress
 
 
@@ -63,9 +63,10 @@ def end_points(model: Model, pred: Prediction, target: int) -> tuple[float, floa
     return whole, blank
 
 
-def _probabilities(model: Model, batch: torch.Tensor, target: int) -> list[float]:
+def _probabilities(model: Model, images: torch.Tensor, target: int) -> list[float]:
     with torch.inference_mode():
-        return model.module(batch.to(model.device)).float().softmax(-1)[:, target].cpu().tolist()
+        return [p for batch in images.split(images_per_pass(model))
+                for p in model.module(batch.to(model.device)).float().softmax(-1)[:, target].cpu().tolist()]
 
 
 def faithfulness(model: Model, image, target: int | str | None = None, steps: int = 10, seed: int = 0,
