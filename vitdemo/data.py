@@ -131,10 +131,10 @@ def _decode(files: list[tuple[str, int, bytes]], classes: list[str]) -> ImageDat
                                     mode=tv_io.ImageReadMode.RGB) if jpegs else []
         for i, image in zip(jpegs, decoded):
             images[i] = image
-    except RuntimeError:  # a damaged JPEG fails the whole call: PIL goes through them one by one and names it
+    except RuntimeError:  # one damaged JPEG fails the whole call: PIL then reads every one and names the culprit
         pass
     for i, image in enumerate(images):
-        if image is None:  # PNG, BMP, WebP, or any JPEG after a damaged one
+        if image is None:  # PNG, BMP, WebP; or, after a failed call, every JPEG
             name, _, blob = files[i]
             try:
                 images[i] = torch.from_numpy(np.array(Image.open(io.BytesIO(blob)).convert('RGB'))).permute(2, 0, 1)
