@@ -1,3 +1,4 @@
+import io
 import pickle
 import tarfile
 
@@ -137,6 +138,21 @@ def test_the_shipped_cifar_archive(tmp_path_factory):
     assert data.images.shape == (50000, 3, 32, 32)
     assert data.classes == ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
     assert torch.bincount(data.labels).tolist() == [5000] * 10
+
+
+@pytest.mark.skipif(not CIFAR_ARCHIVE.exists(), reason='needs ../shared/data/cifar10-train.tar.gz')
+def test_the_shipped_jpegs_decode_to_the_pixels_pil_gives(tmp_path):
+    # the shipped models were trained and scored on the archive as PIL decoded it: the same pixels now
+    with tarfile.open(CIFAR_ARCHIVE) as tar, tarfile.open(tmp_path / 'part.tar', 'w') as part:
+        members = [m for _, m in zip(range(300), tar) if m.isfile()]
+        expected = []
+        for m in members:
+            blob = tar.extractfile(m).read()
+            part.addfile(m, io.BytesIO(blob))
+            expected.append(torch.from_numpy(np.array(Image.open(io.BytesIO(blob)).convert('RGB'))).permute(2, 0, 1))
+    data = load_dataset(tmp_path / 'part.tar', cache_dir=tmp_path / 'cache')
+    assert len(data) == len(members) > 200
+    assert torch.equal(data.images, torch.stack(expected))
 
 
 def test_a_constant_channel_does_not_divide_by_zero():
