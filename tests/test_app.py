@@ -374,3 +374,17 @@ def test_after_an_epoch_a_vit_shows_its_filmstrip_and_a_cnn_its_gallery():
     gallery, plot = epoch_views(vit)
     assert gallery.visible is False and len(gallery.value) == 1
     assert plot.visible is True and plot.value is not None
+
+
+def test_a_stop_clicked_while_the_model_loads_stops_the_slow_explanation(client, monkeypatch):
+    from vitdemo.ui.common import Server
+    loading = Server.model
+
+    def stopped_while_loading(self, name, request, progress=None):
+        model = loading(self, name, request, progress)
+        self.stop(request)  # the visitor's Stop, clicked while the model loaded
+        return model
+    monkeypatch.setattr(Server, 'model', stopped_while_loading)
+    with pytest.raises(Exception, match='Shapley values on scratch/vit_cifar10 stopped at 0%, as asked'):
+        client.predict(handle_file(str(ROOT / 'examples' / 'cat.jpg')), 'scratch/vit_cifar10', method='shapley',
+                       api_name='/predict')

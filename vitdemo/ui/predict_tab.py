@@ -18,9 +18,9 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
                 opacity: float = 0.6, discard_ratio: float = 0.9, scale: str = 'own', method: str = 'attention',
                 target: str = '', layer: int = 0, keep: float = 0.0, request: gr.Request = None,
                 progress=gr.Progress(track_tqdm=True)):
-        chosen = server.model(model, request, progress)
         what = METHODS[method].short if method in METHODS else 'the explanation'
         with server.explaining(request, progress, f'{what} on {model}') as tell:
+            chosen = server.model(model, request, progress)  # inside: a Stop clicked while it loads still counts
             view = predict_view(chosen, image, top_k, fusion, head, opacity, discard_ratio, scale, method,
                                 target or None, layer or None, keep, tell, remembered)
         return view.labels, published(view.gallery), view.text, view.focus
