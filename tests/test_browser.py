@@ -224,7 +224,8 @@ def test_compare_answers_with_its_defaults_and_inspect_draws(page):
     pick(page, 'Model', 'timm/vit_tiny_patch16_224')
     panel = page.locator('[role=tabpanel]:visible').first
     panel.get_by_role('button', name='Inspect', exact=True).click()
-    # Stop counts once the test has begun (a click while the model loads is forgotten): its progress names it
+    # a Stop that reaches the server before this request starts is cleared with the session's earlier ones:
+    # click once the progress names the test
     expect(panel.get_by_text('the faithfulness test').first).to_be_visible()
     panel.get_by_role('button', name='Stop', exact=True).click()
     expect(page.get_by_text('the faithfulness test stopped at').first).to_be_visible()
