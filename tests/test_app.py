@@ -103,8 +103,8 @@ def test_predict_through_the_api_for_scratch_and_timm(client):
 
 def test_inspect_through_the_api(client):
     rocket = handle_file(str(ROOT / 'examples' / 'rocket.jpg'))
-    grid, costs, *plots, sizes = client.predict(rocket, 'timm/vit_tiny_patch16_224', api_name='/inspect')
-    assert grid and len(plots) == 5 and all(plots)
+    grid, costs, *plots, sizes, note = client.predict(rocket, 'timm/vit_tiny_patch16_224', api_name='/inspect')
+    assert grid and len(plots) == 5 and all(plots) and note == ''
     assert [row[0] for row in sizes['data']][-1] == 'this model'
     assert [row[2] for row in costs['data']] == [3137, 785, 197, 50]  # tokens at 224 for patches 4, 8, 16, 32
 
@@ -385,6 +385,7 @@ def test_a_stop_clicked_while_the_model_loads_stops_the_slow_explanation(client,
         self.stop(request)  # the visitor's Stop, clicked while the model loaded
         return model
     monkeypatch.setattr(Server, 'model', stopped_while_loading)
-    with pytest.raises(Exception, match='Shapley values on scratch/vit_cifar10 stopped at 0%, as asked'):
-        client.predict(handle_file(str(ROOT / 'examples' / 'cat.jpg')), 'scratch/vit_cifar10', method='shapley',
-                       api_name='/predict')
+    labels, gallery, text, _ = client.predict(handle_file(str(ROOT / 'examples' / 'cat.jpg')), 'scratch/vit_cifar10',
+                                              method='shapley', api_name='/predict')
+    assert '**No maps this time:** Shapley values on scratch/vit_cifar10 stopped at 0%, as asked.' in text
+    assert len(labels['confidences']) == 5 and len(gallery) == 1  # the predictions stand; only the input is drawn

@@ -351,3 +351,21 @@ def test_the_sanity_check_redraws_the_weights_and_leaves_the_model_alone(weights
     assert rank_correlation(trained.overall[1], -trained.overall[1]) == pytest.approx(-1.0)
     gallery, text = sanity_view(model, str(CAT), 'relevance', 'ship')
     assert [c for _, c in gallery][1].startswith('random weights') and 'rank correlation' in text
+
+
+def test_a_stopped_explanation_keeps_the_predictions_and_drops_the_maps_it_did_not_draw(weights_dir):
+    model = load_model(DEFAULT_SCRATCH, weights_dir)
+    remembered = Explanations()
+
+    def stop(share):
+        raise Stopped(f'occlusion stopped at {share:.0%}, as asked')
+    view = predict_view(model, str(CAT), top_k=3, method='occlusion', progress=stop, remembered=remembered)
+    assert len(view.labels) == 3 and view.labels == predict_view(model, str(CAT), top_k=3).labels
+    assert [c for _, c in view.gallery] == ['input: no maps, see above']
+    assert '**No maps this time:** occlusion stopped at 0%, as asked.' in view.text
+    assert len(view.focus) == 2 * model.module.config.depth
+    # nothing stopped is remembered: asked again, the method runs
+    again = predict_view(model, str(CAT), method='occlusion', progress=lambda share: None, remembered=remembered)
+    assert 'No maps' not in again.text and len(again.gallery) > 1
+    gallery, text = sanity_view(model, str(CAT), 'occlusion', progress=stop)
+    assert gallery == [] and text == '**Sanity check not finished:** occlusion stopped at 0%, as asked.'

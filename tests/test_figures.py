@@ -10,6 +10,7 @@ from vitdemo.backends import load_model
 from vitdemo.catalog import DEFAULT_SCRATCH
 from vitdemo.figures import (attention_entropy, inspect_view, mean_attention_distance, model_sizes, mosaic,
                              patch_filters, position_similarity, token_costs)
+from vitdemo.methods import Stopped
 
 
 def test_token_costs_grow_with_tokens_squared():
@@ -69,10 +70,12 @@ def test_mosaic_separates_tiles():
 
 def test_inspect_view_gives_the_grid_costs_and_four_figures(weights_dir):
     model = load_model(DEFAULT_SCRATCH, weights_dir)  # 32x32 input, 8x8 patches, 2 layers x 4 heads
-    grid, costs, *figures, sizes = inspect_view(model, Image.new('RGB', (64, 48), (90, 140, 200)))
-    assert isinstance(grid, Image.Image) and grid.size == (448, 336)
-    assert costs == [[4, '8x8', 65, 4225], [8, '4x4', 17, 289], [16, '2x2', 5, 25], [32, '1x1', 2, 4]]
-    assert len(figures) == 5 and all(isinstance(f, Figure) for f in figures)
+    view = inspect_view(model, Image.new('RGB', (64, 48), (90, 140, 200)))
+    assert isinstance(view.grid, Image.Image) and view.grid.size == (448, 336)
+    assert view.costs == [[4, '8x8', 65, 4225], [8, '4x4', 17, 289], [16, '2x2', 5, 25], [32, '1x1', 2, 4]]
+    figures = [view.positions, view.filters, view.distance, view.entropy, view.faithfulness]
+    assert all(isinstance(f, Figure) for f in figures) and view.note == ''
+    assert view.sizes[-1][0] == 'this model'
     for fig in figures:
         assert fig.axes[0].get_title() or fig._suptitle is not None
     assert figures[2].axes[0].get_xlabel() == 'layer'
@@ -146,8 +149,23 @@ def test_inspect_view_of_a_conv_stem_model_shows_its_first_convolution(tmp_path)
     path = save_checkpoint(tmp_path / 'conv.safetensors', module, [str(i) for i in range(10)], [0.5] * 3, [0.25] * 3)
     model = load_model(path)
     assert model.grid == (8, 8)
-    _, costs, *figures = inspect_view(model, Image.new('RGB', (40, 40), (200, 30, 30)))
-    assert "conv stem's first 3x3 filters" in figures[1]._suptitle.get_text()
+    view = inspect_view(model, Image.new('RGB', (40, 40), (200, 30, 30)))
+    assert "conv stem's first 3x3 filters" in view.filters._suptitle.get_text()
     first_conv = module.patch_embed.backbone[0].out_channels  # as many components as it has filters
-    assert sum(ax.has_data() for ax in figures[1].axes) == first_conv
-    assert costs[0][:3] == [4, '8x8', 65]
+    assert sum(ax.has_data() for ax in view.filters.axes) == first_conv
+    assert view.costs[0][:3] == [4, '8x8', 65]
+
+
+def test_a_stopped_faithfulness_test_loses_only_its_own_figure(weights_dir):
+    model = load_model(DEFAULT_SCRATCH, weights_dir)
+    told = []
+
+    def stop_after_the_first_map(share):
+        told.append(share)
+        if len(told) > 1:
+            raise Stopped('the faithfulness test stopped at 20%, as asked')
+    view = inspect_view(model, Image.new('RGB', (32, 32), (90, 140, 200)), progress=stop_after_the_first_map)
+    assert view.faithfulness is None and len(told) == 2
+    assert view.note.startswith('**No faithfulness test this time:** the faithfulness test stopped at 20%, as asked.')
+    assert isinstance(view.grid, Image.Image) and view.sizes[-1][0] == 'this model'
+    assert all(isinstance(f, Figure) for f in (view.positions, view.filters, view.distance, view.entropy))

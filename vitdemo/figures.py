@@ -6,7 +6,7 @@ title, axis labels and a colour bar, for the Inspect tab.
 import functools
 import math
 import textwrap
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import matplotlib
 import numpy as np
@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 from .attention import Fusion, fit_for_display, fuse_heads, overlay
 from .backends import Model, Prediction
 from .explain import twin
-from .methods import Progress
+from .methods import Progress, Stopped
 from .faithfulness import faithfulness, verdict
 from .lazy import new_figure
 from .model import VisionTransformer, preset
@@ -299,10 +299,23 @@ def require_vit(model: Model) -> None:
                          'is a CNN. Pick a ViT here, or set the CNN beside a ViT in the Compare tab.')
 
 
-def inspect_view(model: Model, image, patch_sizes: tuple[int, ...] = (4, 8, 16, 32), progress: Progress | None = None):
+class InspectView(NamedTuple):
+    grid: Image.Image  # the input with the patch grid the model cuts it into
+    costs: list[list]  # tokens and attention pairs by patch size (`token_costs`)
+    positions: 'Figure'  # how alike the position embeddings are
+    filters: 'Figure'  # the patch embedding's first principal components
+    distance: 'Figure'  # how far each head looks, on this image
+    entropy: 'Figure'  # how spread each head's attention is
+    faithfulness: 'Figure | None'  # deletion and insertion curves; None where the test was stopped
+    sizes: list[list]  # the paper's sizes at this input and patch size, and this model
+    note: str  # why a figure is missing, or empty
+
+
+def inspect_view(model: Model, image, patch_sizes: tuple[int, ...] = (4, 8, 16, 32),
+                 progress: Progress | None = None) -> InspectView:
     """Everything the Inspect tab shows for one image: the patch grid, token costs, five figures and the
-    model sizes table. The
-    faithfulness figure includes the slow methods for small inputs only (CIFAR's 32 px: about 2 s in all)."""
+    model sizes table. The faithfulness figure includes the slow methods for small inputs only (CIFAR's 32 px:
+    about 2 s in all); it comes last, so that a test stopped (Stop, the server's time limit) loses only itself."""
     require_vit(model)
     pred = model.predict(image, top_k=1)
     size = model.data_config['input_size'][1]
@@ -310,14 +323,21 @@ def inspect_view(model: Model, image, patch_sizes: tuple[int, ...] = (4, 8, 16, 
     distance = mean_attention_distance(pred.attentions, pred.grid, patch, pred.num_prefix_tokens)
     entropy = attention_entropy(pred.attentions, pred.num_prefix_tokens)
     costs = [list(row.values()) for row in token_costs(size, patch_sizes, pred.num_prefix_tokens)]
-    return (patch_grid(pred), costs,
-            position_similarity_figure(model), patch_filters_figure(model),
-            head_scatter_figure(distance, 'mean attention distance (input pixels)',
-                                f'How far each head looks, on this image\n(input {size}x{size})'),
-            head_scatter_figure(entropy, 'attention entropy (nats)',
-                                'How spread each head\'s attention is,\non this image',
-                                ceiling=math.log(pred.grid[0] * pred.grid[1]), ceiling_label='spread evenly'),
-            faithfulness_figure(model, pred, slow=size <= 64, progress=progress), model_sizes(model))
+    shown = dict(grid=patch_grid(pred), costs=costs, positions=position_similarity_figure(model),
+                 filters=patch_filters_figure(model),
+                 distance=head_scatter_figure(distance, 'mean attention distance (input pixels)',
+                                              f'How far each head looks, on this image\n(input {size}x{size})'),
+                 entropy=head_scatter_figure(entropy, 'attention entropy (nats)',
+                                             'How spread each head\'s attention is,\non this image',
+                                             ceiling=math.log(pred.grid[0] * pred.grid[1]),
+                                             ceiling_label='spread evenly'),
+                 sizes=model_sizes(model))
+    try:
+        return InspectView(**shown, faithfulness=faithfulness_figure(model, pred, slow=size <= 64, progress=progress),
+                           note='')
+    except Stopped as stopped:
+        return InspectView(**shown, faithfulness=None, note=f'**No faithfulness test this time:** {stopped}. '
+                                                            'The other figures are drawn.')
 
 
 def patch_view(model: Model, image, point: tuple[float, float], layer: int, fusion: Fusion = 'mean',

@@ -19,7 +19,7 @@ import pandas as pd
 from PIL import Image
 
 from .lazy import late_import
-from .methods import Progress
+from .methods import Progress, Stopped
 from .policy import checked_number
 
 if TYPE_CHECKING:
@@ -88,6 +88,14 @@ def explanation_gallery(pred: Prediction, explanation: Explanation, fusion: Fusi
     if not any(m is explanation.overall[1] for m in maps):  # a last stage or a single map is already shown
         items.append((attention.overlay(image, explanation.overall[1], box, opacity), explanation.overall[0]))
     return items
+
+
+def input_only(pred: Prediction) -> tuple[Image.Image, str]:
+    """The gallery's first picture alone, for an explanation that was stopped: the maps of the method asked
+    before must not stay beside predictions they were not drawn for."""
+    attention = late_import('vitdemo.attention')
+    image, box = attention.fit_for_display(pred.image, pred.box, DISPLAY_SIDE)
+    return attention.overlay(image, np.zeros(pred.grid), box, opacity=0.0), 'input: no maps, see above'
 
 
 def describe(model: Model, pred: Prediction, seconds: float) -> str:
@@ -169,7 +177,12 @@ def predict_view(model: Model, image, top_k: int = 5, fusion: str = 'mean', head
     def compute() -> Explanation:
         return explaining.explain(model, pred, method, target or None, chosen, discard_ratio, layer=layer, keep=keep,
                        progress=progress)
-    explanation = remembered.get(key, compute) if remembered is not None else compute()
+    try:
+        explanation = remembered.get(key, compute) if remembered is not None else compute()
+    except Stopped as stopped:  # Stop, the time limit or a busy server: the predictions stand, the maps are missing
+        return PredictView(dict(pred.top_k), [input_only(pred)],
+                           f'{describe(model, pred, time.perf_counter() - start)}\n\n**No maps this time:** {stopped}.',
+                           focus_frame(pred), 3)
     gallery = explanation_gallery(pred, explanation, chosen, opacity, scale)
     said = f' for the class **{explanation.target}**' if explanation.target else ''
     text = describe(model, pred, time.perf_counter() - start)
@@ -195,12 +208,17 @@ def focus_frame(pred: Prediction) -> pd.DataFrame:
 def sanity_view(model: Model, image, method: str = 'attention', target: str | None = None,
                 progress: Progress | None = None):
     """The sanity check in pictures and words: the overall map with the trained weights and with weights
-    redrawn at random, and whether the map depends on what the model learned."""
+    redrawn at random, and whether the map depends on what the model learned (no pictures, and why, where a
+    slow method was stopped)."""
     explaining, attention = late_import('vitdemo.explain'), late_import('vitdemo.attention')
     offered = explaining.methods_for(model)
     method = method if method in offered else offered[0]
     pred = model.predict(image)
-    trained, randomized, correlation = explaining.sanity_check(model, pred, method, target or None, progress=progress)
+    try:
+        trained, randomized, correlation = explaining.sanity_check(model, pred, method, target or None,
+                                                                   progress=progress)
+    except Stopped as stopped:
+        return [], f'**Sanity check not finished:** {stopped}.'
     shown, box = attention.fit_for_display(pred.image, pred.box, DISPLAY_SIDE)
     gallery = [(attention.overlay(shown, trained.overall[1], box), f'trained: {trained.overall[0]}'),
                (attention.overlay(shown, randomized.overall[1], box), f'random weights: {randomized.overall[0]}')]

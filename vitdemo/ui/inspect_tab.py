@@ -25,8 +25,10 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
     def inspect(image: bytes, model: str, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
         with server.explaining(request, progress, 'the faithfulness test') as tell:
             inspect_view = late_import('vitdemo.figures').inspect_view
-            grid, *rest = inspect_view(server.model(model, request, progress), image, progress=tell)
-        return publish_image(grid), *rest
+            view = inspect_view(server.model(model, request, progress), image, progress=tell)
+        # a stopped test hides its frame: an empty plot reads as a figure that failed to draw
+        return (publish_image(view.grid), view.costs, view.positions, view.filters, view.distance, view.entropy,
+                gr.Plot(view.faithfulness, visible=view.faithfulness is not None), view.sizes, view.note)
 
     @shows_user_errors(server)
     def look_from_patch(image: bytes, model: str, layer: int, fusion: str, point, request: gr.Request):
@@ -102,7 +104,7 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
                                     elem_classes=['filmstrip'])
     point = gr.State(None)
     keeps_errors(run.click(inspect, [image, model], [grid_image, costs, position_plot, filters_plot, distance_plot,
-                                                      entropy_plot, deletion_plot, sizes], api_name='inspect',
+                                                      entropy_plot, deletion_plot, sizes, note], api_name='inspect',
                            **MODEL_WORK), server, note)
     # not queued behind the model work it stops
     halt.click(stop, None, None, api_visibility='private', concurrency_limit=None)

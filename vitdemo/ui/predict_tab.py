@@ -34,7 +34,7 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
         what = METHODS[method].short if method in METHODS else 'the sanity check'
         with server.explaining(request, progress, f'sanity check of {what}') as tell:
             gallery, text = sanity_view(server.model(model, request), image, method, target or None, tell)
-        return gr.Gallery(published(gallery), visible=True), text
+        return gr.Gallery(published(gallery), visible=bool(gallery)), text
 
     def redraw(image, model, top_k, fusion, head, opacity, discard_ratio, scale, method, target, layer, keep,
                request: gr.Request, progress=gr.Progress(track_tqdm=True)):
@@ -101,9 +101,10 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
                 scale = gr.Radio([('each map its own range', 'own'), ('one scale for all layers', 'shared')],
                                  value='own', label='Colour scale',
                                  info='one scale shows attention go from scattered to focused with depth')
-            # JPEG: encoding eight overlays takes 3 ms, against 80 ms as WebP (Gradio's default)
+            # JPEG: encoding eight overlays takes 3 ms, against 80 ms as WebP (Gradio's default); columns not
+            # fitted to fewer pictures: the input alone (a stopped method) is a thumbnail, not the column's width
             gallery = gr.Gallery(label='The maps, layer by layer',
-                                 columns=3, height='auto', object_fit='contain', format='jpeg',
+                                 columns=3, height='auto', object_fit='contain', format='jpeg', fit_columns=False,
                                  elem_classes=['maps'])
             gr.HTML(colour_bar_html())
             # no fixed height: with one, the block's label pushes the legend and the caption out of view
