@@ -68,8 +68,11 @@ def main() -> None:
                         help='time every explanation method instead (default models: the shipped one and ViT-B/16)')
     parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (the models and inputs go there)")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix='vitdemo-bench-') as weights:  # random timm weights: ~700 MB
+        timed(args, Path(weights))
 
-    weights = Path(tempfile.mkdtemp(prefix='vitdemo-bench-'))
+
+def timed(args: argparse.Namespace, weights: Path) -> None:
     for arch in TIMM_ARCHS:
         save_file(timm.create_model(arch).state_dict(), str(weights / f'{arch}.safetensors'))
     scratch = WEIGHTS_DIR / 'vit_cifar10.safetensors'
