@@ -1,4 +1,5 @@
 import io
+import os
 import pickle
 import tarfile
 
@@ -31,6 +32,26 @@ def test_image_folder_is_read_once_then_served_from_the_cache(tmp_path):
         f.unlink()  # the cache alone answers now
     again = load_dataset(tmp_path / 'ds', cache_dir=cache)
     assert torch.equal(again.images, data.images) and again.classes == data.classes
+
+
+def test_a_source_changed_since_replaces_its_cache_and_the_folders_archives_were_extracted_to_go(tmp_path):
+    make_folder(tmp_path / 'src')
+    archive = tmp_path / 'ds.tar'
+    with tarfile.open(archive, 'w') as tar:
+        tar.add(tmp_path / 'src' / 'train', arcname='train')
+    cache = tmp_path / 'cache'
+    load_dataset(archive, cache_dir=cache)
+    first = next(cache.glob('ds.tar-train-*.safetensors'))
+    others = [cache / 'ds.tar-train-x-0123456789abcdef.safetensors', cache / 'ds-train-0123456789abcdef.safetensors',
+              cache / 'notes.txt']
+    for other in others:  # another source's caches and a file of the user's: never touched
+        other.write_bytes(b'kept')
+    (cache / 'ds.tar-3f4c48f6' / 'train').mkdir(parents=True)  # where an earlier version extracted the archive
+    os.utime(archive, (archive.stat().st_atime, archive.stat().st_mtime + 60))  # the file changed: a new key
+    load_dataset(archive, cache_dir=cache)
+    caches = list(cache.glob('ds.tar-train-[0-9a-f]*.safetensors'))
+    assert len(caches) == 1 and caches[0] != first
+    assert not (cache / 'ds.tar-3f4c48f6').exists() and all(o.read_bytes() == b'kept' for o in others)
 
 
 def test_an_archive_is_read_in_place_as_the_folder_it_holds(tmp_path):

@@ -6,12 +6,17 @@ Sources, by what `path` is:
 - an image folder `train/<class>/*.jpg|png` (and `test/<class>/...` if present);
 - an official CIFAR-10 root (`cifar-10-batches-py`, downloaded by torchvision when missing).
 
-Each source is decoded once into a safetensors cache; later runs load it in a second.
+Each source is decoded once into a safetensors cache (~150 MB for CIFAR-10); later runs load it in a second. A
+cache is keyed by the source's path and time of change, and one per source name and split is kept: the cache of
+a copy made later, or of a file changed since, replaces the older one rather than joining it.
 """
+import contextlib
 import hashlib
 import io
 import json
 import os
+import re
+import shutil
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -86,7 +91,21 @@ def load_dataset(path: str | Path, split: str = 'train', cache_dir: Path = CACHE
     save_file({'images': data.images.contiguous(), 'labels': data.labels},
               str(tmp), metadata={'classes': json.dumps(data.classes)})
     tmp.replace(cache)
+    _drop_older_caches(cache_dir, path.name, split, keep=cache)
     return data
+
+
+def _drop_older_caches(cache_dir: Path, name: str, split: str, keep: Path) -> None:
+    """The other caches of a source of this name and split (its path or time of change differed), and the
+    folders that archives were once extracted to beside them (`NAME-KEY8/`, ~200 MB for CIFAR-10)."""
+    stale = re.compile(re.escape(f'{name}-{split}-') + r'[0-9a-f]{16}\.safetensors')
+    extracted = re.compile(re.escape(f'{name}-') + r'[0-9a-f]{8}')
+    for entry in cache_dir.iterdir():
+        if entry != keep and stale.fullmatch(entry.name) and entry.is_file():
+            with contextlib.suppress(OSError):  # another process may hold it open where that forbids removal
+                entry.unlink()
+        elif extracted.fullmatch(entry.name) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _read_archive(archive: Path, split: str) -> ImageData:
