@@ -141,6 +141,7 @@ class Server:
                 self.slow_slots.release()
 
     def stop(self, request: gr.Request | None) -> None:
+        """A Stop button's handler: this session's slow explanation ends at its next progress report."""
         stop = self.stops.get(request.session_hash if request is not None else None)
         if stop is not None:
             stop.set()

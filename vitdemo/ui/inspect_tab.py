@@ -49,9 +49,6 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
         which = checked_number(which, 'image', 1, len(strip.labels), integer=True)
         return filmstrip_figure(strip, which - 1, meta['classes']), ''
 
-    def stop(request: gr.Request):
-        server.stop(request)
-
     def clicked(evt: gr.SelectData):
         return evt.index
 
@@ -107,7 +104,7 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
                                                       entropy_plot, deletion_plot, sizes, note], api_name='inspect',
                            **MODEL_WORK), server, note)
     # not queued behind the model work it stops
-    halt.click(stop, None, None, api_visibility='private', concurrency_limit=None)
+    halt.click(server.stop, None, None, api_visibility='private', concurrency_limit=None)
     grid_image.select(clicked, None, point, api_visibility='private')
     keeps_errors(gr.on([point.change, patch_layer.release, patch_fusion.change], look_from_patch,
                        [image, model, patch_layer, patch_fusion, point], [patch_image, patch_caption],

@@ -25,9 +25,6 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
                                 target or None, layer or None, keep, tell, remembered)
         return view.labels, published(view.gallery), view.text, view.focus
 
-    def stop(request: gr.Request):
-        server.stop(request)
-
     @shows_user_errors(server)
     def sanity(image: bytes, model: str, method: str = 'attention', target: str = '', request: gr.Request = None,
                progress=gr.Progress()):
@@ -131,7 +128,7 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
     keeps_errors(check.click(sanity, [image, model, method, target], [check_gallery, check_text], api_name='sanity',
                              **MODEL_WORK), server, check_text)
     # not queued behind the model work it stops
-    halt.click(stop, None, None, api_visibility='private', concurrency_limit=None)
+    halt.click(server.stop, None, None, api_visibility='private', concurrency_limit=None)
     model.change(follow_model, [model, head, method, layer], [head, method, target, layer, focus],
                  api_visibility='private')
     method.change(follow_method, method, gallery, api_visibility='private')
