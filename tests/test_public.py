@@ -539,6 +539,26 @@ def test_in_public_one_slow_explanation_runs_at_a_time_and_fast_ones_never_wait(
         assert explain(model, CAT, 'occlusion', progress=bobs).overall[1].shape == (8, 8)
 
 
+def test_with_the_slots_taken_each_tab_answers_what_it_can_and_says_what_the_visitor_can_do(weights_dir, tmp_path,
+                                                                                             monkeypatch):
+    monkeypatch.setattr(Server, '__post_init__', lambda self: setattr(self, 'slow_slots', threading.Semaphore(0)))
+    policy = ServerPolicy(slow_explanations=1)
+    demo, port = launch(app.create_demo(ModelCache(weights_dir=weights_dir), policy=policy), policy)
+    try:
+        client = connect(port, tmp_path)
+        labels, gallery, text, _ = client.predict(handle_file(CAT), 'scratch/vit_cifar10', method='occlusion',
+                                                  api_name='/predict')
+        grid, costs, *plots, sizes, note = client.predict(handle_file(CAT), 'scratch/vit_cifar10',
+                                                          api_name='/inspect')
+    finally:
+        demo.close()
+    assert labels['confidences'] and len(gallery) == 1
+    assert 'which another visitor is using: try again in a minute, or pick a method not marked slow.' in text
+    # every Inspect runs the test: no method to pick there, only the wait
+    assert 'which another visitor is using: try again in a minute. The other figures are drawn.' in note
+    assert grid and all(plots[:4]) and plots[4]['value'] is None and sizes['data'][-1][0] == 'this model'
+
+
 def test_the_train_endpoint_takes_an_uploaded_zip_only_never_a_server_path(tmp_path, weights_dir):
     from test_app import RecordingJob
     policy = ServerPolicy(public=True)

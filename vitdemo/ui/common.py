@@ -105,11 +105,15 @@ class Server:
         return [(METHODS[m].label, m) for m in offered(kinds(prefix == 0, prefix))]
 
     @contextlib.contextmanager
-    def explaining(self, request: gr.Request | None, progress: gr.Progress | None, what: str) -> Iterator[Progress]:
+    def explaining(self, request: gr.Request | None, progress: gr.Progress | None, what: str, *,
+                   otherwise: str = 'pick a method not marked slow',
+                   faster: str = 'pick a faster method or a smaller model') -> Iterator[Progress]:
         """A slow explanation's progress callback, for the length of the request: shown on the page, stopped
         by this session's Stop button and, in public mode, by the time limit. Only slow methods report
         progress, so the first report is where one starts: in public mode it must get one of the few slots
-        for slow work (`ServerPolicy.slow_explanations`), which keeps model work free for everyone else."""
+        for slow work (`ServerPolicy.slow_explanations`), which keeps model work free for everyone else.
+        `otherwise` (besides waiting) and `faster` are what the visitor is told to do when the slots are taken
+        or the time is up: what is open to them depends on the tab."""
         key = request.session_hash if request is not None else None
         stop = self.stops.pop(key, None) or threading.Event()
         stop.clear()
@@ -124,14 +128,14 @@ class Server:
             if not held and self.slow_slots is not None:
                 if not self.slow_slots.acquire(blocking=False):
                     raise Stopped(f'{what} is slow, and this server runs {self.policy.slow_explanations} slow '
-                                  'explanation at a time, which another visitor is using: try again in a minute, '
-                                  'or pick a method not marked slow')
+                                  'explanation at a time, which another visitor is using: try again in a minute'
+                                  + (f', or {otherwise}' if otherwise else ''))
                 held.append(True)
             if stop.is_set():
                 raise Stopped(f'{what} stopped at {share:.0%}, as asked')
             if deadline is not None and time.monotonic() > deadline:
                 raise Stopped(f'{what} took longer than this server allows one explanation ({limit:g} s), and '
-                              'was stopped: pick a faster method or a smaller model')
+                              f'was stopped: {faster}')
             if progress is not None:
                 progress(share, desc=what)
         try:

@@ -23,7 +23,9 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
 
     @shows_user_errors(server)
     def inspect(image: bytes, model: str, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
-        with server.explaining(request, progress, 'the faithfulness test') as tell:
+        # every model's test reports its progress, so a small model does not escape the slots; only waiting does
+        with server.explaining(request, progress, 'the faithfulness test', otherwise='',
+                               faster='pick a smaller model') as tell:
             inspect_view = late_import('vitdemo.figures').inspect_view
             view = inspect_view(server.model(model, request, progress), image, progress=tell)
         # a stopped test hides its frame: an empty plot reads as a figure that failed to draw
