@@ -97,13 +97,13 @@ def test_the_paper_sizes_at_this_input_and_this_models_own_counts(weights_dir):
     rows = model_sizes(tiny)
     assert [r[0] for r in rows] == ['ViT-Ti/16', 'ViT-S/16', 'ViT-B/16', 'ViT-L/16', 'ViT-H/16',
                                     'this model']
-    base = rows[2]
-    assert base[1:5] == [12, 768, 3072, 12] and base[5] == pytest.approx(86.6, abs=0.1)
-    assert base[6] == pytest.approx(17.56, abs=0.05)  # the ViT-B/16 multiply-adds timm reports (17.6 G)
+    base = rows[2]  # model, params (M), GMACs, layers, width, heads, MLP
+    assert base[3:] == [12, 768, 12, 3072] and base[1] == pytest.approx(86.6, abs=0.1)
+    assert base[2] == pytest.approx(17.56, abs=0.05)  # the ViT-B/16 multiply-adds timm reports (17.6 G)
     assert rows[-1][1:] == rows[0][1:]  # timm's ViT-Ti is the paper's Ti, counted from the module itself
     small = model_sizes(load_model(DEFAULT_SCRATCH, weights_dir))  # 32 px, patch 8: 16 tokens
-    assert small[0][0] == 'ViT-Ti/8' and small[-1][1:5] == [2, 64, 128, 4]
-    assert small[2][6] < base[6] / 10  # the same network sees 17 tokens instead of 197
+    assert small[0][0] == 'ViT-Ti/8' and small[-1][3:] == [2, 64, 4, 128]
+    assert small[2][2] < base[2] / 10  # the same network sees 17 tokens instead of 197
 
 
 def test_patch_at_maps_a_click_to_the_patch_under_it():

@@ -90,23 +90,24 @@ def paper_size(label: str, img_size: int, patch: int, num_classes: int) -> tuple
         module = VisionTransformer(preset(PAPER_SIZES[label], img_size=img_size, patch_size=patch,
                                           num_classes=num_classes))
     c = module.config
-    return (f'ViT-{label}/{patch}', c.depth, c.embed_dim, int(c.embed_dim * c.mlp_ratio), c.num_heads,
-            round(sum(p.numel() for p in module.parameters()) / 1e6, 1),
-            round(multiply_adds(module, img_size) / 1e9, 3))
+    return (f'ViT-{label}/{patch}', round(sum(p.numel() for p in module.parameters()) / 1e6, 1),
+            round(multiply_adds(module, img_size) / 1e9, 3), c.depth, c.embed_dim, c.num_heads,
+            int(c.embed_dim * c.mlp_ratio))
 
 
 def model_sizes(model: Model) -> list[list]:
     """The paper's Ti/S/B/L/H at this model's input size and patch size (so with as many tokens), then this
-    model: layers, width, MLP width, heads, parameters (millions) and multiply-adds per image (billions)."""
+    model: parameters (millions), multiply-adds per image (billions), layers, width, heads and MLP width. What
+    sets the sizes apart comes first: a phone shows the first columns and scrolls to the rest."""
     size = model.data_config['input_size'][1]
     patch = size // model.grid[0]
     rows = [list(paper_size(label, size, patch, len(model.classes))) for label in PAPER_SIZES]
     m = model.module
     blocks = m.blocks
     # the chosen model's name stays in its list: here it would set the column's width (on a phone, the whole table's)
-    rows.append(['this model', len(blocks), blocks[0].norm1.normalized_shape[0],
-                 blocks[0].mlp.fc1.out_features, blocks[0].attn.num_heads,
-                 round(sum(p.numel() for p in m.parameters()) / 1e6, 1), round(multiply_adds(m, size) / 1e9, 3)])
+    rows.append(['this model', round(sum(p.numel() for p in m.parameters()) / 1e6, 1),
+                 round(multiply_adds(m, size) / 1e9, 3), len(blocks), blocks[0].norm1.normalized_shape[0],
+                 blocks[0].attn.num_heads, blocks[0].mlp.fc1.out_features])
     return rows
 
 

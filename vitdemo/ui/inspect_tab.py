@@ -84,7 +84,7 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
                                  label='Tokens at this input size, by patch size, and the pairs of them each '
                                        'attention head compares (tokens squared: its cost)',
                                  interactive=False)
-            sizes = gr.Dataframe(headers=['model', 'layers', 'width', 'MLP', 'heads', 'params (M)', 'GMACs'],
+            sizes = gr.Dataframe(headers=['model', 'params (M)', 'GMACs', 'layers', 'width', 'heads', 'MLP'],
                                  label="The ViT paper's sizes at this input and patch size, and this model "
                                        "(GMACs: billions of multiply-adds per image)",
                                  interactive=False)
