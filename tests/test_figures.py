@@ -157,7 +157,7 @@ def test_inspect_view_of_a_conv_stem_model_shows_its_first_convolution(tmp_path)
 
 
 def test_a_stopped_faithfulness_test_loses_only_its_own_figure(weights_dir):
-    model = load_model(DEFAULT_SCRATCH, weights_dir)
+    model = load_model('timm/vit_tiny_patch16_224', weights_dir)  # at 224 px the test is slow work
     told = []
 
     def stop_after_the_first_map(share):
@@ -169,3 +169,13 @@ def test_a_stopped_faithfulness_test_loses_only_its_own_figure(weights_dir):
     assert view.note.startswith('**No faithfulness test this time:** the faithfulness test stopped at 20%, as asked.')
     assert isinstance(view.grid, Image.Image) and view.sizes[-1][0] == 'this model'
     assert all(isinstance(f, Figure) for f in (view.positions, view.filters, view.distance, view.entropy))
+
+
+def test_a_small_inputs_faithfulness_test_is_fast_work_that_reports_nothing(weights_dir):
+    model = load_model(DEFAULT_SCRATCH, weights_dir)  # 32 px: seconds, slow methods included
+
+    def refuse(share):
+        raise Stopped('the slots for slow work are taken')
+    view = inspect_view(model, Image.new('RGB', (32, 32), (90, 140, 200)), progress=refuse)
+    assert isinstance(view.faithfulness, Figure) and view.note == ''
+    assert any('Shapley' in text.get_text() for text in view.faithfulness.legends[0].get_texts())

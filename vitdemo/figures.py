@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
+SMALL_INPUT = 64  # pixels a side: up to this, the faithfulness test of every method takes seconds on a CPU
+
 # Two figures share a row of the Inspect tab (~440 px at 1440 px): at this width (in inches, 100 dpi) they are
 # shown at about their own size, so that their text reads at 11 px and more
 FIG_WIDTH = 4.8
@@ -315,8 +317,11 @@ class InspectView(NamedTuple):
 def inspect_view(model: Model, image, patch_sizes: tuple[int, ...] = (4, 8, 16, 32),
                  progress: Progress | None = None) -> InspectView:
     """Everything the Inspect tab shows for one image: the patch grid, token costs, five figures and the
-    model sizes table. The faithfulness figure includes the slow methods for small inputs only (CIFAR's 32 px:
-    about 2 s in all); it comes last, so that a test stopped (Stop, the server's time limit) loses only itself."""
+    model sizes table. The faithfulness test comes last, so that a test stopped (Stop, the server's time limit)
+    loses only itself. At inputs of at most `SMALL_INPUT` pixels it takes seconds with every method, the slow
+    ones included, and is fast work: it tells `progress` nothing, as a fast method does not (so in public it
+    takes no slot for slow work). Larger, it leaves the slow methods out, and still takes tens of seconds on a
+    large model: it tells `progress` before each map and each pair of curves."""
     require_vit(model)
     pred = model.predict(image, top_k=1)
     size = model.data_config['input_size'][1]
@@ -334,8 +339,9 @@ def inspect_view(model: Model, image, patch_sizes: tuple[int, ...] = (4, 8, 16, 
                                              ceiling_label='spread evenly'),
                  sizes=model_sizes(model))
     try:
-        return InspectView(**shown, faithfulness=faithfulness_figure(model, pred, slow=size <= 64, progress=progress),
-                           note='')
+        small = size <= SMALL_INPUT
+        return InspectView(**shown, faithfulness=faithfulness_figure(model, pred, slow=small,
+                                                                     progress=None if small else progress), note='')
     except Stopped as stopped:
         return InspectView(**shown, faithfulness=None, note=f'**No faithfulness test this time:** {stopped}. '
                                                             'The other figures are drawn.')

@@ -1,6 +1,7 @@
 """The Inspect tab: the ViT paper's Fig. 7 computed live from the chosen model, and click-a-patch."""
 import gradio as gr
 
+from ..catalog import DEFAULT_SCRATCH
 from ..filmstrip import IMAGES, Filmstrip, filmstrip_figure
 from ..lazy import late_import
 from ..metadata import read_metadata
@@ -23,8 +24,10 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
 
     @shows_user_errors(server)
     def inspect(image: bytes, model: str, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
-        # every model's test reports its progress, so a small model does not escape the slots; only waiting does
-        with server.explaining(request, progress, 'the faithfulness test', otherwise='',
+        # only a large input's test is slow work (`figures.inspect_view`): a CIFAR-10 model's takes seconds
+        with server.explaining(request, progress, 'the faithfulness test',
+                               otherwise=f'pick a model of 32-pixel images such as {DEFAULT_SCRATCH}, whose test '
+                                         'takes seconds',
                                faster='pick a smaller model') as tell:
             inspect_view = late_import('vitdemo.figures').inspect_view
             view = inspect_view(server.model(model, request, progress), image, progress=tell)
