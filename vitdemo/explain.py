@@ -217,10 +217,16 @@ def _gradcam(job: _Job):
     return maps, ('last-stage Grad-CAM', maps[-1][1]), None
 
 
+def small_input(model: Model) -> bool:
+    """Whether the model's input is small (CIFAR's 32 px, at most 64): many images fit in one pass, and a
+    method of many passes, or the faithfulness test with every method, takes seconds on a CPU."""
+    return model.data_config['input_size'][1] <= 64
+
+
 def images_per_pass(model: Model) -> int:
     """How many images a method (or the faithfulness test) runs through the model at once, without gradients:
     at 224 px, 16 bound the memory of a ViT-B's pass (its activations and attention maps)."""
-    return 16 if model.data_config['input_size'][1] > 64 else 64
+    return 64 if small_input(model) else 16
 
 
 def twin(module: nn.Module) -> nn.Module:
@@ -299,7 +305,7 @@ def _patch_size(job: _Job) -> tuple[int, int]:
 
 def _integrated_gradients(job: _Job, steps: int = 32):
     IntegratedGradients = late_import('captum.attr').IntegratedGradients
-    batch = 4 if job.model.data_config['input_size'][1] > 64 else 32  # images with gradients: bounds memory
+    batch = 32 if small_input(job.model) else 4  # images with gradients: bounds memory
     net = _Counted(twin(job.model.module), math.ceil(steps / batch), job.progress)
     attributions = IntegratedGradients(_probabilities(net)).attribute(
         job.x, baselines=0.0, target=job.index, n_steps=steps, internal_batch_size=batch)

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from .attention import Fusion, fit_for_display, fuse_heads, overlay
 from .backends import Model, Prediction
-from .explain import twin
+from .explain import small_input, twin
 from .methods import Progress, Stopped
 from .faithfulness import faithfulness, verdict
 from .lazy import new_figure
@@ -25,8 +25,6 @@ from .policy import checked_number
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-
-SMALL_INPUT = 64  # pixels a side: up to this, the faithfulness test of every method takes seconds on a CPU
 
 # Two figures share a row of the Inspect tab (~440 px at 1440 px): at this width (in inches, 100 dpi) they are
 # shown at about their own size, so that their text reads at 11 px and more
@@ -318,7 +316,7 @@ def inspect_view(model: Model, image, patch_sizes: tuple[int, ...] = (4, 8, 16, 
                  progress: Progress | None = None) -> InspectView:
     """Everything the Inspect tab shows for one image: the patch grid, token costs, five figures and the
     model sizes table. The faithfulness test comes last, so that a test stopped (Stop, the server's time limit)
-    loses only itself. At inputs of at most `SMALL_INPUT` pixels it takes seconds with every method, the slow
+    loses only itself. At a small input (`explain.small_input`) it takes seconds with every method, the slow
     ones included, and is fast work: it tells `progress` nothing, as a fast method does not (so in public it
     takes no slot for slow work). Larger, it leaves the slow methods out, and still takes tens of seconds on a
     large model: it tells `progress` before each map and each pair of curves."""
@@ -339,7 +337,7 @@ def inspect_view(model: Model, image, patch_sizes: tuple[int, ...] = (4, 8, 16, 
                                              ceiling_label='spread evenly'),
                  sizes=model_sizes(model))
     try:
-        small = size <= SMALL_INPUT
+        small = small_input(model)
         return InspectView(**shown, faithfulness=faithfulness_figure(model, pred, slow=small,
                                                                      progress=None if small else progress), note='')
     except Stopped as stopped:
