@@ -180,7 +180,16 @@ def test_every_head_of_a_layer_and_a_slow_method_stopped(page):
     expect(panel.get_by_text('Error', exact=True)).to_have_count(0)
     expect(page.locator('.toast-body', has_text='stopped at')).to_have_count(0)
     shoot(page, SHOTS / '2d_stopped.png')
+    # an option moved redraws what was made: the slow method stopped does not start again
+    options = page.get_by_text('Options: top-k, heads')
+    options.click()
+    panel.get_by_label('one scale for all layers').check()
+    expect(panel.get_by_text('No maps this time: a slow method runs when you press Predict')).to_be_visible()
+    expect(page.locator('.toast-body')).to_have_count(0)
+    shoot(page, SHOTS / '2e_option_moved_after_stop.png')
     pick(page, 'Explain with', 'attention (the same for every class)')
+    panel.get_by_label('each map its own range').check()
+    options.click()
 
 
 def test_the_head_slider_follows_the_model(page):

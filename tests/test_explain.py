@@ -11,7 +11,7 @@ from vitdemo.backends import load_model
 from vitdemo.catalog import DEFAULT_SCRATCH
 from vitdemo.cnn import CifarConvNet, CifarResNet, ConvNetConfig, ResNetConfig
 from vitdemo.explain import explain, focus, mass_mask, methods_for, rank_correlation, sanity_check, twin
-from vitdemo.methods import Stopped
+from vitdemo.methods import METHODS, Stopped
 from vitdemo.model import VisionTransformer
 from vitdemo.views import Explanations, predict_view, sanity_view
 from vitdemo.weights import save_checkpoint
@@ -338,6 +338,60 @@ def test_deit_tokens_are_drawn_in_pairs_and_a_redraw_reuses_the_explanation(weig
     monkeypatch.setattr(vitdemo.explain, 'explain', lambda *a, **k: pytest.fail('explained again'))
     again = predict_view(model, str(CAT), method='tokens', opacity=0.2, remembered=remembered)
     assert [c for _, c in again.gallery] == [c for _, c in view.gallery]
+
+
+@pytest.mark.parametrize('model_name', [DEFAULT_SCRATCH, 'timm/deit_small_distilled_patch16_224'])
+def test_each_method_reads_the_settings_it_declares_and_no_other(model_name, weights_dir):
+    # what `Method.reads` promises: a remembered explanation is redrawn, not made again, when any other
+    # setting moves; so each of the others must leave its maps exactly as they were
+    model = load_model(model_name, weights_dir)
+    pred = model.predict(str(CAT))
+    plain = dict(fusion='mean', discard_ratio=0.9, layer=None, keep=0.0)
+    moved = dict(fusion='max', discard_ratio=0.5, layer=1, keep=0.6)
+
+    def maps(method, **settings):
+        torch.manual_seed(0)  # Shapley values sample orders of the patches
+        e = explain(model, pred, method, 3 if METHODS[method].per_class else None, settings['fusion'],
+                    settings['discard_ratio'], layer=settings['layer'], keep=settings['keep'])
+        return [m for _, m in e.maps + [e.overall]]
+
+    for method in methods_for(model):
+        if METHODS[method].slow and model_name != DEFAULT_SCRATCH:
+            continue  # seconds each at 224 px; the small model runs every slow method
+        reads = METHODS[method].reads
+        before = maps(method, **plain)
+        unread = maps(method, **{k: moved[k] if k not in reads else v for k, v in plain.items()})
+        assert all(torch.equal(a, b) for a, b in zip(before, unread, strict=True)), method
+        for name in reads:
+            read = maps(method, **{**plain, name: moved[name]})
+            assert len(read) != len(before) or not all(torch.equal(a, b) for a, b in zip(before, read)), \
+                (method, name)
+
+
+def test_an_option_that_a_method_does_not_read_redraws_it_and_never_starts_a_slow_one(weights_dir, monkeypatch):
+    import vitdemo.explain
+    model = load_model(DEFAULT_SCRATCH, weights_dir)
+    remembered, explain = Explanations(), vitdemo.explain.explain
+    calls = []
+    monkeypatch.setattr(vitdemo.explain, 'explain', lambda *a, **k: calls.append(a[2]) or explain(*a, **k))
+    shown = predict_view(model, str(CAT), method='occlusion', target='cat', remembered=remembered)
+    # the heads' fusion, the rollout, the layer and the share kept are the attention maps' settings, not occlusion's
+    moved = predict_view(model, str(CAT), fusion='max', opacity=0.2, discard_ratio=0.5, scale='shared',
+                         method='occlusion', target='cat', layer=1, keep=0.6, remembered=remembered, start_slow=False)
+    assert calls == ['occlusion'] and len(moved.gallery) == len(shown.gallery)
+    assert [c for _, c in moved.gallery] == [c for _, c in shown.gallery] and 'No maps' not in moved.text
+    # the attention maps read the fusion: moved, they are made again (fast), slow or not
+    predict_view(model, str(CAT), remembered=remembered, start_slow=False)
+    predict_view(model, str(CAT), fusion='max', remembered=remembered, start_slow=False)
+    predict_view(model, str(CAT), fusion='max', opacity=0.3, remembered=remembered, start_slow=False)
+    assert calls == ['occlusion', 'attention', 'attention']
+    # a slow method not made for this image and class (stopped, or never asked) is not started by an option moved
+    idle = predict_view(model, str(CAT), method='occlusion', target='dog', remembered=remembered, start_slow=False)
+    assert calls == ['occlusion', 'attention', 'attention'] and len(idle.labels) == 5
+    assert [c for _, c in idle.gallery] == ['input: no maps, see above']
+    assert '**No maps this time:** a slow method runs when you press Predict' in idle.text
+    asked = predict_view(model, str(CAT), method='occlusion', target='dog', remembered=remembered)
+    assert calls[-1] == 'occlusion' and 'for the class **dog**' in asked.text
 
 
 def test_the_sanity_check_redraws_the_weights_and_leaves_the_model_alone(weights_dir):

@@ -22,18 +22,23 @@ class Method:
     offered_to: frozenset  # 'vit', 'cnn', 'distilled' (two prefix tokens)
     ranked: bool = True  # its overall map ranks patches in the faithfulness test
     paired: bool = False  # its maps come in pairs, to be seen side by side
+    # the page's settings its maps depend on, beyond the image, the model and the class: moving any other
+    # setting redraws a remembered explanation, never computes it again
+    reads: tuple[str, ...] = ()
 
 
 _VIT, _CNN, _ALL = frozenset({'vit'}), frozenset({'cnn'}), frozenset({'vit', 'cnn'})
 METHODS = {m.name: m for m in [
     Method('attention', 'attention (the same for every class)', 'attention',
-           'where the CLS token looks, layer by layer, and the rollout; the same for every class', False, False, _VIT),
+           'where the CLS token looks, layer by layer, and the rollout; the same for every class', False, False, _VIT,
+           reads=('fusion', 'discard_ratio')),
     Method('tokens', "DeiT's two tokens: CLS and distillation", 'tokens',
            'where the CLS token (left) and the distillation token (right) look, layer by layer and rolled out; '
-           'the same for every class', False, False, frozenset({'distilled'}), ranked=False, paired=True),
+           'the same for every class', False, False, frozenset({'distilled'}), ranked=False, paired=True,
+           reads=('fusion', 'discard_ratio')),
     Method('heads', 'every head of one layer', 'heads',
            'every head of the chosen layer on its own: heads specialise; the same for every class',
-           False, False, _VIT, ranked=False),
+           False, False, _VIT, ranked=False, reads=('layer', 'keep')),
     Method('relevance', 'relevance for a class (Chefer et al. 2021)', 'relevance',
            'what speaks for the chosen class: gradient-weighted attention relevance (Chefer et al. 2021)',
            True, False, _VIT),

@@ -19,7 +19,7 @@ import pandas as pd
 from PIL import Image
 
 from .lazy import late_import
-from .methods import Progress, Stopped
+from .methods import METHODS, Progress, Stopped
 from .policy import checked_number
 
 if TYPE_CHECKING:
@@ -157,9 +157,12 @@ class Explanations:
 def predict_view(model: Model, image, top_k: int = 5, fusion: str = 'mean', head: int = 1,
                  opacity: float = 0.6, discard_ratio: float = 0.9, scale: str = 'own', method: str = '',
                  target: str | None = None, layer: int | None = None, keep: float = 0.0,
-                 progress: Progress | None = None, remembered: Explanations | None = None) -> PredictView:
+                 progress: Progress | None = None, remembered: Explanations | None = None, *,
+                 start_slow: bool = True) -> PredictView:
     """Everything the Predict tab shows: the top classes, the maps of the chosen explanation method (the
-    model's first when it offers no such method), how focused each layer is, and a description."""
+    model's first when it offers no such method), how focused each layer is, and a description.
+    `start_slow=False` (an option moved, not a new question): a slow method's maps are drawn only from
+    `remembered`, never computed; where there are none (it was stopped), the text says so."""
     start = time.perf_counter()
     top_k = checked_number(top_k, 'top-k', 1, 1000, integer=True)
     opacity = checked_number(opacity, 'overlay opacity', 0, 1)
@@ -171,12 +174,17 @@ def predict_view(model: Model, image, top_k: int = 5, fusion: str = 'mean', head
     explaining = late_import('vitdemo.explain')
     offered = explaining.methods_for(model)
     method = method if method in offered else offered[0]  # e.g. a CNN asked for attention gets its Grad-CAM
+    spec = METHODS[method]
+    settings = dict(fusion=chosen, discard_ratio=discard_ratio, layer=layer, keep=keep)
     key = (model.name, id(model.module), hashlib.sha1(np.asarray(pred.image).tobytes()).hexdigest(), method,
-           target or None, chosen, discard_ratio, layer, keep)
+           target or None if spec.per_class else None, *(settings[name] for name in spec.reads))
 
     def compute() -> Explanation:
+        if spec.slow and not start_slow:
+            raise Stopped('a slow method runs when you press Predict or change the image, model, method or '
+                          'class; moving an option redraws maps already made')
         return explaining.explain(model, pred, method, target or None, chosen, discard_ratio, layer=layer, keep=keep,
-                       progress=progress)
+                                  progress=progress)
     try:
         explanation = remembered.get(key, compute) if remembered is not None else compute()
     except Stopped as stopped:  # Stop, the time limit or a busy server: the predictions stand, the maps are missing

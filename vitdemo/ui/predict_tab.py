@@ -17,12 +17,12 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
     def predict(image: bytes, model: str, top_k: int = 5, fusion: str = 'mean', head: int = 1,
                 opacity: float = 0.6, discard_ratio: float = 0.9, scale: str = 'own', method: str = 'attention',
                 target: str = '', layer: int = 0, keep: float = 0.0, request: gr.Request = None,
-                progress=gr.Progress(track_tqdm=True)):
+                progress=gr.Progress(track_tqdm=True), start_slow: bool = True):
         what = METHODS[method].short if method in METHODS else 'the explanation'
         with server.explaining(request, progress, f'{what} on {model}') as tell:
             chosen = server.model(model, request, progress)  # inside: a Stop clicked while it loads still counts
             view = predict_view(chosen, image, top_k, fusion, head, opacity, discard_ratio, scale, method,
-                                target or None, layer or None, keep, tell, remembered)
+                                target or None, layer or None, keep, tell, remembered, start_slow=start_slow)
         return view.labels, published(view.gallery), view.text, view.focus
 
     @shows_user_errors(server)
@@ -34,14 +34,21 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
         return gr.Gallery(published(gallery), visible=bool(gallery)), text
 
     def redraw(image, model, top_k, fusion, head, opacity, discard_ratio, scale, method, target, layer, keep,
-               request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+               request: gr.Request, progress=gr.Progress(track_tqdm=True), start_slow: bool = True):
         # a control changed: draw again, once there is an image to draw on
         if image is None:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         if target and target not in server.classes(model, request):  # the class of the model chosen before
             target = ''
         return predict(image, model, top_k, fusion, head, opacity, discard_ratio, scale, method, target, layer, keep,
-                       request, progress)
+                       request, progress, start_slow)
+
+    def restyle(image, model, top_k, fusion, head, opacity, discard_ratio, scale, method, target, layer, keep,
+                request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+        # an option moved: the attention methods (fast) answer it, the slow ones only redraw what they made:
+        # they run when asked, or a slow method just stopped would start again on every move
+        return redraw(image, model, top_k, fusion, head, opacity, discard_ratio, scale, method, target, layer, keep,
+                      request, progress, start_slow=False)
 
     def follow_method(method: str):
         # maps that come in pairs are read two to a row
@@ -120,11 +127,11 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
     inputs = [image, model, top_k, fusion, head, opacity, discard_ratio, scale, method, target, layer, keep]
     outputs = [label, gallery, info, focus]
     keeps_errors(run.click(predict, inputs, outputs, api_name='predict', **MODEL_WORK), server, info)
-    keeps_errors(gr.on([image.change, model.change, fusion.change, head.release, opacity.release,
-                        discard_ratio.release, scale.change, method.change, target.change, layer.release,
-                        keep.release], redraw, inputs, outputs,
-                       api_visibility='private',
-                       trigger_mode='always_last', **MODEL_WORK), server, info)
+    keeps_errors(gr.on([image.change, model.change, method.change, target.change], redraw, inputs, outputs,
+                       api_visibility='private', trigger_mode='always_last', **MODEL_WORK), server, info)
+    keeps_errors(gr.on([fusion.change, head.release, opacity.release, discard_ratio.release, scale.change,
+                        layer.release, keep.release], restyle, inputs, outputs,
+                       api_visibility='private', trigger_mode='always_last', **MODEL_WORK), server, info)
     keeps_errors(check.click(sanity, [image, model, method, target], [check_gallery, check_text], api_name='sanity',
                              **MODEL_WORK), server, check_text)
     # not queued behind the model work it stops
