@@ -222,8 +222,15 @@ def test_bad_upload_shows_a_message_not_a_trace(page, tmp_path):
 
 def test_compare_answers_with_its_defaults_and_inspect_draws(page):
     open_tab(page, 'Compare')
+    # an image is compared as it arrives, as Predict predicts (defaults: models that work here)
     upload(page, ROOT / 'examples' / 'cifar_ship.jpg')
-    page.get_by_role('button', name='Compare', exact=True).click()  # defaults: models that work here
+    expect(page.get_by_text('A rollout').first).to_be_visible()
+    panel = page.locator('[role=tabpanel]:visible').first
+    with page.expect_request(lambda r: '/queue/join' in r.url):  # an option changed compares again
+        panel.get_by_label('max', exact=True).check()
+    expect(panel.get_by_text('Could not answer')).to_have_count(0)
+    panel.get_by_label('mean', exact=True).check()
+    page.get_by_role('button', name='Compare', exact=True).click()
     expect(page.get_by_text('A rollout').first).to_be_visible()
     assert not page.locator('[role=tabpanel]:visible').first.get_by_text('Could not answer').count()
     shoot(page, SHOTS / '4_compare.png')

@@ -20,6 +20,13 @@ def compare_tab(server: Server) -> list[gr.Dropdown]:
                                            server.model(model_b, request, progress), image, fusion, bool(as_cifar10))
         return a, b, published(gallery), text
 
+    def recompare(image, model_a, model_b, fusion, as_cifar10, request: gr.Request,
+                  progress=gr.Progress(track_tqdm=True)):
+        # an image, a model or an option changed: compare again, once there is an image (as Predict does)
+        if image is None:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return compare(image, model_a, model_b, fusion, as_cifar10, request, progress)
+
     gr.Markdown('One image, two models. Layers are paired by relative depth (a 6-layer and a 12-layer model line '
                 'up); each pair is scored by how much their attention overlaps. A CNN (the shipped '
                 '`scratch/convnet_cifar10`, or one trained in the Train tab) shows the Grad-CAM of each stage instead.')
@@ -41,6 +48,9 @@ def compare_tab(server: Server) -> list[gr.Dropdown]:
                                  height='auto', object_fit='contain', format='jpeg',
                                  elem_classes=['maps'])
             gr.HTML(colour_bar_html())
-    keeps_errors(run.click(compare, [image, model_a, model_b, fusion, as_cifar10], [label_a, label_b, gallery, text],
-                           api_name='compare', **MODEL_WORK), server, text)
+    inputs, outputs = [image, model_a, model_b, fusion, as_cifar10], [label_a, label_b, gallery, text]
+    keeps_errors(run.click(compare, inputs, outputs, api_name='compare', **MODEL_WORK), server, text)
+    keeps_errors(gr.on([image.change, model_a.change, model_b.change, fusion.change, as_cifar10.change], recompare,
+                       inputs, outputs, api_visibility='private', trigger_mode='always_last', **MODEL_WORK),
+                 server, text)
     return [model_a, model_b]
