@@ -284,8 +284,8 @@ def image_box(label: str = 'Image') -> gr.File:
     return box
 
 
-def example_picker(image: gr.File, label: str = 'Examples: click one') -> gr.Gallery:
-    """Example thumbnails; a click puts the example in `image`, whose change event does the rest."""
+def example_picker(image: gr.File, label: str) -> gr.Gallery:
+    """Example thumbnails; a click puts the example in `image`, whose change event (if any) does the rest."""
     examples = gr.Gallery(EXAMPLES, label=label, columns=3, height='auto', allow_preview=False, object_fit='cover',
                           buttons=[], interactive=False, elem_classes=['examples'])
 

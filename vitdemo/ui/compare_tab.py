@@ -33,7 +33,7 @@ def compare_tab(server: Server) -> list[gr.Dropdown]:
     with gr.Row():
         with gr.Column(scale=1, min_width=300):
             image = image_box()
-            example_picker(image)
+            example_picker(image, 'Examples: click one to compare')
             model_a = model_list(server, 'Model A', first)
             model_b = model_list(server, 'Model B', second)
             run = gr.Button('Compare', variant='primary')

@@ -67,7 +67,7 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
     with gr.Row():
         with gr.Column(scale=1, min_width=300):
             image = image_box()
-            example_picker(image)
+            example_picker(image, 'Examples: click one, then Inspect')
             model = model_list(server, 'Model', first)
             with gr.Row():
                 run = gr.Button('Inspect', variant='primary', scale=3)
