@@ -19,7 +19,7 @@ from vitdemo.policy import MB, ServerPolicy
 from vitdemo.serving import UploadQuota, limit_queue_per_session
 from vitdemo.store import ModelStore
 from vitdemo.training_job import TrainingJob
-from vitdemo.ui.common import CSS, Server
+from vitdemo.ui.common import CSS, MODEL_WORK, Server
 from vitdemo.ui.compare_tab import compare_tab
 from vitdemo.ui.inspect_tab import inspect_tab
 from vitdemo.ui.predict_tab import predict_tab
@@ -108,7 +108,9 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None,
     # flood, and in public mode one session cannot fill it
     demo.queue(default_concurrency_limit=2, max_size=64)
     if policy.queued_per_session:
-        limit_queue_per_session(demo, policy.queued_per_session)
+        model_work = {MODEL_WORK['concurrency_id']: policy.model_work_per_session} \
+            if policy.model_work_per_session else {}
+        limit_queue_per_session(demo, policy.queued_per_session, model_work)
     return demo
 
 

@@ -322,6 +322,31 @@ def test_one_session_flooding_the_queue_is_refused_alone(weights_dir, tmp_path, 
     assert 2 <= len(answered) < 8 and refused, outcomes
 
 
+def test_one_session_holds_at_most_two_requests_for_the_models(weights_dir, tmp_path, monkeypatch, caplog):
+    # six predictions at once from one client would take both model slots three times over, and every other
+    # visitor would wait behind them; two are taken, the rest refused, and what runs no model still answers
+    monkeypatch.setattr(predict_tab, 'predict_view', Concurrency(2.0).wrap(predict_tab.predict_view))
+    policy = ServerPolicy.from_env({'VITDEMO_PUBLIC': '1'})
+    assert policy.queued_per_session == 6 and policy.model_work_per_session == 2
+    demo, port = launch(app.create_demo(ModelCache(weights_dir=weights_dir), policy=policy), policy)
+    caplog.set_level(logging.INFO, logger='vitdemo.server')
+    try:
+        flooder = connect(port, tmp_path)
+        flood = [flooder.submit(handle_file(CAT), 'scratch/vit_cifar10', api_name='/predict') for _ in range(6)]
+        time.sleep(0.5)
+        flooder.predict(api_name='/stop_training')  # answered (nothing to stop), not refused
+        outcomes = []
+        for job in flood:
+            try:
+                outcomes.append(bool(job.result(timeout=60)))
+            except Exception as e:
+                outcomes.append(str(e))
+    finally:
+        demo.close()
+    assert outcomes.count(True) == 2, outcomes  # the client names a refusal "Queue is full" whatever it says
+    assert caplog.text.count("session already holds 2 requests of 'model'") == 4
+
+
 def test_deep_images_are_shrunk_before_they_are_scaled(monkeypatch):
     """A 16-bit image is scaled to 8 bits only once it is at most 1024 pixels a side, and one above the
     lower pixel limit for deep images is refused from its header."""

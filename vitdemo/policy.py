@@ -37,6 +37,7 @@ class ServerPolicy:
     store_max_files: int | None = None  # visitors' checkpoints, all owners together; oldest evicted first
     store_max_mb: float | None = None
     queued_per_session: int | None = None  # requests one browser session may have waiting or running
+    model_work_per_session: int | None = None  # of those, requests that run a model (MODEL_WORK's two slots)
     uploads_max_mb: float | None = None  # Gradio's upload folder; uploads past it are refused until the sweep
     max_explain_seconds: float | None = None  # one explanation (Score-CAM, Shapley values on ViT-B: minutes)
     slow_explanations: int | None = None  # slow explanations at once: the other model slot stays free
@@ -53,6 +54,9 @@ class ServerPolicy:
                         store_max_files=('VITDEMO_STORE_MAX_FILES', 40, None),
                         store_max_mb=('VITDEMO_STORE_MAX_MB', 1000.0, None),
                         queued_per_session=('VITDEMO_QUEUED_PER_SESSION', 6, None),  # an upload alone fires 2
+                        # one running and one waiting (a redraw, then Predict): never a queue of one's own
+                        # in front of everyone else's
+                        model_work_per_session=('VITDEMO_MODEL_WORK_PER_SESSION', 2, None),
                         uploads_max_mb=('VITDEMO_UPLOADS_MAX_MB', 2000.0, None),
                         max_explain_seconds=('VITDEMO_MAX_EXPLAIN_SECONDS', 90.0, None),
                         slow_explanations=('VITDEMO_SLOW_EXPLANATIONS', 1, None))
@@ -63,7 +67,7 @@ class ServerPolicy:
                 values[field_name] = public_default if public else local_default
                 continue
             kind = int if field_name in ('max_params', 'store_max_files', 'queued_per_session',
-                                         'slow_explanations') else float
+                                         'model_work_per_session', 'slow_explanations') else float
             try:
                 value = kind(float(raw))
             except ValueError:

@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+from gradio.route_utils import get_fn
 from PIL import Image
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -57,17 +58,21 @@ def publish_image(image: Image.Image, fmt: str = 'jpeg', quality: int = 90) -> s
     return str(path)
 
 
-def limit_queue_per_session(demo, limit: int) -> None:
-    """Let one browser session hold at most `limit` requests, waiting or running; past that, that session
+def limit_queue_per_session(demo, limit: int, groups: dict[str, int] | None = None) -> None:
+    """Let one browser session hold at most `limit` requests, waiting or running, and at most `groups[id]` of
+    the events that share the concurrency id `id` (e.g. the two slots of model work: one session filling both
+    and queueing more behind them makes every other visitor wait for all of it). Past a limit, that session
     alone is answered "busy" (HTTP 503), and everyone else's requests still get their turn in the queue.
     Wraps the queue's `push`, where Gradio itself refuses requests when the whole queue is full."""
     queue = demo._queue
     push = queue.push
+    groups = groups or {}
 
-    def held_by(session_hash: str) -> int:
-        waiting = sum(e.session_hash == session_hash
-                      for q in queue.event_queue_per_concurrency_id.values() for e in q.queue)
-        running = sum(e.session_hash == session_hash for job in queue.active_jobs if job for e in job)
+    def held_by(session_hash: str, concurrency_id: str | None = None) -> int:
+        def counts(e) -> bool:
+            return e.session_hash == session_hash and concurrency_id in (None, e.concurrency_id)
+        waiting = sum(counts(e) for q in queue.event_queue_per_concurrency_id.values() for e in q.queue)
+        running = sum(counts(e) for job in queue.active_jobs if job for e in job)
         return waiting + running
 
     async def push_within_limit(body, request, username):
@@ -75,6 +80,14 @@ def limit_queue_per_session(demo, limit: int) -> None:
             log.info('refused a request: session already holds %d requests', limit)
             return False, (f'you already have {limit} requests waiting or running; wait for them to finish '
                            'before sending more'), 'queue_full'
+        try:
+            group = get_fn(demo, None, body).concurrency_id
+        except Exception:  # no such function: Gradio's own push answers that
+            group = None
+        if body.session_hash and group in groups and held_by(body.session_hash, group) >= groups[group]:
+            log.info('refused a request: session already holds %d requests of %r', groups[group], group)
+            return False, (f'you already have {groups[group]} requests for the models waiting or running; wait '
+                           'for them to finish before sending more'), 'queue_full'
         return await push(body, request, username)
 
     queue.push = push_within_limit
