@@ -241,10 +241,17 @@ def test_compare_answers_with_its_defaults_and_inspect_draws(page):
     expect(page.get_by_text('each attention head compares')).to_be_visible()
     expect(page.get_by_text('this model', exact=True).filter(visible=True).first).to_be_visible()  # sizes: answered
     expect(page.locator('.js-plotly-plot, img[src*="data:image"], canvas').first).to_be_attached()
+    panel = page.locator('[role=tabpanel]:visible').first
+    # beside the grid, where its centre patch looks, before any click; a click picks another patch
+    expect(panel.get_by_text('(the centre: click any patch in the grid) in layer 1')).to_be_visible()
+    grid = panel.locator('.block', has_text='The patches the model sees').locator('img').first
+    box = grid.bounding_box()
+    grid.click(position={'x': box['width'] * 0.56, 'y': box['height'] * 0.3})
+    expect(panel.get_by_text('the centre: click any patch')).to_have_count(0)
+    expect(panel.get_by_text(re.compile(r'^patch \(row \d+, column \d+\) in layer 1: where it looks'))).to_be_visible()
     shoot(page, SHOTS / '5_inspect.png')
     # ViT-Ti's test at 224 px takes seconds: its progress shows, and Inspect's own Stop ends it
     pick(page, 'Model', 'timm/vit_tiny_patch16_224')
-    panel = page.locator('[role=tabpanel]:visible').first
     panel.get_by_role('button', name='Inspect', exact=True).click()
     # a Stop that reaches the server before this request starts is cleared with the session's earlier ones:
     # click once the progress names the test

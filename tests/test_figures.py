@@ -137,6 +137,10 @@ def test_patch_view_outlines_the_clicked_patch(weights_dir):
         patch_view(model, image, (10, 10), layer=1)
     with pytest.raises(ValueError, match='choose a layer from 1 to 2'):
         patch_view(model, image, (200, 100), layer=7)
+    # before any click: the patch at the grid's centre, outlined where it lies (x 224..280, y 112..168)
+    centre, caption = patch_view(model, image, None, layer=1)
+    assert caption.startswith('patch (row 3, column 3) (the centre: click any patch in the grid) in layer 1')
+    assert centre.getpixel((224, 140)) == (0, 255, 255) and centre.getpixel((112, 30)) != (0, 255, 255)
 
 
 def test_inspect_view_of_a_conv_stem_model_shows_its_first_convolution(tmp_path):

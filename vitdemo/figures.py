@@ -345,15 +345,17 @@ def inspect_view(model: Model, image, patch_sizes: tuple[int, ...] = (4, 8, 16, 
                                                             'The other figures are drawn.')
 
 
-def patch_view(model: Model, image, point: tuple[float, float], layer: int, fusion: Fusion = 'mean',
+def patch_view(model: Model, image, point: tuple[float, float] | None, layer: int, fusion: Fusion = 'mean',
                display: int = 448) -> tuple[Image.Image, str]:
-    """Click-a-patch: where the patch under `point` (in the displayed grid image's pixels) looks in `layer`
-    (1-based), drawn over the image with that patch outlined."""
+    """Click-a-patch: where the patch under `point` (in the displayed grid image's pixels; None: the patch at
+    the grid's centre, before any click) looks in `layer` (1-based), drawn over the image with that patch
+    outlined."""
     require_vit(model)
     layer = checked_number(layer, 'layer', -10 ** 6, 10 ** 6, integer=True)
     pred = model.predict(image, top_k=1)
     shown, box = fit_for_display(pred.image, pred.box, display)
-    patch = patch_at(point, box, pred.grid)
+    rows, cols = pred.grid
+    patch = (rows // 2) * cols + cols // 2 if point is None else patch_at(point, box, pred.grid)
     if patch is None:
         raise ValueError('click inside the bright square: the model does not see the rest')
     layers = pred.attentions.shape[0]
@@ -361,11 +363,12 @@ def patch_view(model: Model, image, point: tuple[float, float], layer: int, fusi
         raise ValueError(f'this model has {layers} layers: choose a layer from 1 to {layers}')
     heat = token_attention(pred.attentions, patch, int(layer) - 1, pred.grid, pred.num_prefix_tokens, fusion)
     picture = overlay(shown, heat, box, opacity=0.6)
-    rows, cols = pred.grid
     r, c = divmod(patch, cols)
     left, top, right, bottom = box
     w, h = (right - left) / cols, (bottom - top) / rows
     ImageDraw.Draw(picture).rectangle([left + c * w, top + r * h, left + (c + 1) * w, top + (r + 1) * h],
                                       outline=(0, 255, 255), width=2)
-    return picture, f'patch (row {r + 1}, column {c + 1}) in layer {int(layer)}: where it looks, brighter is more'
+    where = ' (the centre: click any patch in the grid)' if point is None else ''
+    return picture, (f'patch (row {r + 1}, column {c + 1}){where} in layer {int(layer)}: where it looks, '
+                     'brighter is more')
 

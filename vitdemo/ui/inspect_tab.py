@@ -37,11 +37,12 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
 
     @shows_user_errors(server)
     def look_from_patch(image: bytes, model: str, layer: int, fusion: str, point, request: gr.Request):
-        if image is None or point is None:  # nothing clicked yet
+        # before any click, the centre patch: an empty frame beside the grid reads as a figure that failed
+        if image is None:
             return gr.skip(), gr.skip()
         fusion = fusion_mode(fusion)
         patch_view = late_import('vitdemo.figures').patch_view
-        picture, caption = patch_view(server.model(model, request), image, tuple(point), layer, fusion)
+        picture, caption = patch_view(server.model(model, request), image, point and tuple(point), layer, fusion)
         return publish_image(picture), caption
 
     @shows_user_errors(server)
@@ -105,14 +106,20 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
                 film_plot = gr.Plot(label='Attention through training', show_label=False,
                                     elem_classes=['filmstrip'])
     point = gr.State(None)
-    keeps_errors(run.click(inspect, [image, model], [grid_image, costs, position_plot, filters_plot, distance_plot,
-                                                      entropy_plot, deletion_plot, sizes, note], api_name='inspect',
-                           **MODEL_WORK), server, note)
+    inspected = run.click(inspect, [image, model], [grid_image, costs, position_plot, filters_plot, distance_plot,
+                                                    entropy_plot, deletion_plot, sizes, note], api_name='inspect',
+                          **MODEL_WORK)
+    keeps_errors(inspected, server, note)
     # not queued behind the model work it stops
     halt.click(server.stop, None, None, api_visibility='private', concurrency_limit=None)
-    grid_image.select(clicked, None, point, api_visibility='private')
-    keeps_errors(gr.on([point.change, patch_layer.release, patch_fusion.change], look_from_patch,
-                       [image, model, patch_layer, patch_fusion, point], [patch_image, patch_caption],
+    # where a patch looks: the one clicked last, or the centre, on the image and model just inspected; a
+    # point clicked on one image's grid means nothing on another's
+    gr.on([image.change, model.change], lambda: None, None, point, api_visibility='private', queue=False)
+    patch_inputs, patch_outputs = [image, model, patch_layer, patch_fusion, point], [patch_image, patch_caption]
+    for done in (inspected.success, grid_image.select(clicked, None, point, api_visibility='private').success):
+        keeps_errors(done(look_from_patch, patch_inputs, patch_outputs, api_visibility='private', **MODEL_WORK),
+                     server, patch_caption)
+    keeps_errors(gr.on([patch_layer.release, patch_fusion.change], look_from_patch, patch_inputs, patch_outputs,
                        api_visibility='private', trigger_mode='always_last', **MODEL_WORK), server, patch_caption)
     model.change(bound_layer, [model, patch_layer], patch_layer, api_visibility='private')
     keeps_errors(gr.on([film_section.expand, model.change, film_image.change], through_training, [model, film_image],
