@@ -299,6 +299,17 @@ def test_predict_inspect_and_compare_together_run_two_at_a_time(weights_dir, tmp
     assert running.most == 2
 
 
+def outcomes_of(jobs) -> list:
+    """True for each job answered, the message of each refused."""
+    outcomes = []
+    for job in jobs:
+        try:
+            outcomes.append(bool(job.result(timeout=60)))
+        except Exception as e:
+            outcomes.append(str(e))
+    return outcomes
+
+
 def test_one_session_flooding_the_queue_is_refused_alone(weights_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(predict_tab, 'predict_view', Concurrency(0.5).wrap(predict_tab.predict_view))
     policy = ServerPolicy(queued_per_session=2)
@@ -309,12 +320,7 @@ def test_one_session_flooding_the_queue_is_refused_alone(weights_dir, tmp_path, 
         time.sleep(0.3)
         labels, *_ = connect(port, tmp_path).predict(handle_file(CAT), 'scratch/vit_cifar10', api_name='/predict')
         assert labels['confidences']  # another visitor is answered meanwhile
-        outcomes = []
-        for job in flood:
-            try:
-                outcomes.append(bool(job.result(timeout=60)))
-            except Exception as e:
-                outcomes.append(str(e))
+        outcomes = outcomes_of(flood)
     finally:
         demo.close()
     answered = [o for o in outcomes if o is True]
@@ -335,12 +341,7 @@ def test_one_session_holds_at_most_two_requests_for_the_models(weights_dir, tmp_
         flood = [flooder.submit(handle_file(CAT), 'scratch/vit_cifar10', api_name='/predict') for _ in range(6)]
         time.sleep(0.5)
         flooder.predict(api_name='/stop_training')  # answered (nothing to stop), not refused
-        outcomes = []
-        for job in flood:
-            try:
-                outcomes.append(bool(job.result(timeout=60)))
-            except Exception as e:
-                outcomes.append(str(e))
+        outcomes = outcomes_of(flood)
     finally:
         demo.close()
     assert outcomes.count(True) == 2, outcomes  # the client names a refusal "Queue is full" whatever it says
