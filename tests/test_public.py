@@ -300,13 +300,13 @@ def test_predict_inspect_and_compare_together_run_two_at_a_time(weights_dir, tmp
 
 
 def outcomes_of(jobs) -> list:
-    """True for each job answered, the message of each refused."""
+    """True for each job answered; for each refused, its HTTP status and the reason the server gave."""
     outcomes = []
     for job in jobs:
         try:
             outcomes.append(bool(job.result(timeout=60)))
-        except Exception as e:
-            outcomes.append(str(e))
+        except httpx.HTTPStatusError as e:
+            outcomes.append((e.response.status_code, e.response.json().get('detail')))
     return outcomes
 
 
@@ -326,6 +326,9 @@ def test_one_session_flooding_the_queue_is_refused_alone(weights_dir, tmp_path, 
     answered = [o for o in outcomes if o is True]
     refused = [o for o in outcomes if o is not True]
     assert 2 <= len(answered) < 8 and refused, outcomes
+    # 429, not 503: Gradio's page shows the reason of any refusal but a 503, which it calls the whole app busy
+    assert all(o == (429, 'You already have 2 requests waiting or running: wait for them to finish before '
+                          'sending more.') for o in refused), outcomes
 
 
 def test_one_session_holds_at_most_two_requests_for_the_models(weights_dir, tmp_path, monkeypatch, caplog):
@@ -344,7 +347,9 @@ def test_one_session_holds_at_most_two_requests_for_the_models(weights_dir, tmp_
         outcomes = outcomes_of(flood)
     finally:
         demo.close()
-    assert outcomes.count(True) == 2, outcomes  # the client names a refusal "Queue is full" whatever it says
+    assert outcomes.count(True) == 2, outcomes
+    assert outcomes.count((429, 'You already have 2 requests for the models waiting or running: wait for one to '
+                                'finish before sending another.')) == 4, outcomes
     assert caplog.text.count("session already holds 2 requests of 'model'") == 4
 
 

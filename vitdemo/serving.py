@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+from fastapi import HTTPException
 from gradio.route_utils import get_fn
 from PIL import Image
 from starlette.responses import PlainTextResponse
@@ -62,7 +63,9 @@ def limit_queue_per_session(demo, limit: int, groups: dict[str, int] | None = No
     """Let one browser session hold at most `limit` requests, waiting or running, and at most `groups[id]` of
     the events that share the concurrency id `id` (e.g. the two slots of model work: one session filling both
     and queueing more behind them makes every other visitor wait for all of it). Past a limit, that session
-    alone is answered "busy" (HTTP 503), and everyone else's requests still get their turn in the queue.
+    alone is refused, and everyone else's requests still get their turn in the queue.
+    The refusal is HTTP 429 with its reason: Gradio's page shows a refusal's reason, except a 503's, for which
+    it says the whole application is busy (what Gradio answers when the queue itself is full).
     Wraps the queue's `push`, where Gradio itself refuses requests when the whole queue is full."""
     queue = demo._queue
     push = queue.push
@@ -78,16 +81,16 @@ def limit_queue_per_session(demo, limit: int, groups: dict[str, int] | None = No
     async def push_within_limit(body, request, username):
         if body.session_hash and held_by(body.session_hash) >= limit:
             log.info('refused a request: session already holds %d requests', limit)
-            return False, (f'you already have {limit} requests waiting or running; wait for them to finish '
-                           'before sending more'), 'queue_full'
+            raise HTTPException(429, f'You already have {limit} requests waiting or running: wait for them to '
+                                     'finish before sending more.')
         try:
             group = get_fn(demo, None, body).concurrency_id
         except Exception:  # no such function: Gradio's own push answers that
             group = None
         if body.session_hash and group in groups and held_by(body.session_hash, group) >= groups[group]:
             log.info('refused a request: session already holds %d requests of %r', groups[group], group)
-            return False, (f'you already have {groups[group]} requests for the models waiting or running; wait '
-                           'for them to finish before sending more'), 'queue_full'
+            raise HTTPException(429, f'You already have {groups[group]} requests for the models waiting or '
+                                     'running: wait for one to finish before sending another.')
         return await push(body, request, username)
 
     queue.push = push_within_limit
