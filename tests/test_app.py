@@ -1,6 +1,7 @@
 import io
 from dataclasses import asdict
 import shutil
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -103,8 +104,16 @@ def test_predict_through_the_api_for_scratch_and_timm(client):
 
 def test_inspect_through_the_api(client):
     rocket = handle_file(str(ROOT / 'examples' / 'rocket.jpg'))
-    grid, costs, *plots, sizes, note = client.predict(rocket, 'timm/vit_tiny_patch16_224', api_name='/inspect')
+    job = client.submit(rocket, 'timm/vit_tiny_patch16_224', api_name='/inspect')
+    grid, costs, *plots, sizes, note = job.result()
     assert grid and len(plots) == 5 and all(plots) and note == ''
+    # first the figures, the test's frame hidden while it runs, then all of them again with the test
+    (first_grid, *_, first_test, _, first_note), *testing, last = job.outputs()
+    assert first_grid and first_test == {'__type__': 'update', 'value': None, 'visible': False} and last[-1] == note
+    assert first_note.startswith('**Testing whether the maps can be trusted:**')
+    # the test's progress, in the note: Gradio shows no progress bar after a first answer
+    assert testing and all(t[-1].startswith('**Testing whether the maps can be trusted (') for t in testing)
+    assert '% done)' in testing[-1][-1]
     assert [row[0] for row in sizes['data']][-1] == 'this model'
     assert [row[2] for row in costs['data']] == [3137, 785, 197, 50]  # tokens at 224 for patches 4, 8, 16, 32
 
@@ -326,6 +335,42 @@ def test_messages_are_escaped_not_read_as_html(weights_dir):
     with pytest.raises(gr.Error) as refused:
         fails()
     assert refused.value.message == 'downloading failed (&lt;urlopen error [Errno -3] Temporary failure&gt;)'
+
+
+def test_a_reporter_hands_on_each_share_and_the_works_end():
+    from vitdemo.methods import Stopped
+    from vitdemo.ui.common import Reporter
+    told = []
+    reporter = Reporter(told.append)
+
+    def work():
+        for share in (0.25, 0.5, 0.75):
+            reporter.report(share)
+            time.sleep(0.05)
+        return 'done'
+    assert list(reporter.run(work)) == [0.25, 0.5, 0.75] == told and reporter.result() == 'done'
+
+    def refuse(share):  # a Stop, a time limit: raised into the work, and out of `result`
+        raise Stopped('stopped at 0%')
+    reporter = Reporter(refuse)
+    assert list(reporter.run(lambda: reporter.report(0.0))) == []
+    with pytest.raises(Stopped, match='stopped at 0%'):
+        reporter.result()
+
+    # nobody waits any more (the page closed, the event was cancelled): the work ends at its next report
+    reporter, reached = Reporter(lambda share: None), []
+
+    def endless():
+        while True:
+            reporter.report(len(reached))
+            reached.append(True)
+            time.sleep(0.01)
+    shares = reporter.run(endless)
+    next(shares)
+    shares.close()
+    with pytest.raises(Stopped, match='nobody is waiting'):
+        reporter.result()
+    assert len(reached) < 100
 
 
 class RecordingJob(TrainingJob):

@@ -236,33 +236,34 @@ def test_compare_answers_with_its_defaults_and_inspect_draws(page):
     shoot(page, SHOTS / '4_compare.png')
 
     open_tab(page, 'Inspect')
-    upload(page, ROOT / 'examples' / 'rocket.jpg')
-    page.get_by_role('button', name='Inspect', exact=True).click()
+    upload(page, ROOT / 'examples' / 'rocket.jpg')  # inspected as it arrives, as Predict predicts
     expect(page.get_by_text('each attention head compares')).to_be_visible()
     expect(page.get_by_text('this model', exact=True).filter(visible=True).first).to_be_visible()  # sizes: answered
     expect(page.locator('.js-plotly-plot, img[src*="data:image"], canvas').first).to_be_attached()
     panel = page.locator('[role=tabpanel]:visible').first
     # beside the grid, where its centre patch looks, before any click; a click picks another patch
     expect(panel.get_by_text('(the centre: click any patch in the grid) in layer 1')).to_be_visible()
+    expect(panel.get_by_text('Testing whether the maps can be trusted')).to_have_count(0)  # the test is done
     grid = panel.locator('.block', has_text='The patches the model sees').locator('img').first
     box = grid.bounding_box()
     grid.click(position={'x': box['width'] * 0.56, 'y': box['height'] * 0.3})
     expect(panel.get_by_text('the centre: click any patch')).to_have_count(0)
     expect(panel.get_by_text(re.compile(r'^patch \(row \d+, column \d+\) in layer 1: where it looks'))).to_be_visible()
     shoot(page, SHOTS / '5_inspect.png')
-    # ViT-Ti's test at 224 px takes seconds: its progress shows, and Inspect's own Stop ends it
+    # another model is inspected as it is picked. ViT-Ti's test at 224 px takes seconds: its figures come
+    # first, and the centre patch's look, while the note tells the test's progress; Inspect's own Stop ends it
     pick(page, 'Model', 'timm/vit_tiny_patch16_224')
-    panel.get_by_role('button', name='Inspect', exact=True).click()
     # a Stop that reaches the server before this request starts is cleared with the session's earlier ones:
-    # click once the progress names the test
-    expect(panel.get_by_text('the faithfulness test').first).to_be_visible()
+    # click once the note tells the test's progress
+    expect(panel.get_by_text(re.compile(r'Testing whether the maps can be trusted \(\d+% done\)'))).to_be_visible()
     panel.get_by_role('button', name='Stop', exact=True).click()
     expect(panel.get_by_text('No faithfulness test this time: the faithfulness test stopped at')).to_be_visible()
-    # the rest is ViT-Ti's, drawn: its 3137 tokens with 4-pixel patches at 224 px
     expect(panel.get_by_text('Error', exact=True)).to_have_count(0)
-    expect(panel.get_by_text('3137', exact=True).filter(visible=True).first).to_be_visible()
+    expect(panel.get_by_text('3137', exact=True).filter(visible=True).first).to_be_visible()  # 4 px patches, 224 px
+    expect(panel.get_by_text('(the centre: click any patch in the grid) in layer 1')).to_be_visible()
     shoot(page, SHOTS / '5b_inspect_stopped.png')
     pick(page, 'Model', 'scratch/vit_cifar10')
+    expect(panel.get_by_text('No faithfulness test this time')).to_have_count(0)
 
 
 def test_the_cnn_model_hides_the_vit_settings(page):

@@ -8,8 +8,8 @@ from PIL import Image
 
 from vitdemo.backends import load_model
 from vitdemo.catalog import DEFAULT_SCRATCH
-from vitdemo.figures import (attention_entropy, inspect_view, mean_attention_distance, model_sizes, mosaic,
-                             patch_filters, position_similarity, token_costs)
+from vitdemo.figures import (attention_entropy, inspect_steps, inspect_view, mean_attention_distance, model_sizes,
+                             mosaic, patch_filters, position_similarity, token_costs)
 from vitdemo.methods import Stopped
 
 
@@ -158,6 +158,19 @@ def test_inspect_view_of_a_conv_stem_model_shows_its_first_convolution(tmp_path)
     first_conv = module.patch_embed.backbone[0].out_channels  # as many components as it has filters
     assert sum(ax.has_data() for ax in view.filters.axes) == first_conv
     assert view.costs[0][:3] == [4, '8x8', 65]
+
+
+def test_inspect_gives_its_figures_before_the_faithfulness_test_starts(weights_dir):
+    model = load_model('timm/vit_tiny_patch16_224', weights_dir)  # at 224 px the test is slow work
+    told = []
+    steps = inspect_steps(model, Image.new('RGB', (32, 32), (90, 140, 200)), progress=told.append)
+    figures = next(steps)
+    assert not told and figures.faithfulness is None and figures.note == ''
+    assert all(isinstance(f, Figure) for f in (figures.positions, figures.filters, figures.distance, figures.entropy))
+    tested = next(steps)
+    assert told and isinstance(tested.faithfulness, Figure) and tested.note == ''
+    assert tested._replace(faithfulness=None) == figures  # the same figures, not drawn again
+    assert next(steps, None) is None
 
 
 def test_a_stopped_faithfulness_test_loses_only_its_own_figure(weights_dir):

@@ -247,7 +247,8 @@ def test_public_mode_caps_the_minutes_and_checks_the_form(tmp_path, weights_dir)
 
 # --- 6, 7. one limit for all model work, a few queued requests per session ------------------------------
 
-MODEL_EVENTS = {'predict', 'redraw', 'inspect', 'compare', 'look_from_patch', 'sanity', 'show'}  # show: a preview
+MODEL_EVENTS = {'predict', 'redraw', 'restyle', 'inspect', 'reinspect', 'compare', 'recompare', 'look_from_patch',
+                'sanity', 'show'}  # show: a preview
 
 
 def test_every_event_that_runs_a_model_shares_one_limit(weights_dir):

@@ -6,7 +6,7 @@ title, axis labels and a colour bar, for the Inspect tab.
 import functools
 import math
 import textwrap
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Iterator, NamedTuple
 
 import matplotlib
 import numpy as np
@@ -312,14 +312,16 @@ class InspectView(NamedTuple):
     note: str  # why a figure is missing, or empty
 
 
-def inspect_view(model: Model, image, patch_sizes: tuple[int, ...] = (4, 8, 16, 32),
-                 progress: Progress | None = None) -> InspectView:
-    """Everything the Inspect tab shows for one image: the patch grid, token costs, five figures and the
-    model sizes table. The faithfulness test comes last, so that a test stopped (Stop, the server's time limit)
-    loses only itself. At a small input (`explain.small_input`) it takes seconds with every method, the slow
-    ones included, and is fast work: it tells `progress` nothing, as a fast method does not (so in public it
-    takes no slot for slow work). Larger, it leaves the slow methods out, and still takes tens of seconds on a
-    large model: it tells `progress` before each map and each pair of curves."""
+def inspect_steps(model: Model, image, patch_sizes: tuple[int, ...] = (4, 8, 16, 32),
+                  progress: Progress | None = None) -> Iterator[InspectView]:
+    """Everything the Inspect tab shows for one image, in two steps: first the patch grid, token costs, four
+    figures and the model sizes table, with no faithfulness test yet (a second or two, even on ViT-B/16); then
+    the same view with the test, which takes most of the time. The test comes last, so that a test stopped
+    (Stop, the server's time limit) loses only itself. At a small input (`explain.small_input`) it takes
+    seconds with every method, the slow ones included, and is fast work: it tells `progress` nothing, as a
+    fast method does not (so in public it takes no slot for slow work). Larger, it leaves the slow methods
+    out, and still takes tens of seconds on a large model: it tells `progress` before each map and each pair
+    of curves."""
     require_vit(model)
     pred = model.predict(image, top_k=1)
     size = model.data_config['input_size'][1]
@@ -327,22 +329,29 @@ def inspect_view(model: Model, image, patch_sizes: tuple[int, ...] = (4, 8, 16, 
     distance = mean_attention_distance(pred.attentions, pred.grid, patch, pred.num_prefix_tokens)
     entropy = attention_entropy(pred.attentions, pred.num_prefix_tokens)
     costs = [list(row.values()) for row in token_costs(size, patch_sizes, pred.num_prefix_tokens)]
-    shown = dict(grid=patch_grid(pred), costs=costs, positions=position_similarity_figure(model),
-                 filters=patch_filters_figure(model),
-                 distance=head_scatter_figure(distance, 'mean attention distance (input pixels)',
-                                              f'How far each head looks, on this image\n(input {size}x{size})'),
-                 entropy=head_scatter_figure(entropy, 'attention entropy (nats)',
-                                             'How spread each head\'s attention is,\non this image',
-                                             ceiling=math.log(pred.grid[0] * pred.grid[1]),
-                                             ceiling_label='spread evenly'),
-                 sizes=model_sizes(model))
+    view = InspectView(grid=patch_grid(pred), costs=costs, positions=position_similarity_figure(model),
+                       filters=patch_filters_figure(model),
+                       distance=head_scatter_figure(distance, 'mean attention distance (input pixels)',
+                                                    f'How far each head looks, on this image\n(input {size}x{size})'),
+                       entropy=head_scatter_figure(entropy, 'attention entropy (nats)',
+                                                   'How spread each head\'s attention is,\non this image',
+                                                   ceiling=math.log(pred.grid[0] * pred.grid[1]),
+                                                   ceiling_label='spread evenly'),
+                       faithfulness=None, sizes=model_sizes(model), note='')
+    yield view
     try:
         small = small_input(model)
-        return InspectView(**shown, faithfulness=faithfulness_figure(model, pred, slow=small,
-                                                                     progress=None if small else progress), note='')
+        yield view._replace(faithfulness=faithfulness_figure(model, pred, slow=small,
+                                                             progress=None if small else progress))
     except Stopped as stopped:
-        return InspectView(**shown, faithfulness=None, note=f'**No faithfulness test this time:** {stopped}. '
-                                                            'The other figures are drawn.')
+        yield view._replace(note=f'**No faithfulness test this time:** {stopped}. The other figures are drawn.')
+
+
+def inspect_view(model: Model, image, patch_sizes: tuple[int, ...] = (4, 8, 16, 32),
+                 progress: Progress | None = None) -> InspectView:
+    """The whole of `inspect_steps`, the faithfulness test included (or the note saying why it is missing)."""
+    *_, view = inspect_steps(model, image, patch_sizes, progress)
+    return view
 
 
 def patch_view(model: Model, image, point: tuple[float, float] | None, layer: int, fusion: Fusion = 'mean',

@@ -8,13 +8,14 @@ import contextlib
 import functools
 import html
 import logging
+import queue
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from inspect import isgeneratorfunction
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Generic, Iterator, TypeVar
 
 import gradio as gr
 import huggingface_hub
@@ -198,6 +199,58 @@ class Server:
         """The last refusal of this session, kept in the output area (a toast fades)."""
         message = self.errors.pop(request.session_hash, 'the request failed')
         return f'<strong>Could not answer:</strong> {message}'
+
+
+T = TypeVar('T')
+
+
+class Reporter(Generic[T]):
+    """Runs work in a thread of its own, so that a handler that has already answered once (a generator) can
+    still show how far the work is: Gradio shows no progress bar after a handler's first yield. The work
+    reports through `report` (a `Progress`), which passes each share on to `tell` (which may stop the work by
+    raising `Stopped`) and to whoever iterates `run`. Closing `run` early (the visitor left, or the event was
+    cancelled) stops the work at its next report."""
+
+    def __init__(self, tell: Progress):
+        self._tell = tell
+        self._reports: queue.SimpleQueue[float] = queue.SimpleQueue()
+        self._left = threading.Event()
+        self._done = threading.Event()
+        self._outcome: list = []
+
+    def report(self, share: float) -> None:
+        if self._left.is_set():
+            raise Stopped('nobody is waiting for it any more')
+        self._tell(share)
+        self._reports.put(share)
+
+    def run(self, work: Callable[[], T], every: float = 0.25) -> Iterator[float]:
+        """Starts `work` and yields each share it reports, as it comes, until it ends; then `result` holds
+        what it returned."""
+        def run() -> None:
+            try:
+                self._outcome.append((True, work()))
+            except BaseException as e:  # raised again in the handler's thread by `result`
+                self._outcome.append((False, e))
+            finally:
+                self._done.set()
+        threading.Thread(target=run, name='reported-work', daemon=True).start()
+        try:
+            while not self._done.is_set() or not self._reports.empty():
+                try:
+                    yield self._reports.get(timeout=every)
+                except queue.Empty:
+                    pass
+        finally:
+            if not self._done.is_set():
+                self._left.set()
+
+    def result(self) -> T:
+        self._done.wait()
+        ok, value = self._outcome[0]
+        if not ok:
+            raise value
+        return value
 
 
 def shows_user_errors(server: Server):

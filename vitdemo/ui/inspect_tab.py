@@ -8,13 +8,19 @@ from ..metadata import read_metadata
 from ..policy import checked_number
 from ..serving import publish_image
 from ..views import FUSIONS, fusion_mode
-from .common import (MODEL_WORK, Server, Slider, bounded, example_picker, image_box, keeps_errors, model_list,
+from .common import (MODEL_WORK, Reporter, Server, Slider, bounded, example_picker, image_box, keeps_errors, model_list,
                      shows_user_errors)
 
 
 NO_FILMSTRIP = ("This model kept no filmstrip: a ViT trained here (the Train tab or the command line) keeps "
                 "every layer's attention on four validation images after each epoch. The shipped and pretrained "
                 "models were trained before, or elsewhere.")
+
+
+def testing(share: float | None = None) -> str:
+    done = f' ({share:.0%} done)' if share is not None else ''
+    return (f'**Testing whether the maps can be trusted{done}:** its curves appear here when it ends (seconds on a '
+            'CIFAR-10 model, most of a minute on ViT-B/16: Stop ends it).')
 
 
 def inspect_tab(server: Server) -> list[gr.Dropdown]:
@@ -24,16 +30,33 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
 
     @shows_user_errors(server)
     def inspect(image: bytes, model: str, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
-        # only a large input's test is slow work (`figures.inspect_view`): a CIFAR-10 model's takes seconds
+        # only a large input's test is slow work (`figures.inspect_steps`): a CIFAR-10 model's takes seconds
         with server.explaining(request, progress, 'the faithfulness test',
                                otherwise=f'pick a model of 32-pixel images such as {DEFAULT_SCRATCH}, whose test '
                                          'takes seconds',
                                faster='pick a smaller model') as tell:
-            inspect_view = late_import('vitdemo.figures').inspect_view
-            view = inspect_view(server.model(model, request, progress), image, progress=tell)
-        # a stopped test hides its frame: an empty plot reads as a figure that failed to draw
+            inspect_steps = late_import('vitdemo.figures').inspect_steps
+            reporter = Reporter(tell)
+            steps = inspect_steps(server.model(model, request, progress), image, progress=reporter.report)
+            # the figures while the test runs (on ViT-B/16, a second against forty), its progress in the note;
+            # then the whole view again, since an API client keeps only the last answer
+            yield shown(next(steps), testing())
+            for share in reporter.run(lambda: next(steps)):
+                yield (gr.skip(),) * 8 + (testing(share),)
+            view = reporter.result()
+        yield shown(view, view.note)
+
+    def shown(view, note: str) -> tuple:
+        # a test not run (yet, or stopped) hides its frame: an empty plot reads as a figure that failed to draw
         return (publish_image(view.grid), view.costs, view.positions, view.filters, view.distance, view.entropy,
-                gr.Plot(view.faithfulness, visible=view.faithfulness is not None), view.sizes, view.note)
+                gr.Plot(view.faithfulness, visible=view.faithfulness is not None), view.sizes, note)
+
+    def reinspect(image: bytes, model: str, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+        # an image or a model changed: inspect again, once there is an image (as Predict predicts)
+        if image is None:
+            yield (gr.skip(),) * 9
+            return
+        yield from inspect(image, model, request, progress)
 
     @shows_user_errors(server)
     def look_from_patch(image: bytes, model: str, layer: int, fusion: str, point, request: gr.Request):
@@ -68,7 +91,7 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
     with gr.Row():
         with gr.Column(scale=1, min_width=300):
             image = image_box()
-            example_picker(image, 'Examples: click one, then Inspect')
+            example_picker(image, 'Examples: click one to inspect')
             model = model_list(server, 'Model', first)
             with gr.Row():
                 run = gr.Button('Inspect', variant='primary', scale=3)
@@ -106,19 +129,21 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
                 film_plot = gr.Plot(label='Attention through training', show_label=False,
                                     elem_classes=['filmstrip'])
     point = gr.State(None)
-    inspected = run.click(inspect, [image, model], [grid_image, costs, position_plot, filters_plot, distance_plot,
-                                                    entropy_plot, deletion_plot, sizes, note], api_name='inspect',
-                          **MODEL_WORK)
-    keeps_errors(inspected, server, note)
+    outputs = [grid_image, costs, position_plot, filters_plot, distance_plot, entropy_plot, deletion_plot, sizes,
+               note]
+    keeps_errors(run.click(inspect, [image, model], outputs, api_name='inspect', **MODEL_WORK), server, note)
+    keeps_errors(gr.on([image.change, model.change], reinspect, [image, model], outputs, api_visibility='private',
+                       trigger_mode='always_last', **MODEL_WORK), server, note)
     # not queued behind the model work it stops
     halt.click(server.stop, None, None, api_visibility='private', concurrency_limit=None)
     # where a patch looks: the one clicked last, or the centre, on the image and model just inspected; a
     # point clicked on one image's grid means nothing on another's
     gr.on([image.change, model.change], lambda: None, None, point, api_visibility='private', queue=False)
     patch_inputs, patch_outputs = [image, model, patch_layer, patch_fusion, point], [patch_image, patch_caption]
-    for done in (inspected.success, grid_image.select(clicked, None, point, api_visibility='private').success):
-        keeps_errors(done(look_from_patch, patch_inputs, patch_outputs, api_visibility='private', **MODEL_WORK),
-                     server, patch_caption)
+    # a new grid (drawn before the test runs) or a click
+    for done in (grid_image.change, grid_image.select(clicked, None, point, api_visibility='private').success):
+        keeps_errors(done(look_from_patch, patch_inputs, patch_outputs, api_visibility='private',
+                          trigger_mode='always_last', **MODEL_WORK), server, patch_caption)
     keeps_errors(gr.on([patch_layer.release, patch_fusion.change], look_from_patch, patch_inputs, patch_outputs,
                        api_visibility='private', trigger_mode='always_last', **MODEL_WORK), server, patch_caption)
     model.change(bound_layer, [model, patch_layer], patch_layer, api_visibility='private')
