@@ -110,7 +110,7 @@ def create_demo(cache: ModelCache | None = None, job: TrainingJob | None = None,
     if policy.queued_per_session:
         model_work = {MODEL_WORK['concurrency_id']: policy.model_work_per_session} \
             if policy.model_work_per_session else {}
-        limit_queue_per_session(demo, policy.queued_per_session, model_work)
+        limit_queue_per_session(demo, policy.queued_per_session, model_work, refused=server.refused)
     return demo
 
 

@@ -105,17 +105,22 @@ def test_predict_through_the_api_for_scratch_and_timm(client):
 def test_inspect_through_the_api(client):
     rocket = handle_file(str(ROOT / 'examples' / 'rocket.jpg'))
     job = client.submit(rocket, 'timm/vit_tiny_patch16_224', api_name='/inspect')
-    grid, costs, *plots, sizes, note = job.result()
+    grid, costs, *plots, sizes, look, caption, note = job.result()
     assert grid and len(plots) == 5 and all(plots) and note == ''
+    assert [row[0] for row in sizes['data']][-1] == 'this model'
+    assert [row[2] for row in costs['data']] == [3137, 785, 197, 50]  # tokens at 224 for patches 4, 8, 16, 32
+    # beside the grid, where its centre patch looks (no click through the API), in the layer asked for
+    assert look and caption.startswith('patch (row 8, column 8) (the centre: click any patch in the grid) in layer 1:')
     # first the figures, the test's frame hidden while it runs, then all of them again with the test
-    (first_grid, *_, first_test, _, first_note), *testing, last = job.outputs()
-    assert first_grid and first_test == {'__type__': 'update', 'value': None, 'visible': False} and last[-1] == note
+    (first_grid, *_, first_test, _, first_look, _, first_note), *testing, last = job.outputs()
+    assert first_grid and first_look and last[-1] == note
+    assert first_test == {'__type__': 'update', 'value': None, 'visible': False}
     assert first_note.startswith('**Testing whether the maps can be trusted:**')
     # the test's progress, in the note: Gradio shows no progress bar after a first answer
     assert testing and all(t[-1].startswith('**Testing whether the maps can be trusted (') for t in testing)
     assert '% done)' in testing[-1][-1]
-    assert [row[0] for row in sizes['data']][-1] == 'this model'
-    assert [row[2] for row in costs['data']] == [3137, 785, 197, 50]  # tokens at 224 for patches 4, 8, 16, 32
+    *_, caption, _ = client.predict(rocket, 'timm/vit_tiny_patch16_224', 12, 'max', api_name='/inspect')
+    assert caption.startswith('patch (row 8, column 8) (the centre: click any patch in the grid) in layer 12:')
 
 
 def test_compare_through_the_api(client):

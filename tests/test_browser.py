@@ -40,7 +40,9 @@ def app_url(weights_dir, tmp_path_factory):
     make_folder(tmp / 'data', classes=[f'class{i}' for i in range(10)], per_class=20, size=32)
     env = dict(VITDEMO_WEIGHTS=str(tmp / 'weights'), VITDEMO_DATA=str(tmp / 'data'), VITDEMO_CACHE=str(tmp / 'cache'),
                GRADIO_TEMP_DIR=str(tmp / 'gradio'),
-               VITDEMO_TRAIN_MEMORY_MB='4000')  # a small server's training memory: a fine-tune's batch must fit
+               VITDEMO_TRAIN_MEMORY_MB='4000',  # a small server's training memory: a fine-tune's batch must fit
+               # a Space's bounds on one session's requests: a visitor going about the app is never refused
+               VITDEMO_QUEUED_PER_SESSION='6', VITDEMO_MODEL_WORK_PER_SESSION='2')
     with open(tmp / 'app.log', 'w') as log:
         try:
             with running_app(ROOT, env, log) as (url, seconds):
@@ -48,6 +50,8 @@ def app_url(weights_dir, tmp_path_factory):
                 yield url
         except RuntimeError as e:
             raise AssertionError(f'{e}: {(tmp / "app.log").read_text()[-2000:]}') from None
+    refusals = [line for line in (tmp / 'app.log').read_text().splitlines() if 'session already holds' in line]
+    assert not refusals, refusals
 
 
 @pytest.fixture(scope='module')

@@ -141,6 +141,12 @@ def test_patch_view_outlines_the_clicked_patch(weights_dir):
     centre, caption = patch_view(model, image, None, layer=1)
     assert caption.startswith('patch (row 3, column 3) (the centre: click any patch in the grid) in layer 1')
     assert centre.getpixel((224, 140)) == (0, 255, 255) and centre.getpixel((112, 30)) != (0, 255, 255)
+    # Inspect draws the same look from its own forward pass; a click outside the square is the centre there,
+    # and a layer past this model's (the slider of the model before) its last
+    look, caption = inspect_view(model, image, point=(113, 1), layer=2).patch
+    assert caption.startswith('patch (row 1, column 1) in layer 2') and look.tobytes() == picture.tobytes()
+    _, caption = inspect_view(model, image, point=(10, 10), layer=7).patch
+    assert caption.startswith('patch (row 3, column 3) (the centre: click any patch in the grid) in layer 2')
 
 
 def test_inspect_view_of_a_conv_stem_model_shows_its_first_convolution(tmp_path):

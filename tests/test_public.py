@@ -20,7 +20,7 @@ from gradio_client import handle_file
 from PIL import Image
 
 import app
-from vitdemo import compare, figures
+from vitdemo import compare, figures, serving
 from vitdemo.ui import predict_tab
 from vitdemo.ui.common import Server
 from conftest import ROOT
@@ -248,7 +248,7 @@ def test_public_mode_caps_the_minutes_and_checks_the_form(tmp_path, weights_dir)
 # --- 6, 7. one limit for all model work, a few queued requests per session ------------------------------
 
 MODEL_EVENTS = {'predict', 'redraw', 'restyle', 'inspect', 'reinspect', 'compare', 'recompare', 'look_from_patch',
-                'sanity', 'show'}  # show: a preview
+                'sanity'}
 
 
 def test_every_event_that_runs_a_model_shares_one_limit(weights_dir):
@@ -258,6 +258,9 @@ def test_every_event_that_runs_a_model_shares_one_limit(weights_dir):
     for name in MODEL_EVENTS:  # the private ones too: they answer raw HTTP calls by index
         assert all(fn.concurrency_id == 'model' for fn in demo.fns.values() if fn.name == name), name
         assert (fns[name].concurrency_id, fns[name].concurrency_limit) == ('model', 2), name
+    # an upload's preview decodes it: bounded too, but apart, so that it is not one of a session's model requests
+    assert {(fn.concurrency_id, fn.concurrency_limit) for fn in demo.fns.values() if fn.name == 'show'} == \
+        {('decode', 2)}
 
 
 class Concurrency:
@@ -328,8 +331,49 @@ def test_one_session_flooding_the_queue_is_refused_alone(weights_dir, tmp_path, 
     refused = [o for o in outcomes if o is not True]
     assert 2 <= len(answered) < 8 and refused, outcomes
     # 429, not 503: Gradio's page shows the reason of any refusal but a 503, which it calls the whole app busy
-    assert all(o == (429, 'You already have 2 requests waiting or running: wait for them to finish before '
-                          'sending more.') for o in refused), outcomes
+    assert all(o == (429, 'You already have 2 requests waiting or running, in this tab or another: wait for them '
+                          'to finish, then try again.') for o in refused), outcomes
+
+
+def test_a_refusals_reason_reaches_the_page_once_per_refused_request(weights_dir):
+    server = Server(ModelCache(weights_dir=weights_dir), None, ServerPolicy())
+    page = SimpleNamespace(session_hash='visitor')
+    server.refused('visitor', 'You already have 2 requests for the models waiting or running')
+    server.refused('visitor', 'You already have 6 requests waiting or running')
+    server.refused('someone else', 'not for this visitor')
+    # each refused request's event writes one note: the reasons in the order they came, then no reason
+    assert server.error_note(page).endswith('You already have 2 requests for the models waiting or running')
+    assert server.error_note(page).endswith('You already have 6 requests waiting or running')
+    assert server.error_note(page) == '<strong>Could not answer:</strong> the request failed'
+    # a reason no note took in time (a preview's event writes none) is not given to a later, unrelated failure
+    server.refused('visitor', 'You already have 6 requests waiting or running')
+    server.errors['visitor'][0] = (time.monotonic() - 60, server.errors['visitor'][0][1])
+    assert server.error_note(page) == '<strong>Could not answer:</strong> the request failed'
+
+
+def test_the_session_limit_tells_the_server_each_refusal_and_why(tmp_path):
+    told = []
+    gate = threading.Event()
+    with gr.Blocks() as demo:
+        box = gr.Textbox()
+        gr.Button().click(lambda x: gate.wait(30) and x, box, box, api_name='wait', concurrency_id='model')
+    demo.queue(default_concurrency_limit=2)
+    serving.limit_queue_per_session(demo, 6, {'model': 1}, refused=lambda *why: told.append(why))
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name='127.0.0.1', server_port=port, quiet=True)
+    try:
+        client = connect(port, tmp_path)
+        first = client.submit('a', api_name='/wait')
+        time.sleep(0.5)
+        second = client.submit('b', api_name='/wait')
+        outcome = outcomes_of([second])
+        gate.set()
+        assert first.result(timeout=30) == 'a'
+    finally:
+        demo.close()
+    reason = ('You already have 1 request for the models waiting or running, in this tab or another: wait for one to '
+              'finish, then try again.')
+    assert outcome == [(429, reason)] and told == [(client.session_hash, reason)]
 
 
 def test_one_session_holds_at_most_two_requests_for_the_models(weights_dir, tmp_path, monkeypatch, caplog):
@@ -349,8 +393,8 @@ def test_one_session_holds_at_most_two_requests_for_the_models(weights_dir, tmp_
     finally:
         demo.close()
     assert outcomes.count(True) == 2, outcomes
-    assert outcomes.count((429, 'You already have 2 requests for the models waiting or running: wait for one to '
-                                'finish before sending another.')) == 4, outcomes
+    assert outcomes.count((429, 'You already have 2 requests for the models waiting or running, in this tab or '
+                                'another: wait for one to finish, then try again.')) == 4, outcomes
     assert caplog.text.count("session already holds 2 requests of 'model'") == 4
 
 
@@ -580,8 +624,8 @@ def test_with_the_slots_taken_each_tab_answers_what_it_can_and_says_what_the_vis
         client = connect(port, tmp_path)
         labels, gallery, text, _ = client.predict(handle_file(CAT), 'scratch/vit_cifar10', method='occlusion',
                                                   api_name='/predict')
-        grid, costs, *plots, sizes, note = client.predict(handle_file(CAT), 'timm/vit_tiny_patch16_224',
-                                                          api_name='/inspect')
+        grid, costs, *plots, sizes, look, caption, note = client.predict(handle_file(CAT), 'timm/vit_tiny_patch16_224',
+                                                                         api_name='/inspect')
         *small_figures, small_note = client.predict(handle_file(CAT), 'scratch/vit_cifar10', api_name='/inspect')
     finally:
         demo.close()
@@ -590,7 +634,7 @@ def test_with_the_slots_taken_each_tab_answers_what_it_can_and_says_what_the_vis
     # a large model's test is slow work; a CIFAR-10 model's takes seconds, and no slot
     assert ('which another visitor is using: try again in a minute, or pick a model of 32-pixel images such as '
             'scratch/vit_cifar10, whose test takes seconds. The other figures are drawn.') in note
-    assert grid and all(plots[:4]) and plots[4]['value'] is None and sizes['data'][-1][0] == 'this model'
+    assert grid and all(plots[:4]) and plots[4]['value'] is None and sizes['data'][-1][0] == 'this model' and look
     assert small_note == '' and all(small_figures)
 
 

@@ -309,11 +309,13 @@ class InspectView(NamedTuple):
     entropy: 'Figure'  # how spread each head's attention is
     faithfulness: 'Figure | None'  # deletion and insertion curves; None where the test was stopped
     sizes: list[list]  # the paper's sizes at this input and patch size, and this model
+    patch: tuple[Image.Image, str]  # where one patch looks, and its caption (`patch_view`)
     note: str  # why a figure is missing, or empty
 
 
 def inspect_steps(model: Model, image, patch_sizes: tuple[int, ...] = (4, 8, 16, 32),
-                  progress: Progress | None = None) -> Iterator[InspectView]:
+                  progress: Progress | None = None, *, point: tuple[float, float] | None = None, layer: int = 1,
+                  fusion: Fusion = 'mean') -> Iterator[InspectView]:
     """Everything the Inspect tab shows for one image, in two steps: first the patch grid, token costs, four
     figures and the model sizes table, with no faithfulness test yet (a second or two, even on ViT-B/16); then
     the same view with the test, which takes most of the time. The test comes last, so that a test stopped
@@ -321,9 +323,16 @@ def inspect_steps(model: Model, image, patch_sizes: tuple[int, ...] = (4, 8, 16,
     seconds with every method, the slow ones included, and is fast work: it tells `progress` nothing, as a
     fast method does not (so in public it takes no slot for slow work). Larger, it leaves the slow methods
     out, and still takes tens of seconds on a large model: it tells `progress` before each map and each pair
-    of curves."""
+    of curves. `point`, `layer` and `fusion` choose the patch whose look is drawn beside the grid
+    (`patch_view`), from the same forward pass."""
     require_vit(model)
     pred = model.predict(image, top_k=1)
+    # the layer slider follows a model change in its own event, which may land after this one
+    layer = min(max(checked_number(layer, 'layer', -10 ** 6, 10 ** 6, integer=True), 1), pred.attentions.shape[0])
+    try:
+        patch_look = look_from(pred, point, layer, fusion)
+    except ValueError:  # a click outside the square the model sees: the centre, as before any click
+        patch_look = look_from(pred, None, layer, fusion)
     size = model.data_config['input_size'][1]
     patch = size // pred.grid[0]
     distance = mean_attention_distance(pred.attentions, pred.grid, patch, pred.num_prefix_tokens)
@@ -337,7 +346,7 @@ def inspect_steps(model: Model, image, patch_sizes: tuple[int, ...] = (4, 8, 16,
                                                    'How spread each head\'s attention is,\non this image',
                                                    ceiling=math.log(pred.grid[0] * pred.grid[1]),
                                                    ceiling_label='spread evenly'),
-                       faithfulness=None, sizes=model_sizes(model), note='')
+                       faithfulness=None, sizes=model_sizes(model), patch=patch_look, note='')
     yield view
     try:
         small = small_input(model)
@@ -348,9 +357,9 @@ def inspect_steps(model: Model, image, patch_sizes: tuple[int, ...] = (4, 8, 16,
 
 
 def inspect_view(model: Model, image, patch_sizes: tuple[int, ...] = (4, 8, 16, 32),
-                 progress: Progress | None = None) -> InspectView:
+                 progress: Progress | None = None, **patch) -> InspectView:
     """The whole of `inspect_steps`, the faithfulness test included (or the note saying why it is missing)."""
-    *_, view = inspect_steps(model, image, patch_sizes, progress)
+    *_, view = inspect_steps(model, image, patch_sizes, progress, **patch)
     return view
 
 
@@ -360,8 +369,13 @@ def patch_view(model: Model, image, point: tuple[float, float] | None, layer: in
     the grid's centre, before any click) looks in `layer` (1-based), drawn over the image with that patch
     outlined."""
     require_vit(model)
+    return look_from(model.predict(image, top_k=1), point, layer, fusion, display)
+
+
+def look_from(pred: Prediction, point: tuple[float, float] | None, layer: int, fusion: Fusion = 'mean',
+              display: int = 448) -> tuple[Image.Image, str]:
+    """`patch_view` from a forward pass already made."""
     layer = checked_number(layer, 'layer', -10 ** 6, 10 ** 6, integer=True)
-    pred = model.predict(image, top_k=1)
     shown, box = fit_for_display(pred.image, pred.box, display)
     rows, cols = pred.grid
     patch = (rows // 2) * cols + cols // 2 if point is None else patch_at(point, box, pred.grid)

@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from fastapi import HTTPException
 from gradio.route_utils import get_fn
@@ -59,13 +60,16 @@ def publish_image(image: Image.Image, fmt: str = 'jpeg', quality: int = 90) -> s
     return str(path)
 
 
-def limit_queue_per_session(demo, limit: int, groups: dict[str, int] | None = None) -> None:
+def limit_queue_per_session(demo, limit: int, groups: dict[str, int] | None = None,
+                            refused: Callable[[str, str], None] | None = None) -> None:
     """Let one browser session hold at most `limit` requests, waiting or running, and at most `groups[id]` of
     the events that share the concurrency id `id` (e.g. the two slots of model work: one session filling both
     and queueing more behind them makes every other visitor wait for all of it). Past a limit, that session
     alone is refused, and everyone else's requests still get their turn in the queue.
     The refusal is HTTP 429 with its reason: Gradio's page shows a refusal's reason, except a 503's, for which
-    it says the whole application is busy (what Gradio answers when the queue itself is full).
+    it says the whole application is busy (what Gradio answers when the queue itself is full). `refused` is
+    told each refusal's session and reason (the page's output areas show it: the refused event's failure
+    handlers run, but the request never reaches a handler that could say why).
     Wraps the queue's `push`, where Gradio itself refuses requests when the whole queue is full."""
     queue = demo._queue
     push = queue.push
@@ -78,22 +82,32 @@ def limit_queue_per_session(demo, limit: int, groups: dict[str, int] | None = No
         running = sum(counts(e) for job in queue.active_jobs if job for e in job)
         return waiting + running
 
+    def refuse(session_hash: str, reason: str):
+        if refused is not None:
+            refused(session_hash, reason)
+        return HTTPException(429, reason)
+
     async def push_within_limit(body, request, username):
         if body.session_hash and held_by(body.session_hash) >= limit:
             log.info('refused a request: session already holds %d requests', limit)
-            raise HTTPException(429, f'You already have {limit} requests waiting or running: wait for them to '
-                                     'finish before sending more.')
+            raise refuse(body.session_hash, f'You already have {requests(limit)} waiting or running, in this tab '
+                                            'or another: wait for them to finish, then try again.')
         try:
             group = get_fn(demo, None, body).concurrency_id
         except Exception:  # no such function: Gradio's own push answers that
             group = None
         if body.session_hash and group in groups and held_by(body.session_hash, group) >= groups[group]:
             log.info('refused a request: session already holds %d requests of %r', groups[group], group)
-            raise HTTPException(429, f'You already have {groups[group]} requests for the models waiting or '
-                                     'running: wait for one to finish before sending another.')
+            raise refuse(body.session_hash, f'You already have {requests(groups[group])} for the models waiting '
+                                            'or running, in this tab or another: wait for one to finish, then try '
+                                            'again.')
         return await push(body, request, username)
 
     queue.push = push_within_limit
+
+
+def requests(n: int) -> str:
+    return f'{n} request' + ('' if n == 1 else 's')
 
 
 class UploadQuota:

@@ -11,7 +11,7 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from inspect import isgeneratorfunction
 from pathlib import Path
@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 USER_ERRORS = (ImageError, ModelUnavailable, CheckpointError, TrainingBusy, TrainingFailed, Stopped,
                FileNotFoundError, ValueError, TypeError)
 MODEL_WORK = dict(concurrency_id='model', concurrency_limit=2)  # every event that runs a model: 2 cores
+# an upload's preview: bounded apart, so that it neither waits behind other visitors' model work nor counts as
+# one of a session's requests for the models (an Inspect running, then an upload in Predict, must not be refused)
+DECODE_WORK = dict(concurrency_id='decode', concurrency_limit=2)
 EXAMPLES = sorted((str(p) for p in (Path(__file__).resolve().parents[2] / 'examples').glob('*.*')
                    if p.suffix != '.md'), key=lambda p: 'cifar' not in p)  # CIFAR-10 photos first
 log = logging.getLogger('vitdemo.server')
@@ -71,7 +74,7 @@ class Server:
     cache: ModelCache
     job: TrainingJob
     policy: ServerPolicy
-    errors: OrderedDict = field(default_factory=OrderedDict)  # the last refusal per session, for the page
+    errors: OrderedDict = field(default_factory=OrderedDict)  # refusals not yet shown, per session
     stops: OrderedDict = field(default_factory=OrderedDict)  # per session: set to stop its explanation
     slow_slots: threading.Semaphore | None = None  # public mode: slow explanations at once (from the policy)
 
@@ -191,13 +194,24 @@ class Server:
 
     def remember_error(self, request: gr.Request | None, message: str) -> None:
         if request is not None:
-            self.errors[request.session_hash] = message
-            while len(self.errors) > 1000:
-                self.errors.popitem(last=False)
+            self.refused(request.session_hash, message)
+
+    def refused(self, session_hash: str, message: str) -> None:
+        """Keep a refusal's reason for the page's output area: one per refused request, since each has a
+        handler that writes it there (`keeps_errors`)."""
+        self.errors.setdefault(session_hash, deque(maxlen=8)).append((time.monotonic(), message))
+        self.errors.move_to_end(session_hash)
+        while len(self.errors) > 1000:
+            self.errors.popitem(last=False)
 
     def error_note(self, request: gr.Request) -> str:
-        """The last refusal of this session, kept in the output area (a toast fades)."""
-        message = self.errors.pop(request.session_hash, 'the request failed')
+        """The refusal of this session that came first and is not yet shown, kept in the output area (a toast
+        fades). A reason older than a few seconds belonged to a request whose event writes no note (a
+        preview's): it is not given to a later, unrelated failure."""
+        reasons = self.errors.get(request.session_hash) or deque()
+        while reasons and time.monotonic() - reasons[0][0] > 10:
+            reasons.popleft()
+        message = reasons.popleft()[1] if reasons else 'the request failed'
         return f'<strong>Could not answer:</strong> {message}'
 
 
@@ -333,7 +347,7 @@ def image_box(label: str = 'Image') -> gr.File:
             factor = 160 // max(picture.size)
             picture = picture.resize((picture.width * factor, picture.height * factor), Image.Resampling.NEAREST)
         return gr.Image(value=publish_image(picture), visible=True)
-    box.change(show, box, preview, api_visibility='private', show_progress='hidden', **MODEL_WORK)
+    box.change(show, box, preview, api_visibility='private', show_progress='hidden', **DECODE_WORK)
     return box
 
 

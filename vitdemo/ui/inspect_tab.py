@@ -29,7 +29,9 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
     layers, _ = server.shape(first, None)
 
     @shows_user_errors(server)
-    def inspect(image: bytes, model: str, request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
+    def inspect(image: bytes, model: str, layer: int = 1, fusion: str = 'mean', point=None,
+                request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
+        fusion = fusion_mode(fusion)  # checked before any model loads
         # only a large input's test is slow work (`figures.inspect_steps`): a CIFAR-10 model's takes seconds
         with server.explaining(request, progress, 'the faithfulness test',
                                otherwise=f'pick a model of 32-pixel images such as {DEFAULT_SCRATCH}, whose test '
@@ -37,30 +39,34 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
                                faster='pick a smaller model') as tell:
             inspect_steps = late_import('vitdemo.figures').inspect_steps
             reporter = Reporter(tell)
-            steps = inspect_steps(server.model(model, request, progress), image, progress=reporter.report)
+            steps = inspect_steps(server.model(model, request, progress), image, progress=reporter.report,
+                                  point=point and tuple(point), layer=layer, fusion=fusion)
             # the figures while the test runs (on ViT-B/16, a second against forty), its progress in the note;
             # then the whole view again, since an API client keeps only the last answer
             yield shown(next(steps), testing())
             for share in reporter.run(lambda: next(steps)):
-                yield (gr.skip(),) * 8 + (testing(share),)
+                yield (gr.skip(),) * 10 + (testing(share),)
             view = reporter.result()
         yield shown(view, view.note)
 
     def shown(view, note: str) -> tuple:
         # a test not run (yet, or stopped) hides its frame: an empty plot reads as a figure that failed to draw
+        picture, caption = view.patch
         return (publish_image(view.grid), view.costs, view.positions, view.filters, view.distance, view.entropy,
-                gr.Plot(view.faithfulness, visible=view.faithfulness is not None), view.sizes, note)
+                gr.Plot(view.faithfulness, visible=view.faithfulness is not None), view.sizes,
+                publish_image(picture), caption, note)
 
-    def reinspect(image: bytes, model: str, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+    def reinspect(image: bytes, model: str, layer: int, fusion: str, point, request: gr.Request,
+                  progress=gr.Progress(track_tqdm=True)):
         # an image or a model changed: inspect again, once there is an image (as Predict predicts)
         if image is None:
-            yield (gr.skip(),) * 9
+            yield (gr.skip(),) * 11
             return
-        yield from inspect(image, model, request, progress)
+        yield from inspect(image, model, layer, fusion, point, request, progress)
 
     @shows_user_errors(server)
     def look_from_patch(image: bytes, model: str, layer: int, fusion: str, point, request: gr.Request):
-        # before any click, the centre patch: an empty frame beside the grid reads as a figure that failed
+        # no point (no click on this grid yet): the centre patch
         if image is None:
             return gr.skip(), gr.skip()
         fusion = fusion_mode(fusion)
@@ -129,23 +135,23 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
                 film_plot = gr.Plot(label='Attention through training', show_label=False,
                                     elem_classes=['filmstrip'])
     point = gr.State(None)
+    # where a patch looks (the one clicked last, or the centre) comes with the rest, from the same forward pass
+    inputs = [image, model, patch_layer, patch_fusion, point]
     outputs = [grid_image, costs, position_plot, filters_plot, distance_plot, entropy_plot, deletion_plot, sizes,
-               note]
-    keeps_errors(run.click(inspect, [image, model], outputs, api_name='inspect', **MODEL_WORK), server, note)
-    keeps_errors(gr.on([image.change, model.change], reinspect, [image, model], outputs, api_visibility='private',
-                       trigger_mode='always_last', **MODEL_WORK), server, note)
+               patch_image, patch_caption, note]
+    keeps_errors(run.click(inspect, inputs, outputs, api_name='inspect', **MODEL_WORK), server, note)
+    # a point clicked on one image's grid means nothing on another's: forgotten before the new one is inspected
+    forget = gr.on([image.change, model.change], lambda: None, None, point, api_visibility='private', queue=False)
+    keeps_errors(forget.then(reinspect, inputs, outputs, api_visibility='private', trigger_mode='always_last',
+                             **MODEL_WORK), server, note)
     # not queued behind the model work it stops
     halt.click(server.stop, None, None, api_visibility='private', concurrency_limit=None)
-    # where a patch looks: the one clicked last, or the centre, on the image and model just inspected; a
-    # point clicked on one image's grid means nothing on another's
-    gr.on([image.change, model.change], lambda: None, None, point, api_visibility='private', queue=False)
-    patch_inputs, patch_outputs = [image, model, patch_layer, patch_fusion, point], [patch_image, patch_caption]
-    # a new grid (drawn before the test runs) or a click
-    for done in (grid_image.change, grid_image.select(clicked, None, point, api_visibility='private').success):
-        keeps_errors(done(look_from_patch, patch_inputs, patch_outputs, api_visibility='private',
-                          trigger_mode='always_last', **MODEL_WORK), server, patch_caption)
-    keeps_errors(gr.on([patch_layer.release, patch_fusion.change], look_from_patch, patch_inputs, patch_outputs,
-                       api_visibility='private', trigger_mode='always_last', **MODEL_WORK), server, patch_caption)
+    # a click, another layer or fusion: only the look is drawn again
+    look = dict(fn=look_from_patch, inputs=inputs, outputs=[patch_image, patch_caption], api_visibility='private',
+                trigger_mode='always_last', **MODEL_WORK)
+    keeps_errors(grid_image.select(clicked, None, point, api_visibility='private').success(**look), server,
+                 patch_caption)
+    keeps_errors(gr.on([patch_layer.release, patch_fusion.change], **look), server, patch_caption)
     model.change(bound_layer, [model, patch_layer], patch_layer, api_visibility='private')
     keeps_errors(gr.on([film_section.expand, model.change, film_image.change], through_training, [model, film_image],
                        [film_plot, film_note], api_visibility='private'), server, film_note)
