@@ -89,7 +89,10 @@ def test_api_contract_without_a_server(weights_dir):
                                                '/train']
     assert [p['parameter_name'] for p in info['named_endpoints']['/compare']['parameters'][:3]] == \
         ['image', 'model_a', 'model_b']
-    assert [p['parameter_name'] for p in info['named_endpoints']['/inspect']['parameters']] == ['image', 'model']
+    # the look from the grid's centre patch is optional: an image is all an API client must send
+    inspect = info['named_endpoints']['/inspect']['parameters']
+    assert [p['parameter_name'] for p in inspect] == ['image', 'model', 'layer', 'fusion']
+    assert [p['parameter_has_default'] for p in inspect] == [False, True, True, True]
 
 
 def test_predict_through_the_api_for_scratch_and_timm(client):

@@ -19,8 +19,8 @@ NO_FILMSTRIP = ("This model kept no filmstrip: a ViT trained here (the Train tab
 
 def testing(share: float | None = None) -> str:
     done = f' ({share:.0%} done)' if share is not None else ''
-    return (f'**Testing whether the maps can be trusted{done}:** its curves appear here when it ends (seconds on a '
-            'CIFAR-10 model, most of a minute on ViT-B/16: Stop ends it).')
+    return (f'**Testing whether the maps can be trusted{done}:** its curves appear below, beside the position '
+            'embeddings, when it ends (seconds on a CIFAR-10 model, most of a minute on ViT-B/16: Stop ends it).')
 
 
 def inspect_tab(server: Server) -> list[gr.Dropdown]:
@@ -41,8 +41,9 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
             reporter = Reporter(tell)
             steps = inspect_steps(server.model(model, request, progress), image, progress=reporter.report,
                                   point=point and tuple(point), layer=layer, fusion=fusion)
-            # the figures while the test runs (on ViT-B/16, a second against forty), its progress in the note;
-            # then the whole view again, since an API client keeps only the last answer
+            # the figures while the test runs (most of the work on a large model), its progress in the note:
+            # Gradio shows no progress bar after a first answer. Then the whole view again, since an API client
+            # keeps only the last answer
             yield shown(next(steps), testing())
             for share in reporter.run(lambda: next(steps)):
                 yield (gr.skip(),) * 10 + (testing(share),)
