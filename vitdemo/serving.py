@@ -90,7 +90,7 @@ def limit_queue_per_session(demo, limit: int, groups: dict[str, int] | None = No
     async def push_within_limit(body, request, username):
         if body.session_hash and held_by(body.session_hash) >= limit:
             log.info('refused a request: session already holds %d requests', limit)
-            raise refuse(body.session_hash, f'You already have {requests(limit)} waiting or running, in this tab '
+            raise refuse(body.session_hash, f'You already have {n_requests(limit)} waiting or running, in this tab '
                                             'or another: wait for them to finish, then try again.')
         try:
             group = get_fn(demo, None, body).concurrency_id
@@ -98,7 +98,7 @@ def limit_queue_per_session(demo, limit: int, groups: dict[str, int] | None = No
             group = None
         if body.session_hash and group in groups and held_by(body.session_hash, group) >= groups[group]:
             log.info('refused a request: session already holds %d requests of %r', groups[group], group)
-            raise refuse(body.session_hash, f'You already have {requests(groups[group])} for the models waiting '
+            raise refuse(body.session_hash, f'You already have {n_requests(groups[group])} for the models waiting '
                                             'or running, in this tab or another: wait for one to finish, then try '
                                             'again.')
         return await push(body, request, username)
@@ -106,7 +106,7 @@ def limit_queue_per_session(demo, limit: int, groups: dict[str, int] | None = No
     queue.push = push_within_limit
 
 
-def requests(n: int) -> str:
+def n_requests(n: int) -> str:
     return f'{n} request' + ('' if n == 1 else 's')
 
 

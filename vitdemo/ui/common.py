@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from inspect import isgeneratorfunction
 from pathlib import Path
@@ -229,8 +230,7 @@ class Reporter(Generic[T]):
         self._tell = tell
         self._reports: queue.SimpleQueue[float] = queue.SimpleQueue()
         self._left = threading.Event()
-        self._done = threading.Event()
-        self._outcome: list = []
+        self._work: Future | None = None
 
     def report(self, share: float) -> None:
         if self._left.is_set():
@@ -239,32 +239,23 @@ class Reporter(Generic[T]):
         self._reports.put(share)
 
     def run(self, work: Callable[[], T], every: float = 0.25) -> Iterator[float]:
-        """Starts `work` and yields each share it reports, as it comes, until it ends; then `result` holds
-        what it returned."""
-        def run() -> None:
-            try:
-                self._outcome.append((True, work()))
-            except BaseException as e:  # raised again in the handler's thread by `result`
-                self._outcome.append((False, e))
-            finally:
-                self._done.set()
-        threading.Thread(target=run, name='reported-work', daemon=True).start()
+        """Starts `work` and yields each share it reports, as it comes, until it ends; then `result` gives
+        what it returned, or raises what it raised."""
+        pool = ThreadPoolExecutor(1, thread_name_prefix='reported-work')
+        self._work = pool.submit(work)
+        pool.shutdown(wait=False)
         try:
-            while not self._done.is_set() or not self._reports.empty():
+            while not self._work.done() or not self._reports.empty():
                 try:
                     yield self._reports.get(timeout=every)
                 except queue.Empty:
                     pass
         finally:
-            if not self._done.is_set():
+            if not self._work.done():
                 self._left.set()
 
     def result(self) -> T:
-        self._done.wait()
-        ok, value = self._outcome[0]
-        if not ok:
-            raise value
-        return value
+        return self._work.result()
 
 
 def shows_user_errors(server: Server):
