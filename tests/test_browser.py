@@ -16,6 +16,7 @@ from test_data import make_folder
 from vitdemo.app_process import running_app
 from vitdemo.train_form import TRAIN_PRESETS
 
+pytestmark = pytest.mark.slow  # a real browser and a real server, about two minutes
 CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
 SHOTS = ROOT / 'test-output' / 'browser'
 CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',

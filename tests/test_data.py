@@ -153,6 +153,7 @@ def test_normalize_standardises_per_channel():
                                rtol=1e-5)
 
 
+@pytest.mark.slow  # decodes the 50,000 real images
 @pytest.mark.skipif(not CIFAR_ARCHIVE.exists(), reason='needs ../shared/data/cifar10-train.tar.gz')
 def test_the_shipped_cifar_archive(tmp_path_factory):
     data = load_dataset(CIFAR_ARCHIVE)

@@ -127,6 +127,7 @@ def test_a_teacher_that_answers_once_per_image(tmp_path):
     torch.testing.assert_close(got, expected, atol=3e-2 * expected.abs().max().item(), rtol=0)
 
 
+@pytest.mark.slow  # three fresh Python processes
 def test_the_test_time_augmentation_bench_scores_each_checkpoint_as_evaluate_does(tmp_path):
     """bench/test_time_augmentation.py end to end on a small folder and two models trained on it here: a ViT and
     the fast CNN; each one's plain accuracy is what `vitdemo.evaluate` gives on its held-out split."""

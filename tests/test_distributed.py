@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -12,6 +13,8 @@ from test_data import make_folder
 from test_train import CONFIG, colour_data
 from vitdemo.train import TrainConfig, train
 from vitdemo.weights import load_checkpoint
+
+pytestmark = pytest.mark.slow  # each rank is a fresh process
 
 
 def _rank(rank: int, world: int, init_file: str, out_dir: str) -> None:

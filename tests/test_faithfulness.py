@@ -53,6 +53,7 @@ def test_area_and_verdict():
     assert verdict([random, poor]).startswith('no map beats a random order')
 
 
+@pytest.mark.slow  # two fresh Python processes
 def test_the_faithfulness_bench_runs_on_a_handful_of_images(tmp_path):
     """The bench end to end, as the README runs it, on a small folder and a model trained on it here."""
     import os

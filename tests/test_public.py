@@ -107,7 +107,7 @@ print(status('VmHWM:') - before)
 @pytest.mark.parametrize('config,batch', [
     ("ViTConfig(img_size=32, patch_size=4, num_classes=10, embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0, "
      "stem='conv', pos_embed='sincos')", 128),
-    ("ResNetConfig(img_size=32)", 64),
+    pytest.param("ResNetConfig(img_size=32)", 64, marks=pytest.mark.slow),  # ResNet-18's steps take ~15 s here
 ])
 @pytest.mark.skipif(not STATUS.exists(), reason='reads the peak resident set size from Linux /proc')
 def test_the_memory_estimate_bounds_a_measured_training_step(config, batch):

@@ -111,6 +111,7 @@ def test_a_minutes_budget_is_kept_and_its_epochs_foretold():
     assert ends and all(e.budget_epochs > 0 for e in ends if e.progress >= 0.04)
 
 
+@pytest.mark.slow  # decodes the 50,000 real images
 @pytest.mark.skipif(not CIFAR_ARCHIVE.exists(), reason='needs ../shared/data/cifar10-train.tar.gz')
 def test_cli_trains_on_real_cifar_images_and_evaluate_scores_them(tmp_path, capsys):
     out = tmp_path / 'cifar.safetensors'

@@ -133,6 +133,7 @@ def test_a_process_killed_mid_save_leaves_the_previous_checkpoint_intact(tmp_pat
     assert not stray[0].name.endswith('.safetensors')  # the model list never offers the stray file
 
 
+@pytest.mark.slow  # scores 5,000 real images per model
 @pytest.mark.skipif(not CIFAR_ARCHIVE.exists(), reason='needs ../shared/data/cifar10-train.tar.gz')
 @pytest.mark.parametrize('name', ['vit_cifar10', 'convnet_cifar10'])
 def test_the_shipped_checkpoint_scores_what_its_model_card_says(name):
