@@ -122,6 +122,48 @@ def test_model_cache_loads_once_and_keeps_the_most_recent(weights_dir, monkeypat
     assert loads == [scratch_file, 'timm/vit_tiny_patch16_224', scratch_file]
 
 
+def test_requests_for_a_model_being_loaded_wait_for_that_load_and_no_other(weights_dir, monkeypatch):
+    """A model picked and Predict pressed at once: one load, one copy, while other models answer meanwhile;
+    a load that fails is tried again by the next request."""
+    import threading
+    import vitdemo.backends as backends
+    real, loads, loading, release = backends.load_model, [], threading.Event(), threading.Event()
+
+    def slow_load(name, d=None):
+        loads.append(name)
+        if name == 'timm/vit_tiny_patch16_224':
+            loading.set()
+            release.wait(30)
+            if loads.count(name) == 1:
+                raise ModelUnavailable('the first download failed')
+        return real(name, d)
+
+    monkeypatch.setattr(backends, 'load_model', slow_load)
+    cache = ModelCache(weights_dir=weights_dir)
+    got = []
+
+    def ask():
+        try:
+            got.append(cache.get('timm/vit_tiny_patch16_224'))
+        except ModelUnavailable as e:
+            got.append(str(e))
+
+    first = threading.Thread(target=ask)
+    first.start()
+    assert loading.wait(30)
+    waiting = [threading.Thread(target=ask) for _ in range(2)]
+    for t in waiting:
+        t.start()
+    assert cache.get(DEFAULT_SCRATCH).name == DEFAULT_SCRATCH  # not held up by the load under way
+    time.sleep(0.2)
+    release.set()
+    for t in [first, *waiting]:
+        t.join(30)
+    assert got[0] == 'the first download failed'
+    assert isinstance(got[1], Model) and got[2] is got[1] and cache.get('timm/vit_tiny_patch16_224') is got[1]
+    assert loads.count('timm/vit_tiny_patch16_224') == 2  # the failed load, then one for both waiting
+
+
 def test_the_package_exports_the_public_api(weights_dir):
     import vitdemo
     assert vitdemo.list_models(weights_dir)[0] == DEFAULT_SCRATCH

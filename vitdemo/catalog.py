@@ -132,6 +132,7 @@ class ModelCache:
         self.weights_dir = self.store.weights_dir
         self._models: OrderedDict[str, 'Model'] = OrderedDict()
         self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}  # a lock per model being loaded
 
     def names(self, owner: str | None = None) -> list[str]:
         return list_models(owner=owner, store=self.store)
@@ -146,20 +147,31 @@ class ModelCache:
             return name
         raise ModelUnavailable(f'unknown model {name!r}: choose one from the list')
 
-    def get(self, name: str, owner: str | None = None) -> 'Model':
-        key = self._key(name, owner)
+    def _cached(self, key: str) -> 'Model | None':
         with self._lock:
             if key in self._models:
                 self._models.move_to_end(key)
-                return self._models[key]
-        # outside the lock: a slow download blocks no one else
-        load_model = late_import('vitdemo.backends').load_model
-        model = load_model(key if key.endswith('.safetensors') else name, self.weights_dir)
-        model.name = name
+            return self._models.get(key)
+
+    def get(self, name: str, owner: str | None = None) -> 'Model':
+        key = self._key(name, owner)
+        if (model := self._cached(key)) is not None:
+            return model
         with self._lock:
-            self._models[key] = model
-            while len(self._models) > self.max_models:
-                self._models.popitem(last=False)
+            loading = self._loading.setdefault(key, threading.Lock())
+        # a model picked and Predict pressed at once are two requests for it: the second waits for the first's
+        # load (one download, one copy in memory); a slow load blocks no request for another model
+        with loading:
+            if (model := self._cached(key)) is not None:
+                return model
+            load_model = late_import('vitdemo.backends').load_model
+            model = load_model(key if key.endswith('.safetensors') else name, self.weights_dir)
+            model.name = name
+            with self._lock:
+                self._models[key] = model
+                self._loading.pop(key, None)
+                while len(self._models) > self.max_models:
+                    self._models.popitem(last=False)
         return model
 
     def forget(self, path: Path) -> None:
