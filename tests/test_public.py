@@ -655,3 +655,103 @@ def test_the_train_endpoint_takes_an_uploaded_zip_only_never_a_server_path(tmp_p
         demo.close()
     assert 'event: error' in answer
     assert not hasattr(job, 'asked')  # refused before the handler read it: no run was asked for
+
+
+def test_a_request_asked_again_while_it_runs_waits_for_its_answer_and_nothing_is_cached():
+    from vitdemo.ui.common import joins_running
+    release, calls = threading.Event(), []
+
+    @joins_running
+    def work(image: bytes, option: int = 1, request: gr.Request = None):
+        calls.append((image, option, request.session_hash))
+        release.wait(10)
+        if option < 0:
+            raise ValueError('option must not be negative')
+        return object()
+    alice, bob = gr.Request(session_hash='alice'), gr.Request(session_hash='bob')
+    asked = [(b'cat', 1, alice), (b'cat', 1, alice), (b'cat', 1, bob), (b'dog', 1, alice), (b'cat', 2, alice),
+             (b'cat', -1, alice), (b'cat', -1, alice)]
+    answers: list = [None] * len(asked)
+
+    def ask(i):
+        try:
+            answers[i] = work(*asked[i][:2], request=asked[i][2])
+        except ValueError as e:
+            answers[i] = e
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asked))]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.05)
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    # the same session and inputs ran once and got the one answer (or error); any other session or input ran
+    assert sorted(calls, key=repr) == sorted({(i, o, r.session_hash) for i, o, r in asked}, key=repr)
+    assert answers[0] is answers[1] and len({id(a) for a in answers[1:5]}) == 4
+    assert isinstance(answers[5], ValueError) and answers[5] is answers[6]
+    assert work(b'cat', 1, request=alice) is not answers[0] and len(calls) == 6  # ended: asked again, runs again
+
+
+def test_a_stream_asked_again_follows_its_answers_from_the_latest():
+    from vitdemo.ui.common import joins_running
+    steps = [threading.Event() for _ in range(3)]
+
+    @joins_running
+    def stream(image: bytes, request: gr.Request = None):
+        for i, step in enumerate(steps):
+            step.wait(10)
+            yield i
+    request = gr.Request(session_hash='alice')
+    first = stream(b'cat', request=request)
+    steps[0].set()
+    assert next(first) == 0
+    steps[1].set()
+    assert next(first) == 1
+    second = stream(b'cat', request=request)
+    got = []
+    follower = threading.Thread(target=lambda: got.extend(second))
+    follower.start()
+    time.sleep(0.2)
+    assert got == [1]  # the latest answer at once, then each new one
+    steps[2].set()
+    assert list(first) == [2]
+    follower.join(10)
+    assert got == [1, 2]
+    # the first stream closed early (its visitor left): one asking with it is told, not left waiting
+    steps = [threading.Event() for _ in range(3)]
+    first, second = stream(b'dog', request=request), stream(b'dog', request=request)
+    steps[0].set()
+    assert next(first) == 0
+    assert next(second) == 0
+    first.close()
+    with pytest.raises(Stopped, match='ended without an answer'):
+        next(second)
+
+
+def test_pressing_the_button_while_the_pick_runs_works_once_per_tab(weights_dir, tmp_path, monkeypatch):
+    views = {}
+    for module, name in ((predict_tab, 'predict_view'), (figures, 'inspect_steps'), (compare, 'compare_view')):
+        real, views[name] = getattr(module, name), []
+
+        def counted(*args, _real=real, _calls=views[name], **kwargs):
+            _calls.append(1)
+            time.sleep(0.5)
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
+    demo, port = launch(app.create_demo(ModelCache(weights_dir=weights_dir), policy=ServerPolicy()), ServerPolicy())
+    try:
+        visitor, image = connect(port, tmp_path), handle_file(CAT)
+        asks = [((image, 'scratch/vit_cifar10'), '/predict'), ((image, 'scratch/vit_cifar10'), '/inspect'),
+                ((image, 'scratch/vit_cifar10', 'scratch/vit_cifar10'), '/compare')]
+        answers = []
+        for args, api in asks:  # the button pressed while the pick's request runs, in each tab
+            jobs = [visitor.submit(*args, api_name=api) for _ in range(2)]
+            answers += [job.result(timeout=120) for job in jobs]
+        once = {name: len(calls) for name, calls in views.items()}
+        visitor.predict(*asks[0][0], api_name='/predict')  # after the first has ended: computed again
+    finally:
+        demo.close()
+    assert once == dict(predict_view=1, inspect_steps=1, compare_view=1)
+    assert len(views['predict_view']) == 2
+    assert answers[0][0] == answers[1][0] and answers[4][0] == answers[5][0]  # the same predictions, both asks
+    assert answers[2][-1] == answers[3][-1]

@@ -6,7 +6,9 @@ modules only, and the first request imports the model code (`vitdemo.lazy.late_i
 views and the handlers of Compare and Inspect); `tests/test_backends.py` holds the page to that."""
 import contextlib
 import functools
+import hashlib
 import html
+import inspect
 import logging
 import queue
 import threading
@@ -14,7 +16,6 @@ import time
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from inspect import isgeneratorfunction
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Generic, Iterator, TypeVar
 
@@ -269,7 +270,7 @@ def shows_user_errors(server: Server):
             server.remember_error(request, html.escape(str(e), quote=False))
             raise gr.Error(html.escape(str(e), quote=False), print_exception=False) from None
 
-        if isgeneratorfunction(fn):
+        if inspect.isgeneratorfunction(fn):
             @functools.wraps(fn)
             def stream(*args, **kwargs):
                 try:
@@ -286,6 +287,97 @@ def shows_user_errors(server: Server):
                 refuse(e, args, kwargs)
         return call
     return decorate
+
+
+class _Answers:
+    """What one running request has answered so far, for identical requests that join it."""
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._count = 0
+        self._last = None
+        self._done = False
+        self._error: BaseException | None = None
+
+    def put(self, answer) -> None:
+        with self._changed:
+            self._count, self._last = self._count + 1, answer
+            self._changed.notify_all()
+
+    def close(self, error: BaseException | None = None) -> None:
+        with self._changed:
+            self._done, self._error = True, error
+            self._changed.notify_all()
+
+    def follow(self) -> Iterator:
+        """The latest answer, then each new one, until the request ends; then what it raised, if anything."""
+        seen = 0
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._count > seen or self._done)
+                fresh, seen = self._count > seen, self._count
+                answer, done, error = self._last, self._done, self._error
+            if fresh:
+                yield answer
+            if done:
+                if isinstance(error, Exception):
+                    raise error
+                if error is not None:  # the first request was closed (its visitor left): no answer to give
+                    raise Stopped('the same request, asked first, ended without an answer: ask again')
+                return
+
+
+def joins_running(fn):
+    """A handler that one session calls again with the same inputs while the first call still runs waits for
+    that call's answers instead of working twice. Picking a model or an image starts the work at once, and a
+    newcomer then presses the tab's button too: on two cores the second run would halve the speed of both, and
+    in public mode a second slow test would be refused as if another visitor held the slot. Calls from other
+    sessions, with other inputs, or after the first has ended run as ever (nothing is cached)."""
+    signature = inspect.signature(fn)
+    running: dict[tuple, _Answers] = {}
+    lock = threading.Lock()
+
+    def key_of(args, kwargs) -> tuple:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        request = next((v for v in bound.arguments.values() if isinstance(v, gr.Request)), None)
+        inputs = tuple((name, hashlib.sha1(value).digest() if isinstance(value, (bytes, bytearray)) else repr(value))
+                       for name, value in bound.arguments.items()
+                       if not isinstance(value, (gr.Request, gr.Progress)))
+        return getattr(request, 'session_hash', None), inputs
+
+    def answers(args, kwargs, work: Callable[[], Iterator]) -> Iterator:
+        key = key_of(args, kwargs)
+        with lock:
+            first = key not in running
+            shared = running.setdefault(key, _Answers())
+        if not first:
+            yield from shared.follow()
+            return
+        error = None
+        try:
+            for answer in work():
+                shared.put(answer)
+                yield answer
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            with lock:  # a request from now on runs anew
+                running.pop(key, None)
+            shared.close(error)
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def stream(*args, **kwargs):
+            yield from answers(args, kwargs, lambda: fn(*args, **kwargs))
+        return stream
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        *_, answer = answers(args, kwargs, lambda: iter((fn(*args, **kwargs),)))
+        return answer
+    return call
 
 
 def keeps_errors(event, server: Server, output: gr.Markdown | gr.HTML) -> None:

@@ -8,8 +8,8 @@ from ..metadata import read_metadata
 from ..policy import checked_number
 from ..serving import publish_image
 from ..views import FUSIONS, fusion_mode
-from .common import (MODEL_WORK, Reporter, Server, Slider, bounded, example_picker, image_box, keeps_errors, model_list,
-                     shows_user_errors)
+from .common import (MODEL_WORK, Reporter, Server, Slider, bounded, example_picker, image_box, joins_running,
+                     keeps_errors, model_list, shows_user_errors)
 
 
 NO_FILMSTRIP = ("This model kept no filmstrip: a ViT trained here (the Train tab or the command line) keeps "
@@ -29,6 +29,7 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
     layers, _ = server.shape(first, None)
 
     @shows_user_errors(server)
+    @joins_running
     def inspect(image: bytes, model: str, layer: int = 1, fusion: str = 'mean', point=None,
                 request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
         fusion = fusion_mode(fusion)  # checked before any model loads

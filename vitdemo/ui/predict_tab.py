@@ -3,8 +3,8 @@ import gradio as gr
 
 from ..methods import METHODS
 from ..views import FUSIONS, Explanations, colour_bar_html, predict_view, sanity_view
-from .common import (MODEL_WORK, Server, Slider, bounded, example_picker, image_box, keeps_errors, model_list,
-                     published, shows_user_errors)
+from .common import (MODEL_WORK, Server, Slider, bounded, example_picker, image_box, joins_running, keeps_errors,
+                     model_list, published, shows_user_errors)
 
 
 def predict_tab(server: Server) -> list[gr.Dropdown]:
@@ -14,6 +14,7 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
     remembered = Explanations()
 
     @shows_user_errors(server)
+    @joins_running
     def predict(image: bytes, model: str, top_k: int = 5, fusion: str = 'mean', head: int = 1,
                 opacity: float = 0.6, discard_ratio: float = 0.9, scale: str = 'own', method: str = 'attention',
                 target: str = '', layer: int = 0, keep: float = 0.0, request: gr.Request = None,
