@@ -1,5 +1,7 @@
 """Public mode: one server, many strangers. Each test is one item of the public-safety issue, with small
 budgets set through the policy (or the environment) so that it runs in seconds."""
+import contextlib
+import inspect
 import io
 import json
 import logging
@@ -271,23 +273,32 @@ class Concurrency:
         self.now = self.most = 0
         self.lock = threading.Lock()
 
+    @contextlib.contextmanager
+    def counted(self):
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        try:
+            time.sleep(self.seconds)
+            yield
+        finally:
+            with self.lock:
+                self.now -= 1
+
     def wrap(self, real):
         def call(*args, **kwargs):
-            with self.lock:
-                self.now += 1
-                self.most = max(self.most, self.now)
-            try:
-                time.sleep(self.seconds)
+            with self.counted():
                 return real(*args, **kwargs)
-            finally:
-                with self.lock:
-                    self.now -= 1
-        return call
+
+        def stream(*args, **kwargs):  # counted for as long as it is read
+            with self.counted():
+                yield from real(*args, **kwargs)
+        return stream if inspect.isgeneratorfunction(real) else call
 
 
 def test_predict_inspect_and_compare_together_run_two_at_a_time(weights_dir, tmp_path, monkeypatch):
     running = Concurrency(0.4)
-    for module, name in ((predict_tab, 'predict_view'), (figures, 'inspect_view'), (compare, 'compare_view')):
+    for module, name in ((predict_tab, 'predict_view'), (figures, 'inspect_steps'), (compare, 'compare_view')):
         monkeypatch.setattr(module, name, running.wrap(getattr(module, name)))
     demo, port = launch(app.create_demo(ModelCache(weights_dir=weights_dir), policy=ServerPolicy()), ServerPolicy())
     try:
