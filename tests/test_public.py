@@ -741,7 +741,8 @@ def test_a_stream_asked_again_follows_its_answers_from_the_latest():
 
 def test_pressing_the_button_while_the_pick_runs_works_once_per_tab(weights_dir, tmp_path, monkeypatch):
     views = {}
-    for module, name in ((predict_tab, 'predict_view'), (figures, 'inspect_steps'), (compare, 'compare_view')):
+    for module, name in ((predict_tab, 'predict_view'), (figures, 'inspect_steps'), (compare, 'compare_view'),
+                         (predict_tab, 'sanity_view')):
         real, views[name] = getattr(module, name), []
 
         def counted(*args, _real=real, _calls=views[name], **kwargs):
@@ -753,7 +754,8 @@ def test_pressing_the_button_while_the_pick_runs_works_once_per_tab(weights_dir,
     try:
         visitor, image = connect(port, tmp_path), handle_file(CAT)
         asks = [((image, 'scratch/vit_cifar10'), '/predict'), ((image, 'scratch/vit_cifar10'), '/inspect'),
-                ((image, 'scratch/vit_cifar10', 'scratch/vit_cifar10'), '/compare')]
+                ((image, 'scratch/vit_cifar10', 'scratch/vit_cifar10'), '/compare'),
+                ((image, 'scratch/vit_cifar10'), '/sanity')]  # and a button clicked twice
         answers = []
         for args, api in asks:  # the button pressed while the pick's request runs, in each tab
             jobs = [visitor.submit(*args, api_name=api) for _ in range(2)]
@@ -762,7 +764,7 @@ def test_pressing_the_button_while_the_pick_runs_works_once_per_tab(weights_dir,
         visitor.predict(*asks[0][0], api_name='/predict')  # after the first has ended: computed again
     finally:
         demo.close()
-    assert once == dict(predict_view=1, inspect_steps=1, compare_view=1)
+    assert once == dict(predict_view=1, inspect_steps=1, compare_view=1, sanity_view=1)
     assert len(views['predict_view']) == 2
     assert answers[0][0] == answers[1][0] and answers[4][0] == answers[5][0]  # the same predictions, both asks
     assert answers[2][-1] == answers[3][-1]
