@@ -266,16 +266,17 @@ def test_every_event_that_runs_a_model_shares_one_limit(weights_dir):
 
 
 class Concurrency:
-    """Counts how many wrapped calls run at once; each is held for `seconds` first."""
+    """Counts the wrapped calls, and how many of them run at once; each is held for `seconds` first."""
 
     def __init__(self, seconds: float):
         self.seconds = seconds
-        self.now = self.most = 0
+        self.calls = self.now = self.most = 0
         self.lock = threading.Lock()
 
     @contextlib.contextmanager
     def counted(self):
         with self.lock:
+            self.calls += 1
             self.now += 1
             self.most = max(self.most, self.now)
         try:
@@ -743,13 +744,8 @@ def test_pressing_the_button_while_the_pick_runs_works_once_per_tab(weights_dir,
     views = {}
     for module, name in ((predict_tab, 'predict_view'), (figures, 'inspect_steps'), (compare, 'compare_view'),
                          (predict_tab, 'sanity_view')):
-        real, views[name] = getattr(module, name), []
-
-        def counted(*args, _real=real, _calls=views[name], **kwargs):
-            _calls.append(1)
-            time.sleep(0.5)
-            return _real(*args, **kwargs)
-        monkeypatch.setattr(module, name, counted)
+        views[name] = Concurrency(0.5)
+        monkeypatch.setattr(module, name, views[name].wrap(getattr(module, name)))
     demo, port = launch(app.create_demo(ModelCache(weights_dir=weights_dir), policy=ServerPolicy()), ServerPolicy())
     try:
         visitor, image = connect(port, tmp_path), handle_file(CAT)
@@ -760,11 +756,11 @@ def test_pressing_the_button_while_the_pick_runs_works_once_per_tab(weights_dir,
         for args, api in asks:  # the button pressed while the pick's request runs, in each tab
             jobs = [visitor.submit(*args, api_name=api) for _ in range(2)]
             answers += [job.result(timeout=120) for job in jobs]
-        once = {name: len(calls) for name, calls in views.items()}
+        once = {name: view.calls for name, view in views.items()}
         visitor.predict(*asks[0][0], api_name='/predict')  # after the first has ended: computed again
     finally:
         demo.close()
     assert once == dict(predict_view=1, inspect_steps=1, compare_view=1, sanity_view=1)
-    assert len(views['predict_view']) == 2
+    assert views['predict_view'].calls == 2
     assert answers[0][0] == answers[1][0] and answers[4][0] == answers[5][0]  # the same predictions, both asks
     assert answers[2][-1] == answers[3][-1]
