@@ -159,8 +159,8 @@ class ModelCache:
             return model
         with self._lock:
             loading = self._loading.setdefault(key, threading.Lock())
-        # a model picked and Predict pressed at once are two requests for it: the second waits for the first's
-        # load (one download, one copy in memory); a slow load blocks no request for another model
+        # two requests for one model at once (two visitors, two tabs, a pick and an option moved): the second
+        # waits for the first's load (one download, one copy in memory); a slow load blocks no other model's
         with loading:
             if (model := self._cached(key)) is not None:
                 return model
