@@ -751,7 +751,7 @@ def test_pressing_the_button_while_the_pick_runs_works_once_per_tab(weights_dir,
         visitor, image = connect(port, tmp_path), handle_file(CAT)
         asks = [((image, 'scratch/vit_cifar10'), '/predict'), ((image, 'scratch/vit_cifar10'), '/inspect'),
                 ((image, 'scratch/vit_cifar10', 'scratch/vit_cifar10'), '/compare'),
-                ((image, 'scratch/vit_cifar10'), '/sanity')]  # and a button clicked twice
+                ((image, 'scratch/vit_cifar10'), '/sanity')]  # and the sanity check, asked twice at once
         answers = []
         for args, api in asks:  # the button pressed while the pick's request runs, in each tab
             jobs = [visitor.submit(*args, api_name=api) for _ in range(2)]

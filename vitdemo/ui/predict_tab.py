@@ -27,7 +27,7 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
         return view.labels, published(view.gallery), view.text, view.focus
 
     @shows_user_errors(server)
-    @joins_running  # a double click
+    @joins_running  # the page sends one click at a time (Gradio's trigger_mode 'once'); an API client may not
     def sanity(image: bytes, model: str, method: str = 'attention', target: str = '', request: gr.Request = None,
                progress=gr.Progress()):
         what = METHODS[method].short if method in METHODS else 'the sanity check'
