@@ -1,5 +1,6 @@
 """The explanation interface: every method through `explain`, pinned to a reference computation."""
 import math
+import threading
 from dataclasses import replace
 
 import pytest
@@ -13,7 +14,7 @@ from vitdemo.cnn import CifarConvNet, CifarResNet, ConvNetConfig, ResNetConfig
 from vitdemo.explain import explain, focus, mass_mask, methods_for, rank_correlation, sanity_check, twin
 from vitdemo.methods import METHODS, Stopped
 from vitdemo.model import VisionTransformer
-from vitdemo.views import Explanations, predict_view, sanity_view
+from vitdemo.views import Explanations, StillMaking, predict_view, sanity_view
 from vitdemo.weights import save_checkpoint
 
 CAT = ROOT / 'examples' / 'cat.jpg'
@@ -392,6 +393,45 @@ def test_an_option_that_a_method_does_not_read_redraws_it_and_never_starts_a_slo
     assert '**No maps this time:** a slow method runs when you press Predict' in idle.text
     asked = predict_view(model, str(CAT), method='occlusion', target='dog', remembered=remembered)
     assert calls[-1] == 'occlusion' and 'for the class **dog**' in asked.text
+
+
+def test_an_option_moved_while_the_askers_slow_method_runs_leaves_the_maps_to_it(weights_dir):
+    model = load_model(DEFAULT_SCRATCH, weights_dir)
+    remembered, started, go_on, stop = Explanations(), threading.Event(), threading.Event(), threading.Event()
+
+    def held(share):  # alice's occlusion, held at its first report until the test lets it go on, or stops it
+        started.set()
+        go_on.wait(10)
+        if stop.is_set():
+            raise Stopped('occlusion stopped at 0%, as asked')
+    ask = dict(method='occlusion', target='cat', remembered=remembered)
+    made = []
+
+    def make(target):
+        started.clear(), go_on.clear()
+        maker = threading.Thread(target=lambda: made.append(
+            predict_view(model, str(CAT), **ask | dict(target=target), progress=held, asker='alice')))
+        maker.start()
+        assert started.wait(30)
+        return maker
+    maker = make('cat')
+    # alice moves an option: her own request is making the maps, and its answer will draw them
+    with pytest.raises(StillMaking):
+        predict_view(model, str(CAT), **ask, opacity=0.2, start_slow=False, asker='alice')
+    # another visitor moving an option finds no maps and is told so, as when none was made
+    bobs = predict_view(model, str(CAT), **ask, opacity=0.2, start_slow=False, asker='bob')
+    assert '**No maps this time:** a slow method runs when you press Predict' in bobs.text
+    go_on.set()
+    maker.join(30)
+    assert 'No maps' not in made[0].text
+    moved = predict_view(model, str(CAT), **ask, opacity=0.2, start_slow=False, asker='alice')  # now drawn
+    assert [c for _, c in moved.gallery] == [c for _, c in made[0].gallery]
+    # a making that is stopped leaves a later move to say so
+    maker = make('dog')
+    stop.set(), go_on.set()
+    maker.join(30)
+    later = predict_view(model, str(CAT), **ask | dict(target='dog'), start_slow=False, asker='alice')
+    assert '**No maps this time:**' in made[1].text and '**No maps this time:**' in later.text
 
 
 def test_the_sanity_check_redraws_the_weights_and_leaves_the_model_alone(weights_dir):

@@ -740,6 +740,37 @@ def test_a_stream_asked_again_follows_its_answers_from_the_latest():
         next(second)
 
 
+def test_one_asking_again_waits_a_few_seconds_at_most_then_leaves_the_outputs_to_the_first():
+    # a waiting request holds one of the two model slots: through a minute-long test it would hold both
+    from vitdemo.ui.common import joins_running
+    release = threading.Event()
+
+    @joins_running(patience=0.3)
+    def work(image: bytes, request: gr.Request = None):
+        release.wait(10)
+        return 'maps'
+
+    @joins_running(patience=0.3)
+    def stream(image: bytes, request: gr.Request = None):
+        yield 'figures'
+        release.wait(10)
+        yield 'figures and test'
+    alice = gr.Request(session_hash='alice')
+    first = threading.Thread(target=lambda: answers.append(work(b'cat', request=alice)))
+    answers = []
+    first.start()
+    time.sleep(0.1)
+    start = time.monotonic()
+    again = work(b'cat', request=alice)
+    assert again == gr.skip() and 0.25 < time.monotonic() - start < 2  # nothing answered yet: nothing changed
+    figures = stream(b'cat', request=alice)
+    assert next(figures) == 'figures'
+    assert list(stream(b'cat', request=alice)) == ['figures']  # what there was; the rest comes to the first
+    release.set()
+    first.join(10)
+    assert answers == ['maps'] and list(figures) == ['figures and test']
+
+
 def test_pressing_the_button_while_the_pick_runs_works_once_per_tab(weights_dir, tmp_path, monkeypatch):
     views = {}
     for module, name in ((predict_tab, 'predict_view'), (figures, 'inspect_steps'), (compare, 'compare_view'),
@@ -763,4 +794,3 @@ def test_pressing_the_button_while_the_pick_runs_works_once_per_tab(weights_dir,
     assert once == dict(predict_view=1, inspect_steps=1, compare_view=1, sanity_view=1)
     assert views['predict_view'].calls == 2
     assert answers[0][0] == answers[1][0] and answers[4][0] == answers[5][0]  # the same predictions, both asks
-    assert answers[2][-1] == answers[3][-1]

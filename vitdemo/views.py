@@ -10,7 +10,7 @@ import html
 import math
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import TYPE_CHECKING, NamedTuple
 
 import matplotlib
@@ -134,35 +134,53 @@ class PredictView(NamedTuple):
 
 
 class Explanations:
-    """The last few explanations, so that redrawing (opacity, colour scale) never reruns a slow method."""
+    """The last few explanations, so that redrawing (opacity, colour scale) never reruns a slow method; and which
+    ones an asker (a browser session) is making now."""
 
     def __init__(self, size: int = 16):
         self.size = size
         self._kept: OrderedDict[tuple, Explanation] = OrderedDict()
+        self._making: Counter[tuple] = Counter()
         self._lock = threading.Lock()
 
-    def get(self, key: tuple, compute) -> Explanation:
+    def get(self, key: tuple, compute, asker: str | None = None) -> Explanation:
         with self._lock:
             if key in self._kept:
                 self._kept.move_to_end(key)
                 return self._kept[key]
-        explanation = compute()
+            self._making[asker, key] += 1
+        try:
+            explanation = compute()
+        finally:
+            with self._lock:
+                self._making[asker, key] -= 1
+                if not self._making[asker, key]:
+                    del self._making[asker, key]
         with self._lock:
             self._kept[key] = explanation
             while len(self._kept) > self.size:
                 self._kept.popitem(last=False)
         return explanation
 
+    def making(self, key: tuple, asker: str | None = None) -> bool:
+        with self._lock:
+            return (asker, key) in self._making
+
+
+class StillMaking(Exception):
+    """The maps asked for are being made by another request of the same asker, whose answer draws them."""
+
 
 def predict_view(model: Model, image, top_k: int = 5, fusion: str = 'mean', head: int = 1,
                  opacity: float = 0.6, discard_ratio: float = 0.9, scale: str = 'own', method: str = '',
                  target: str | None = None, layer: int | None = None, keep: float = 0.0,
                  progress: Progress | None = None, remembered: Explanations | None = None, *,
-                 start_slow: bool = True) -> PredictView:
+                 start_slow: bool = True, asker: str | None = None) -> PredictView:
     """Everything the Predict tab shows: the top classes, the maps of the chosen explanation method (the
     model's first when it offers no such method), how focused each layer is, and a description.
     `start_slow=False` (an option moved, not a new question): a slow method's maps are drawn only from
-    `remembered`, never computed; where there are none (it was stopped), the text says so."""
+    `remembered`, never computed; where there are none (it was stopped), the text says so, and where `asker`'s
+    own request is making them, `StillMaking` is raised: that request's answer will draw them."""
     start = time.perf_counter()
     top_k = checked_number(top_k, 'top-k', 1, 1000, integer=True)
     opacity = checked_number(opacity, 'overlay opacity', 0, 1)
@@ -185,8 +203,10 @@ def predict_view(model: Model, image, top_k: int = 5, fusion: str = 'mean', head
                           'class; moving an option redraws maps already made')
         return explaining.explain(model, pred, method, target or None, chosen, discard_ratio, layer=layer, keep=keep,
                                   progress=progress)
+    if spec.slow and not start_slow and remembered is not None and remembered.making(key, asker):
+        raise StillMaking(f'{spec.short} is being made for this asker')
     try:
-        explanation = remembered.get(key, compute) if remembered is not None else compute()
+        explanation = remembered.get(key, compute, asker) if remembered is not None else compute()
     except Stopped as stopped:  # Stop, the time limit or a busy server: the predictions stand, the maps are missing
         return PredictView(dict(pred.top_k), [input_only(pred)],
                            f'{describe(model, pred, time.perf_counter() - start)}\n\n**No maps this time:** {stopped}.',

@@ -309,12 +309,14 @@ class _Answers:
             self._done, self._error = True, error
             self._changed.notify_all()
 
-    def follow(self) -> Iterator:
-        """The latest answer, then each new one, until the request ends; then what it raised, if anything."""
+    def follow(self, patience: float) -> Iterator:
+        """The latest answer, then each new one, until the request ends (then what it raised, if anything) or
+        `patience` seconds have passed (then `gr.skip()` where none came: the outputs are left to its answer)."""
+        deadline = time.monotonic() + patience
         seen = 0
         while True:
             with self._changed:
-                self._changed.wait_for(lambda: self._count > seen or self._done)
+                self._changed.wait_for(lambda: self._count > seen or self._done, max(0.0, deadline - time.monotonic()))
                 fresh, seen = self._count > seen, self._count
                 answer, done, error = self._last, self._done, self._error
             if fresh:
@@ -325,14 +327,22 @@ class _Answers:
                 if error is not None:  # the first request was closed (its visitor left): no answer to give
                     raise Stopped('the same request, asked first, ended without an answer: ask again')
                 return
+            if time.monotonic() >= deadline:
+                if not seen:
+                    yield gr.skip()
+                return
 
 
-def joins_running(fn):
+def joins_running(fn=None, *, patience: float = 5.0):
     """A handler that one session calls again with the same inputs while the first call still runs waits for
     that call's answers instead of working twice. Picking a model or an image starts the work at once, and a
     newcomer then presses the tab's button too: on two cores the second run would halve the speed of both, and
-    in public mode a second slow test would be refused as if another visitor held the slot. Calls from other
-    sessions, with other inputs, or after the first has ended run as ever (nothing is cached)."""
+    in public mode a second slow test would be refused as if another visitor held the slot. It waits `patience`
+    seconds at most, then leaves the outputs to the first call's answer (`gr.skip()`): a waiting call holds one
+    of the server's two slots for model work, and one visitor must not hold both through a minute-long test.
+    Calls from other sessions, with other inputs, or after the first has ended run as ever (nothing is cached)."""
+    if fn is None:
+        return functools.partial(joins_running, patience=patience)
     signature = inspect.signature(fn)
     running: dict[tuple, _Answers] = {}
     lock = threading.Lock()
@@ -352,7 +362,7 @@ def joins_running(fn):
             first = key not in running
             shared = running.setdefault(key, _Answers())
         if not first:
-            yield from shared.follow()
+            yield from shared.follow(patience)
             return
         error = None
         try:
