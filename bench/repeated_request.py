@@ -1,9 +1,9 @@
 """One session asking for the same work twice at once, as a visitor does who picks a model (the tab starts
 at once) and then presses the tab's button: seconds until both answers are in, for Predict and for Inspect
-on ViT-B/16 (its faithfulness test, most of a minute on two cores), against `python app.py` of this checkout
-and, side by side in alternating rounds, of another one (e.g. an older commit in a git worktree). With
-`--public`, the app runs in public mode, where a second slow test finds the one slot for slow work taken;
-each line says whether an answer told the visitor so.
+on ViT-B/16 (its faithfulness test, most of a minute on two cores), and the seconds of another visitor's
+prediction asked meanwhile; against `python app.py` of this checkout and, side by side in alternating rounds,
+of another one (e.g. an older commit in a git worktree). With `--public`, the app runs in public mode, where a
+second slow test finds the one slot for slow work taken; each line says whether an answer told the visitor so.
 
     python bench/repeated_request.py
     git worktree add /tmp/old e5df979~1 && python bench/repeated_request.py --other /tmp/old --public
@@ -28,23 +28,29 @@ MODEL = 'timm/vit_base_patch16_224'
 REFUSED = 'which another visitor is using'
 
 
-def twice(client, api: str) -> tuple[float, bool]:
-    """Seconds until two identical requests sent at once are both answered, and whether an answer says the
-    slot for slow work was taken."""
+def twice(client, other, api: str) -> tuple[float, bool, float]:
+    """Seconds until two identical requests sent at once are both answered, whether an answer says the slot
+    for slow work was taken, and the seconds of another visitor's prediction (the shipped model) asked a
+    second after them."""
     from gradio_client import handle_file
     start = time.perf_counter()
     jobs = [client.submit(handle_file(str(IMAGE)), MODEL, api_name=api) for _ in range(2)]
+    time.sleep(1)
+    asked = time.perf_counter()
+    other.predict(handle_file(str(IMAGE)), 'scratch/vit_cifar10', api_name='/predict')
+    waited = time.perf_counter() - asked
     answers = [job.result(timeout=600) for job in jobs]
-    return time.perf_counter() - start, any(REFUSED in str(answer[-1]) for answer in answers)
+    return time.perf_counter() - start, any(REFUSED in str(answer[-1]) for answer in answers), waited
 
 
-def timed(root: Path, weights: Path, public: bool) -> dict[str, tuple[float, bool]]:
+def timed(root: Path, weights: Path, public: bool) -> dict[str, tuple[float, bool, float]]:
     from gradio_client import Client, handle_file
     env = dict(VITDEMO_WEIGHTS=str(weights), VITDEMO_PUBLIC='1' if public else '0')
     with running_app(root, env) as (url, _):
-        client = Client(url, verbose=False)
+        client, other = Client(url, verbose=False), Client(url, verbose=False)
         client.predict(handle_file(str(IMAGE)), MODEL, api_name='/predict')  # imports, the model loaded
-        return {api: twice(client, api) for api in ('/predict', '/inspect')}
+        other.predict(handle_file(str(IMAGE)), 'scratch/vit_cifar10', api_name='/predict')
+        return {api: twice(client, other, api) for api in ('/predict', '/inspect')}
 
 
 def main() -> None:
@@ -66,10 +72,11 @@ def main() -> None:
         save_file(timm.create_model(arch).state_dict(), str(weights / f'{arch}.safetensors'))
         for round_ in range(args.rounds):
             for name, root in checkouts.items():
-                for api, (seconds, refused) in timed(root, weights, args.public).items():
+                for api, (seconds, refused, waited) in timed(root, weights, args.public).items():
                     times[name, api].append(seconds)
                     print(f'round {round_ + 1}, {name} ({root}), {api} twice at once on {MODEL}: {seconds:.1f} s'
-                          + (' (an answer says the slot for slow work was taken)' if refused else ''), flush=True)
+                          + (' (an answer says the slot for slow work was taken)' if refused else '')
+                          + f"; another visitor's prediction meanwhile {waited:.1f} s", flush=True)
     for api in ('/predict', '/inspect'):
         mine = statistics.median(times['this', api])
         line = f'{api}: median {mine:.1f} s'
