@@ -597,6 +597,14 @@ def test_a_slow_explanation_stops_at_the_servers_limit_or_when_its_session_asks(
         bobs(0.5)
     with server.explaining(alice, None, 'x') as tell:
         tell(0.1)  # the session's next explanation starts afresh
+    # an option moved between a Stop and the slow work's next report (it starts none) keeps that Stop
+    with server.explaining(alice, None, 'x') as alices:
+        alices(0.1)
+        server.stop(alice)
+        with server.explaining(alice, None, 'x', fresh=False):
+            pass
+        with pytest.raises(Stopped, match='x stopped at 20%, as asked'):
+            alices(0.2)
     with pytest.raises(Stopped):
         with server.explaining(alice, None, 'occlusion') as tell:
             explain(model, pred, 'occlusion', progress=stop_soon(server, alice, tell))

@@ -113,16 +113,20 @@ class Server:
     @contextlib.contextmanager
     def explaining(self, request: gr.Request | None, progress: gr.Progress | None, what: str, *,
                    otherwise: str = 'pick a method not marked slow',
-                   faster: str = 'pick a faster method or a smaller model') -> Iterator[Progress]:
+                   faster: str = 'pick a faster method or a smaller model',
+                   fresh: bool = True) -> Iterator[Progress]:
         """A slow explanation's progress callback, for the length of the request: shown on the page, stopped
         by this session's Stop button and, in public mode, by the time limit. Only slow methods report
         progress, so the first report is where one starts: in public mode it must get one of the few slots
         for slow work (`ServerPolicy.slow_explanations`), which keeps model work free for everyone else.
         `otherwise` (besides waiting) and `faster` are what the visitor is told to do when the slots are taken
-        or the time is up: what is open to them depends on the tab."""
+        or the time is up: what is open to them depends on the tab. A request forgets the session's earlier
+        Stop, unless it starts no slow work (`fresh=False`, an option moved): then that Stop is still on its
+        way to the slow work it was pressed for."""
         key = request.session_hash if request is not None else None
         stop = self.stops.pop(key, None) or threading.Event()
-        stop.clear()
+        if fresh:
+            stop.clear()
         self.stops[key] = stop
         while len(self.stops) > 1000:
             self.stops.popitem(last=False)

@@ -20,7 +20,7 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
                 target: str = '', layer: int = 0, keep: float = 0.0, request: gr.Request = None,
                 progress=gr.Progress(track_tqdm=True), start_slow: bool = True):
         what = METHODS[method].short if method in METHODS else 'the explanation'
-        with server.explaining(request, progress, f'{what} on {model}') as tell:
+        with server.explaining(request, progress, f'{what} on {model}', fresh=start_slow) as tell:
             chosen = server.model(model, request, progress)  # inside: a Stop clicked while it loads still counts
             try:
                 view = predict_view(chosen, image, top_k, fusion, head, opacity, discard_ratio, scale, method,
