@@ -70,6 +70,11 @@ CSS = """
 """
 
 
+def session_of(request: gr.Request | None) -> str | None:
+    """The browser session (a tab of one visitor's browser) a request comes from; None for a direct call."""
+    return getattr(request, 'session_hash', None)
+
+
 @dataclass
 class Server:
     """One server's state, shared by every tab and session."""
@@ -86,7 +91,7 @@ class Server:
 
     def owner(self, request: gr.Request | None) -> str | None:
         """Whose models and run these are: the browser session in public mode; locally, one user owns all."""
-        return request.session_hash if self.policy.public and request is not None else None
+        return session_of(request) if self.policy.public else None
 
     def model(self, name, request: gr.Request | None, progress: gr.Progress | None = None) -> 'Model':
         if not isinstance(name, str):
@@ -123,7 +128,7 @@ class Server:
         or the time is up: what is open to them depends on the tab. A request forgets the session's earlier
         Stop, unless it starts no slow work (`fresh=False`, an option moved): then that Stop is still on its
         way to the slow work it was pressed for."""
-        key = request.session_hash if request is not None else None
+        key = session_of(request)
         stop = self.stops.pop(key, None) or threading.Event()
         if fresh:
             stop.clear()
@@ -156,7 +161,7 @@ class Server:
 
     def stop(self, request: gr.Request | None) -> None:
         """A Stop button's handler: this session's slow explanation ends at its next progress report."""
-        stop = self.stops.get(request.session_hash if request is not None else None)
+        stop = self.stops.get(session_of(request))
         if stop is not None:
             stop.set()
 
@@ -358,7 +363,7 @@ def joins_running(fn=None, *, patience: float = 5.0):
         inputs = tuple((name, hashlib.sha1(value).digest() if isinstance(value, (bytes, bytearray)) else repr(value))
                        for name, value in bound.arguments.items()
                        if not isinstance(value, (gr.Request, gr.Progress)))
-        return getattr(request, 'session_hash', None), inputs
+        return session_of(request), inputs
 
     def answers(args, kwargs, work: Callable[[], Iterator]) -> Iterator:
         key = key_of(args, kwargs)

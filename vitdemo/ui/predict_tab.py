@@ -4,7 +4,7 @@ import gradio as gr
 from ..methods import METHODS
 from ..views import FUSIONS, Explanations, StillMaking, colour_bar_html, predict_view, sanity_view
 from .common import (MODEL_WORK, Server, Slider, bounded, example_picker, image_box, joins_running, keeps_errors,
-                     model_list, published, shows_user_errors)
+                     model_list, published, session_of, shows_user_errors)
 
 
 def predict_tab(server: Server) -> list[gr.Dropdown]:
@@ -25,7 +25,7 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
             try:
                 view = predict_view(chosen, image, top_k, fusion, head, opacity, discard_ratio, scale, method,
                                     target or None, layer or None, keep, tell, remembered, start_slow=start_slow,
-                                    asker=request.session_hash if request is not None else None)
+                                    asker=session_of(request))
             except StillMaking:  # an option moved while this visitor's slow method runs: its answer draws the maps
                 return gr.skip()
         return view.labels, published(view.gallery), view.text, view.focus
