@@ -58,6 +58,7 @@ def test_training_learns_reports_events_and_writes_a_loadable_checkpoint(tmp_pat
     assert steps[-1].progress == 1.0 and all(e.images_per_sec > 0 and e.eta_seconds >= 0 for e in steps)
     assert {e.budget_epochs for e in events if e.kind in ('step', 'epoch')} == {4}  # the epochs asked for
     assert [h['epoch'] for h in result.history] == [1, 2, 3, 4]
+    assert [h['epochs'] for h in result.history] == [1.0, 2.0, 3.0, 4.0]
     assert result.history[-1]['train_loss'] < result.history[0]['train_loss']
     assert result.metrics['val_accuracy'] > 0.9 and not result.stopped
     model, meta = load_checkpoint(out)
@@ -237,6 +238,20 @@ def test_a_second_run_goes_on_from_one_of_our_checkpoints_with_its_head_or_a_new
                           [0.5] * 3, [0.2] * 3)
     with pytest.raises(CheckpointError, match='not a ViT'):
         prepare_finetune(str(cnn), list('abcdefghij'))
+
+
+def test_a_run_stopped_within_an_epoch_records_the_part_it_saw_and_goes_on_from_there(tmp_path):
+    # 512 training images in batches of 64: 8 steps an epoch. Stopped after 11 steps, the second epoch's record
+    # is 3/8 of an epoch long: it ends at 1.375 epochs, not at 2, and the resumed run counts on from there
+    cfg = TrainConfig(epochs=3, minutes=None, batch_size=64, val_size=128, keep_state=True)
+    stop = threading.Event()
+    out = tmp_path / 'part.safetensors'
+    first = train(CONFIG, cfg, colour_data(), out=out, stop=stop,
+                  on_event=lambda e: e.kind == 'step' and e.step == 11 and stop.set())
+    assert first.stopped and [(h['epoch'], h['epochs']) for h in first.history] == [(1, 1.0), (2, 1.375)]
+    assert first.history[-1]['val_accuracy'] is not None  # the model as it was stopped, measured
+    resumed = train(CONFIG, cfg, colour_data(), out=out, resume=out)
+    assert [(h['epoch'], h['epochs']) for h in resumed.history] == [(1, 1.0), (2, 1.375), (3, 2.375), (4, 3.0)]
 
 
 NARROW_CNN = ConvNetConfig(img_size=32, num_classes=4, widths=(8, 16, 32, 32))  # channels-last and batch norm, quickly

@@ -83,13 +83,25 @@ def test_one_colour_scale_for_all_layers(weights_dir, monkeypatch):
 
 def test_runs_side_by_side_by_epoch_or_by_minutes():
     from vitdemo.views import runs_frame
-    histories = {'trained/vit': [dict(epoch=1, seconds=60, val_accuracy=0.4), dict(epoch=2, seconds=120,
-                                                                                    val_accuracy=0.5)],
+    # the ViT's run stopped half-way through its second epoch; the CNN's checkpoint predates `epochs`
+    histories = {'trained/vit': [dict(epoch=1, epochs=1.0, seconds=60, val_accuracy=0.4),
+                                 dict(epoch=2, epochs=1.5, seconds=90, val_accuracy=0.5)],
                  'trained/cnn': [dict(epoch=1, seconds=300, val_accuracy=0.45), dict(epoch=2, seconds=600,
                                                                                      val_accuracy=None)]}
     by_epoch = runs_frame(histories)
-    assert by_epoch.values.tolist() == [[1, 0.4, 'trained/vit'], [2, 0.5, 'trained/vit'], [1, 0.45, 'trained/cnn']]
-    assert runs_frame(histories, 'minutes')['x'].tolist() == [1.0, 2.0, 5.0]
+    assert by_epoch.values.tolist() == [[1, 0.4, 'trained/vit'], [1.5, 0.5, 'trained/vit'],
+                                        [1, 0.45, 'trained/cnn']]
+    assert runs_frame(histories, 'minutes')['x'].tolist() == [1.0, 1.5, 5.0]
     assert runs_frame({}).empty
     with pytest.raises(ValueError, match="against 'epoch' or 'minutes'"):
         runs_frame(histories, 'steps')
+
+
+def test_how_far_a_run_got_reads_as_words():
+    from vitdemo.metadata import epochs_text
+    assert epochs_text([dict(epoch=1, epochs=1.0)]) == '1 epoch'
+    assert epochs_text([dict(epoch=1, epochs=1.0), dict(epoch=2, epochs=2.0)]) == '2 epochs'
+    assert epochs_text([dict(epoch=1, epochs=0.4583)]) == '0.46 epochs'
+    assert epochs_text([dict(epoch=14, epochs=13.42)]) == '13.4 epochs'
+    assert epochs_text([dict(epoch=3)]) == '3 epochs'  # a history written before `epochs`
+    assert epochs_text([]) == '0 epochs'

@@ -10,6 +10,7 @@ import argparse
 import torch
 
 from .data import ImageData, load_dataset
+from .metadata import epochs_seen
 from .train import TrainConfig, batch_logits, split
 from .weights import CheckpointError, load_checkpoint
 
@@ -38,7 +39,7 @@ def plot_history(history: list[dict], path: str) -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    epochs = [h['epoch'] for h in history]
+    epochs = [epochs_seen(h) for h in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, metric in zip(axes, ('loss', 'accuracy')):
         for part, style in (('train', '-'), ('val', '--')):

@@ -38,3 +38,17 @@ def read_metadata(path: str | Path) -> dict:
         raise CheckpointError(f'{path.name} holds a {meta["arch"]!r} model; this version of vitdemo knows '
                               f'{", ".join(ARCH_NAMES)}')
     return meta
+
+
+def epochs_seen(record: dict) -> float:
+    """Where a record of a training history ends, in epochs of data seen: a run stopped, or out of time, within
+    an epoch records part of it. Histories written before the field existed count whole epochs."""
+    return record.get('epochs', record['epoch'])
+
+
+def epochs_text(history: list[dict]) -> str:
+    """How far a run got, in words: '1 epoch', '4 epochs', '0.46 epochs', '13.4 epochs'."""
+    n = epochs_seen(history[-1]) if history else 0
+    if n == 1:
+        return '1 epoch'
+    return f'{n:.0f} epochs' if n == int(n) else f'{n:.2f} epochs' if n < 1 else f'{n:.1f} epochs'

@@ -48,6 +48,7 @@ from .data import ImageData, augment, load_dataset, mix, rand_augment, to_model_
 from .distill import Distillation
 from .filmstrip import IMAGES, Filmstrip
 from .lazy import late_import
+from .metadata import epochs_text
 from .model import STEMS, ViTConfig, VisionTransformer, preset
 from .optim import make_optimizer
 from .train_form import ARCHS, FINETUNE_MODES, TRAIN_PRESETS, cpu_has_bf16, optimizer_choice
@@ -136,6 +137,7 @@ class TrainEvent:
     model: Classifier | None = field(default=None, repr=False)  # on 'epoch' and 'done'
     filmstrip: Filmstrip | None = field(default=None, repr=False)  # on 'epoch', a ViT's attention so far
     normalization: tuple[list[float], list[float]] | None = None  # (mean, std) the model's inputs get
+    record: dict | None = None  # 'epoch': its row of the run's history, as the checkpoint keeps it
 
 
 @dataclass
@@ -464,7 +466,9 @@ def train(model_config: ModelConfig | None, cfg: TrainConfig, data: ImageData,
         if seen == 0:
             break
         val_loss, val_acc = evaluate(model, val_data, mean, std, amp=cfg.amp) if val_data else (None, None)
-        record = dict(epoch=epoch, step=step, lr=lr, train_loss=loss_sum / seen, train_accuracy=correct / seen,
+        # `epochs`: the data seen so far, in epochs; a stop, or the minutes running out, ends an epoch early
+        record = dict(epoch=epoch, epochs=round(step / steps_per_epoch, 3), step=step, lr=lr,
+                      train_loss=loss_sum / seen, train_accuracy=correct / seen,
                       val_loss=val_loss, val_accuracy=val_acc, seconds=round(time.perf_counter() - start, 1),
                       images_per_sec=round(seen / (time.perf_counter() - epoch_start), 1))
         history.append(record)
@@ -481,8 +485,8 @@ def train(model_config: ModelConfig | None, cfg: TrainConfig, data: ImageData,
         p = progress_now()
         emit('epoch', lr=lr, loss=record['train_loss'], accuracy=record['train_accuracy'],
              images_per_sec=record['images_per_sec'], eta_seconds=elapsed * (1 - p) / max(p, 1e-9),
-             budget_epochs=budget_epochs(epoch, p),
-             val_loss=val_loss, val_accuracy=val_acc, model=model, normalization=(mean, std), filmstrip=filmstrip)
+             budget_epochs=budget_epochs(epoch, p), val_loss=val_loss, val_accuracy=val_acc, model=model,
+             normalization=(mean, std), filmstrip=filmstrip, record=record)
 
     model.eval()
     if isinstance(model, VisionTransformer):
@@ -566,12 +570,14 @@ def linear_probe(finetune: FineTune, cfg: TrainConfig, data: ImageData, out: str
                 val_logits = head(val_x)
             val_loss = F.cross_entropy(val_logits, val_y).item()
             val_acc = (val_logits.argmax(1) == val_y).float().mean().item()
-        history.append(dict(epoch=epoch, step=step, lr=lr, train_loss=loss_sum / seen, train_accuracy=correct / seen,
+        history.append(dict(epoch=epoch, epochs=float(epoch), step=step, lr=lr, train_loss=loss_sum / seen,
+                            train_accuracy=correct / seen,
                             val_loss=val_loss, val_accuracy=val_acc, seconds=round(time.perf_counter() - start, 1),
                             images_per_sec=round(embedded / (time.perf_counter() - start), 1)))
         emit('epoch', FEATURES_SHARE + (1 - FEATURES_SHARE) * epoch / epochs, lr=lr, loss=history[-1]['train_loss'],
              accuracy=history[-1]['train_accuracy'], images_per_sec=history[-1]['images_per_sec'],
-             val_loss=val_loss, val_accuracy=val_acc, model=model, normalization=(finetune.mean, finetune.std))
+             val_loss=val_loss, val_accuracy=val_acc, model=model, normalization=(finetune.mean, finetune.std),
+             record=history[-1])
     model.eval()
     if out and history:
         _save(out, model, data.classes, finetune.mean, finetune.std, history, cfg)
@@ -787,7 +793,7 @@ def main(argv: list[str] | None = None) -> None:
     if rank > 0:
         return
     m = result.metrics
-    print(f'done: {len(result.history)} epochs, train acc {m.get("train_accuracy", 0):.4f}, '
+    print(f'done: {epochs_text(result.history)}, train acc {m.get("train_accuracy", 0):.4f}, '
           f'val acc {m.get("val_accuracy") if m.get("val_accuracy") is not None else "n/a"}, '
           f'saved to {result.path}')
 

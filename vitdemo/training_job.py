@@ -23,7 +23,7 @@ from PIL import Image
 
 from .catalog import TIMM_ARCHS, ModelUnavailable
 from .lazy import late_import
-from .metadata import read_metadata
+from .metadata import epochs_text, read_metadata
 from .policy import CIFAR10_IMAGES, ServerPolicy, check_training, fitting_batch, release_memory
 from .store import NAME_PATTERN, ModelStore
 
@@ -253,8 +253,7 @@ class TrainingJob:
                                           train_loss=sum(losses) / len(losses), train_accuracy=event.accuracy))
                         losses.clear()
                 if event.kind == 'epoch':
-                    history.append(dict(epoch=event.epoch, train_loss=event.loss, train_accuracy=event.accuracy,
-                                        val_loss=event.val_loss, val_accuracy=event.val_accuracy))
+                    history.append(event.record)
                 elif event.kind == 'done' or time.monotonic() - last_yield < self.update_seconds:
                     continue
                 last_yield = time.monotonic()
@@ -270,9 +269,10 @@ class TrainingJob:
                                  'the server goes on')
         result = outcome['result']
         val = result.metrics.get('val_accuracy')
-        status = ('stopped' if result.stopped else 'finished') + f' after {len(result.history)} epochs'
+        status = ('stopped' if result.stopped else 'finished') + f' after {epochs_text(result.history)}'
         status += f': validation accuracy {val:.1%}' if val is not None else ''
-        status += f'; saved as trained/{out.stem}' if result.path else '; nothing was saved (no epoch completed)'
+        status += f'; saved as trained/{out.stem}' if result.path else \
+            '; nothing was saved (it ended before its first step)'
         yield Snapshot(progress, status, list(history), list(steps), list(strip), fixed_class, checkpoint=result.path,
                        done=True, filmstrip=filmstrip, classes=data.classes)
 

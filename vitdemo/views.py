@@ -19,6 +19,7 @@ import pandas as pd
 from PIL import Image
 
 from .lazy import late_import
+from .metadata import epochs_seen
 from .methods import METHODS, Progress, Stopped
 from .policy import checked_number
 
@@ -263,7 +264,7 @@ def training_curves(history: list[dict], steps: list[dict] = ()) -> tuple[pd.Dat
     Training points come from within epochs too (`steps`, fractional epochs), so the curves move while an
     epoch runs; validation is measured at each epoch's end."""
     def frame(metric: str) -> pd.DataFrame:
-        rows = [dict(epoch=h['epoch'], value=h[f'{split}_{metric}'], split=name)
+        rows = [dict(epoch=epochs_seen(h), value=h[f'{split}_{metric}'], split=name)
                 for h in history for split, name in (('train', 'train'), ('val', 'validation'))
                 if h.get(f'{split}_{metric}') is not None]
         rows += [dict(epoch=p['epoch'], value=p[f'train_{metric}'], split='train') for p in steps]
@@ -295,6 +296,6 @@ def runs_frame(histories: dict[str, list[dict]], against: str = 'epoch') -> pd.D
     x (the epoch, or the minutes since the run began), accuracy and run, from each checkpoint's history."""
     if against not in ('epoch', 'minutes'):
         raise ValueError(f"runs are set side by side against 'epoch' or 'minutes', not {against!r}")
-    rows = [dict(x=h['epoch'] if against == 'epoch' else h['seconds'] / 60, accuracy=h['val_accuracy'], run=name)
+    rows = [dict(x=epochs_seen(h) if against == 'epoch' else h['seconds'] / 60, accuracy=h['val_accuracy'], run=name)
             for name, history in histories.items() for h in history if h.get('val_accuracy') is not None]
     return pd.DataFrame(rows, columns=['x', 'accuracy', 'run'])
