@@ -462,7 +462,7 @@ def train(model_config: ModelConfig | None, cfg: TrainConfig, data: ImageData,
             p = progress_now()
             emit('step', lr=lr, loss=loss.item(), accuracy=correct / seen, images_per_sec=rate,
                  eta_seconds=elapsed * (1 - p) / max(p, 1e-9), epoch_fraction=(i + 1) / steps_per_epoch,
-                 budget_epochs=budget_epochs(epoch - 1 + (i + 1) / steps_per_epoch, p))
+                 budget_epochs=budget_epochs(step / steps_per_epoch, p))
         if seen == 0:
             break
         val_loss, val_acc = evaluate(model, val_data, mean, std, amp=cfg.amp) if val_data else (None, None)
@@ -485,7 +485,7 @@ def train(model_config: ModelConfig | None, cfg: TrainConfig, data: ImageData,
         p = progress_now()
         emit('epoch', lr=lr, loss=record['train_loss'], accuracy=record['train_accuracy'],
              images_per_sec=record['images_per_sec'], eta_seconds=elapsed * (1 - p) / max(p, 1e-9),
-             budget_epochs=budget_epochs(epoch, p), val_loss=val_loss, val_accuracy=val_acc, model=model,
+             budget_epochs=budget_epochs(record['epochs'], p), val_loss=val_loss, val_accuracy=val_acc, model=model,
              normalization=(mean, std), filmstrip=filmstrip, record=record)
 
     model.eval()
