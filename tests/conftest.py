@@ -62,3 +62,32 @@ def scalers(monkeypatch) -> list:
 
     monkeypatch.setattr(torch.amp, 'GradScaler', Recording)
     return made
+
+
+def name_this_thread(name: str) -> None:
+    """The calling thread's name as the operating system sees it (Linux). Threads it starts from then on, its
+    OpenMP workers among them, are given the same name."""
+    import ctypes
+    ctypes.CDLL('libc.so.6').prctl(15, name.encode())  # PR_SET_NAME
+
+
+def threads_named(name: str) -> int:
+    """How many of this process's threads the operating system knows by `name`."""
+    count = 0
+    for task in Path('/proc/self/task').iterdir():
+        try:
+            count += (task / 'comm').read_text().strip() == name
+        except OSError:  # it ended meanwhile
+            pass
+    return count
+
+
+def openmp_teams_in_threads() -> bool:
+    """Whether torch here spreads an operation over the cores with GNU OpenMP teams (what
+    `vitdemo.policy.release_openmp_workers` lets go), on Linux, with two cores or more."""
+    from vitdemo.policy import _torch_openmp
+    return sys.platform == 'linux' and torch.get_num_threads() > 1 and bool(_torch_openmp())
+
+
+needs_openmp_teams = pytest.mark.skipif(not openmp_teams_in_threads(),
+                                        reason='GNU OpenMP on Linux with two cores or more')

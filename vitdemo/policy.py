@@ -14,6 +14,7 @@ import ctypes
 import gc
 import math
 import os
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -227,6 +228,45 @@ def trim_heap() -> None:
         ctypes.CDLL('libc.so.6').malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
         pass
+
+
+def release_openmp_workers() -> None:
+    """Let the calling thread's OpenMP worker threads go; its next tensor operation spread over the cores makes
+    them again (a fraction of a millisecond). A thread that has run such an operation keeps its team of workers
+    while it lives, and while two teams live, GNU OpenMP (torch's on Linux) has more threads than cores and
+    stops letting its workers wait actively between operations: each operation then waits to wake a sleeping
+    worker, which makes a training step of small operations up to twice as slow (docs/benchmarks.md, *The
+    Train tab's speed*). For a server thread about to wait, or idle, while another thread works. Does nothing
+    where torch's OpenMP is not GNU's, or where no OpenMP library is loaded."""
+    global _TORCH_OPENMP
+    if _TORCH_OPENMP is None and 'torch' in sys.modules:  # none before torch: it loads the library
+        _TORCH_OPENMP = _torch_openmp()
+    for openmp in _TORCH_OPENMP or ():
+        openmp.omp_pause_resource_all(1)  # omp_pause_soft: this thread's pool of workers
+
+
+_TORCH_OPENMP: tuple[ctypes.CDLL, ...] | None = None
+
+
+def _torch_openmp() -> tuple[ctypes.CDLL, ...]:
+    """torch's GNU OpenMP, if that is what it runs on, and recent enough to let a pool go (GCC 9+). Other
+    packages may load their own copy (scikit-learn does): torch's wheel keeps its own in its folder; a torch
+    built against a shared one gets every copy loaded."""
+    try:
+        with open('/proc/self/maps') as maps:
+            paths = list(dict.fromkeys(line.split()[-1] for line in maps
+                                       if line.rstrip().rsplit('/', 1)[-1].startswith('libgomp')))
+    except OSError:  # no /proc: not Linux
+        return ()
+    folder = str(Path(sys.modules['torch'].__file__).parent)
+    paths = [p for p in paths if p.startswith(folder)] or paths
+    loaded = []
+    for path in paths:
+        try:
+            loaded.append(ctypes.CDLL(path))  # already loaded: the same library, not a second copy
+        except OSError:  # unmapped meanwhile
+            pass
+    return tuple(lib for lib in loaded if hasattr(lib, 'omp_pause_resource_all'))
 
 
 def checked_number(value, name: str, lo: float, hi: float, integer: bool = False) -> float | int:

@@ -24,7 +24,8 @@ from PIL import Image
 from .catalog import TIMM_ARCHS, ModelUnavailable
 from .lazy import late_import
 from .metadata import epochs_text, read_metadata
-from .policy import CIFAR10_IMAGES, ServerPolicy, check_training, fitting_batch, release_memory
+from .policy import (CIFAR10_IMAGES, ServerPolicy, check_training, fitting_batch, release_memory,
+                     release_openmp_workers)
 from .store import NAME_PATTERN, ModelStore
 
 if TYPE_CHECKING:
@@ -239,8 +240,14 @@ class TrainingJob:
         steps: list[dict] = []  # a point of the training curves every 5% of an epoch, its batches' mean loss
         strip: list[tuple[Image.Image, str]] = []
         losses, progress, last_yield, filmstrip = [], 0.0, 0.0, None
+
+        def next_event():
+            # this thread (one of the server's) waits here through the run, maybe with OpenMP workers of its own
+            # from earlier work: it lets them go, or the training thread's would sleep between operations
+            release_openmp_workers()
+            return events.get()
         try:
-            while (item := events.get()) is not None:
+            while (item := next_event()) is not None:
                 event, picture = item
                 progress = event.progress
                 if picture is not None:

@@ -28,7 +28,7 @@ from ..catalog import (DEFAULT_SCRATCH, ModelCache, ModelUnavailable, imagenet_c
 from ..images import ImageError, load_image
 from ..metadata import CheckpointError, read_metadata
 from ..methods import METHODS, Progress, Stopped, kinds, offered
-from ..policy import ServerPolicy
+from ..policy import ServerPolicy, release_openmp_workers
 from ..serving import publish_image
 from ..training_job import TrainingBusy, TrainingFailed, TrainingJob
 
@@ -296,6 +296,32 @@ def shows_user_errors(server: Server):
                 refuse(e, args, kwargs)
         return call
     return decorate
+
+
+def releases_workers(fn):
+    """Model work whose thread lets its OpenMP workers go whenever it answers (`release_openmp_workers`): the
+    server's threads idle for seconds after a request, and one that kept its workers would slow a training run,
+    and every other visitor's request, meanwhile."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def stream(*args, **kwargs):
+            answers = fn(*args, **kwargs)
+            try:
+                for answer in answers:
+                    release_openmp_workers()  # the next answer may be asked for from another thread
+                    yield answer
+            finally:
+                answers.close()
+                release_openmp_workers()
+        return stream
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            release_openmp_workers()
+    return call
 
 
 class _Answers:

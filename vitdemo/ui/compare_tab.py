@@ -4,7 +4,7 @@ import gradio as gr
 from ..lazy import late_import
 from ..views import FUSIONS, colour_bar_html, fusion_mode
 from .common import (MODEL_WORK, Server, example_picker, image_box, joins_running, keeps_errors, model_list,
-                     published, shows_user_errors)
+                     published, releases_workers, shows_user_errors)
 
 
 def compare_tab(server: Server) -> list[gr.Dropdown]:
@@ -12,6 +12,7 @@ def compare_tab(server: Server) -> list[gr.Dropdown]:
     first, second = server.defaults()
 
     @shows_user_errors(server)
+    @releases_workers
     @joins_running
     def compare(image: bytes, model_a: str, model_b: str, fusion: str = 'mean', as_cifar10: bool = True,
                 request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):

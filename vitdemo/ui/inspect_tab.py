@@ -9,7 +9,7 @@ from ..policy import checked_number
 from ..serving import publish_image
 from ..views import FUSIONS, fusion_mode
 from .common import (MODEL_WORK, Reporter, Server, Slider, bounded, example_picker, image_box, joins_running,
-                     keeps_errors, model_list, shows_user_errors)
+                     keeps_errors, model_list, releases_workers, shows_user_errors)
 
 
 NO_FILMSTRIP = ("This model kept no filmstrip: a ViT trained here (the Train tab or the command line) keeps "
@@ -29,6 +29,7 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
     layers, _ = server.shape(first, None)
 
     @shows_user_errors(server)
+    @releases_workers
     @joins_running
     def inspect(image: bytes, model: str, layer: int = 1, fusion: str = 'mean', point=None,
                 request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
@@ -67,6 +68,7 @@ def inspect_tab(server: Server) -> list[gr.Dropdown]:
         yield from inspect(image, model, layer, fusion, point, request, progress)
 
     @shows_user_errors(server)
+    @releases_workers
     def look_from_patch(image: bytes, model: str, layer: int, fusion: str, point, request: gr.Request):
         # no point (no click on this grid yet): the centre patch
         if image is None:

@@ -4,7 +4,7 @@ import gradio as gr
 from ..methods import METHODS
 from ..views import FUSIONS, Explanations, StillMaking, colour_bar_html, predict_view, sanity_view
 from .common import (MODEL_WORK, Server, Slider, bounded, example_picker, image_box, joins_running, keeps_errors,
-                     model_list, published, session_of, shows_user_errors)
+                     model_list, published, releases_workers, session_of, shows_user_errors)
 
 
 def predict_tab(server: Server) -> list[gr.Dropdown]:
@@ -14,6 +14,7 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
     remembered = Explanations()
 
     @shows_user_errors(server)
+    @releases_workers
     @joins_running
     def predict(image: bytes, model: str, top_k: int = 5, fusion: str = 'mean', head: int = 1,
                 opacity: float = 0.6, discard_ratio: float = 0.9, scale: str = 'own', method: str = 'attention',
@@ -31,6 +32,7 @@ def predict_tab(server: Server) -> list[gr.Dropdown]:
         return view.labels, published(view.gallery), view.text, view.focus
 
     @shows_user_errors(server)
+    @releases_workers
     @joins_running  # the page sends one click at a time (Gradio's trigger_mode 'once'); an API client may not
     def sanity(image: bytes, model: str, method: str = 'attention', target: str = '', request: gr.Request = None,
                progress=gr.Progress()):
