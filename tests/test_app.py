@@ -1,4 +1,5 @@
 import io
+import re
 from dataclasses import asdict
 import shutil
 import time
@@ -230,6 +231,8 @@ def test_train_tab_through_the_api_then_predict_with_the_new_model(tmp_path, wei
         assert 'finished after' in status and 'saved as trained/tiny_run' in status
         assert (tmp_path / 'weights' / 'trained' / 'tiny_run.safetensors').exists()
         assert loss['visible'] and loss['value']['columns'] == ['epoch', 'value', 'split'] and loss['value']['data']
+        # the latest validation accuracy in the title: a line of one point (the first epoch's) is not drawn
+        assert re.fullmatch(r'Accuracy \(validation \d+\.\d% after [\d.]+ epochs?\)', accuracy['title'])
         assert picture
         # a fresh client, as after a page reload or from another machine: the new model is usable
         labels, *_ = connect(port, tmp_path / 'downloads').predict(

@@ -105,3 +105,14 @@ def test_how_far_a_run_got_reads_as_words():
     assert epochs_text([dict(epoch=14, epochs=13.42)]) == '13.4 epochs'
     assert epochs_text([dict(epoch=3)]) == '3 epochs'  # a history written before `epochs`
     assert epochs_text([]) == '0 epochs'
+
+
+def test_the_accuracy_plot_names_the_latest_validation_accuracy():
+    from vitdemo.views import accuracy_title
+    assert accuracy_title([]) == 'Accuracy'
+    assert accuracy_title([dict(epoch=1, epochs=1.0, val_accuracy=0.5)]) == 'Accuracy (validation 50.0% after 1 epoch)'
+    # stopped within its third epoch; a run without validation names none
+    history = [dict(epoch=1, epochs=1.0, val_accuracy=0.5), dict(epoch=2, epochs=2.0, val_accuracy=0.61),
+               dict(epoch=3, epochs=2.25, val_accuracy=0.625)]
+    assert accuracy_title(history) == 'Accuracy (validation 62.5% after 2.2 epochs)'
+    assert accuracy_title([dict(epoch=1, epochs=1.0, val_accuracy=None)]) == 'Accuracy'

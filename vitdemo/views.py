@@ -19,7 +19,7 @@ import pandas as pd
 from PIL import Image
 
 from .lazy import late_import
-from .metadata import epochs_seen
+from .metadata import epochs_seen, epochs_text
 from .methods import METHODS, Progress, Stopped
 from .policy import checked_number
 
@@ -270,6 +270,16 @@ def training_curves(history: list[dict], steps: list[dict] = ()) -> tuple[pd.Dat
         rows += [dict(epoch=p['epoch'], value=p[f'train_{metric}'], split='train') for p in steps]
         return pd.DataFrame(sorted(rows, key=lambda r: (r['split'], r['epoch'])), columns=['epoch', 'value', 'split'])
     return frame('loss'), frame('accuracy')
+
+
+def accuracy_title(history: list[dict]) -> str:
+    """The accuracy plot's title, with the latest validation accuracy: a line needs two points, so the first
+    epoch's validation would otherwise show only as its legend."""
+    last = next((h for h in reversed(history) if h.get('val_accuracy') is not None), None)
+    if last is None:
+        return 'Accuracy'
+    seen = history[:history.index(last) + 1]
+    return f'Accuracy (validation {last["val_accuracy"]:.1%} after {epochs_text(seen)})'
 
 
 @functools.lru_cache(maxsize=4)

@@ -13,7 +13,7 @@ from ..filmstrip import filmstrip_figure
 from ..train_form import (FINETUNE_ARCHS, FINETUNE_MODES, SMALL_PRESET, TRAIN_PRESETS, TrainForm, default_preset,
                           trains_in_float32)
 from ..training_job import Snapshot
-from ..views import progress_html, runs_frame, training_curves
+from ..views import accuracy_title, progress_html, runs_frame, training_curves
 from ..metadata import read_metadata
 from .common import Number, Server, Slider, keeps_errors, shows_user_errors
 
@@ -90,7 +90,10 @@ def train_tab(server: Server, page_load) -> gr.State:
             new_epoch = len(snap.history) > epochs or snap.done
             moved = snap.history and (new_epoch or len(snap.steps) > points)
             curves = training_curves(snap.history, snap.steps) if moved else None
-            loss, accuracy = (gr.LinePlot(c, visible=True) for c in curves) if curves else (gr.skip(),) * 2
+            loss = accuracy = gr.skip()
+            if curves:
+                loss = gr.LinePlot(curves[0], visible=True)
+                accuracy = gr.LinePlot(curves[1], visible=True, title=accuracy_title(snap.history))
             strip, film = epoch_views(snap) if new_epoch else (gr.skip(),) * 2
             epochs, points = len(snap.history), len(snap.steps)
             saved = gr.skip()
