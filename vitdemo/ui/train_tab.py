@@ -3,6 +3,7 @@
 The form's fields, the presets and the `/train` API's named parameters all come from one definition,
 `vitdemo.train_form.TrainForm`."""
 import inspect
+import json
 from dataclasses import asdict, fields, replace
 
 import gradio as gr
@@ -250,9 +251,12 @@ def train_tab(server: Server, page_load) -> gr.State:
                   api_visibility='private')
     form['arch'].change(lambda a: gr.Column(visible=a == 'vit'), form['arch'], vit_settings, api_visibility='private')
     # a taught ViT learns the teacher in a token of its own beside the CLS token, which is then what it classifies;
-    # without a teacher, the preset's choice again
-    form['teacher'].change(lambda t, p: 'token' if t else TRAIN_PRESETS[p].global_pool, [form['teacher'], preset],
-                           form['global_pool'], api_visibility='private')
+    # without a teacher, the preset's choice again. Switched in the browser: a Start pressed before a server's
+    # answer came back would send the old choice, and be refused for it
+    pools = json.dumps({name: p.global_pool for name, p in TRAIN_PRESETS.items()})
+    form['teacher'].change(None, [form['teacher'], preset, form['global_pool']], form['global_pool'],
+                           js=f'(teacher, preset, pool) => teacher ? "token" : ({pools}[preset] ?? pool)',
+                           api_visibility='private')
     source.change(lambda s: (gr.File(visible=s != 'CIFAR-10', value=None), gr.Markdown(visible=s != 'CIFAR-10')),
                   source, [images, images_note], api_visibility='private')
     form['start_from'].change(lambda a: (gr.Group(visible=bool(a)), gr.Radio(visible=not a)), form['start_from'],
