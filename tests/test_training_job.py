@@ -7,7 +7,7 @@ from test_train import CONFIG, colour_data
 from vitdemo.cnn import ResNetConfig
 from vitdemo.train import TrainConfig
 from vitdemo.train_form import TRAIN_PRESETS, TrainForm
-from vitdemo.training_job import TrainingBusy, TrainingJob, checkpoint_name, of_budget
+from vitdemo.training_job import TrainingBusy, TrainingCurve, TrainingJob, checkpoint_name, of_budget
 from vitdemo.views import progress_html, training_curves
 from vitdemo.store import ModelStore
 from vitdemo.weights import load_checkpoint
@@ -128,8 +128,8 @@ def test_a_run_reports_progress_curves_and_attention_then_saves(tmp_path):
     assert load_checkpoint(last.checkpoint)[1]['classes'] == ['red', 'green', 'blue', 'yellow']
     loss, accuracy = training_curves(last.history)
     assert len(loss) == 4 and set(loss['split']) == {'train', 'validation'}
-    moving, _ = training_curves(last.history, last.steps)
-    assert (moving['split'] == 'train').sum() == 2 + len(last.steps) and (moving['split'] == 'validation').sum() == 2
+    moving, _ = training_curves(last.history, last.steps)  # within epochs: the epochs' lagging means left out
+    assert (moving['split'] == 'train').sum() == len(last.steps) and (moving['split'] == 'validation').sum() == 2
     assert accuracy['value'].between(0, 1).all()
     assert not job.busy
 
@@ -148,7 +148,8 @@ def test_one_run_at_a_time_and_stop_still_saves(tmp_path):
     # stopped within its first epoch: the status and the curves say how far it got, not "after 1 epochs"
     assert re.match(r'stopped after 0\.\d\d epochs: validation accuracy \d', last.status), last.status
     _, accuracy = training_curves(last.history, last.steps)
-    assert accuracy['epoch'].max() == last.history[-1]['epochs'] < 1
+    assert accuracy.loc[accuracy['split'] == 'validation', 'epoch'].tolist() == [last.history[-1]['epochs']]
+    assert accuracy['epoch'].max() < 1
     assert not job.busy
 
 
@@ -163,6 +164,23 @@ def test_a_watcher_that_leaves_stops_the_run_cleanly(tmp_path):
     assert files and all(f.suffix == '.safetensors' for f in files)  # no temporary file left behind
     for f in files:
         load_checkpoint(f)
+
+
+def test_the_training_curve_gives_the_accuracy_of_the_batches_since_its_last_point():
+    from vitdemo.train import TrainEvent
+    curve = TrainingCurve()
+
+    def step(epoch, fraction, loss, accuracy_so_far):
+        curve.add(TrainEvent('step', epoch, 0, 0.0, 1e-3, loss, accuracy_so_far, 100.0, 1.0, epoch_fraction=fraction))
+    step(1, 0.25, 2.0, 0.2)
+    step(1, 0.5, 1.8, 0.3)  # the epoch's second quarter: 40% right
+    step(1, 0.52, 1.6, 0.31)  # too close to the point before: its loss counts toward the next point
+    step(1, 1.0, 1.4, 0.5)
+    step(2, 0.5, 1.0, 0.8)  # a new epoch counts afresh
+    assert [p['epoch'] for p in curve.points] == [0.25, 0.5, 1.0, 1.5]
+    assert [p['train_loss'] for p in curve.points] == pytest.approx([2.0, 1.8, 1.5, 1.0])
+    # not 0.2, 0.3, 0.5, 0.8: each epoch's running accuracy, which jumps up where an epoch starts
+    assert [p['train_accuracy'] for p in curve.points] == pytest.approx([0.2, 0.4, 0.7, 0.8])
 
 
 def test_progress_is_a_bar_with_its_share_and_an_escaped_status():

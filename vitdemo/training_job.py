@@ -106,6 +106,29 @@ def of_budget(epochs: float | None) -> str:
     return f' of about {epochs:.1f}' if epochs < 3 else f' of about {epochs:.0f}'
 
 
+class TrainingCurve:
+    """The training curves' points within epochs, one every 5% of an epoch: the mean loss and the accuracy of the
+    batches since the point before. A step reports its own batch's loss but the accuracy of its epoch so far,
+    which lags behind the model and starts again at each epoch: drawn as it is, it jumps at every epoch's start."""
+
+    def __init__(self):
+        self.points: list[dict] = []
+        self._losses: list[float] = []
+        self._last = (0, 0.0, 0.0)  # the epoch, its fraction done and its accuracy so far at the last point
+
+    def add(self, event: TrainEvent) -> None:
+        self._losses.append(event.loss)
+        at = event.epoch - 1 + event.epoch_fraction
+        if self.points and at - self.points[-1]['epoch'] < 0.05:
+            return
+        epoch, done, accuracy = self._last if self._last[0] == event.epoch else (event.epoch, 0.0, 0.0)
+        # the epoch's correct answers so far, less those counted at the last point, over the images since
+        window = (event.accuracy * event.epoch_fraction - accuracy * done) / (event.epoch_fraction - done)
+        self.points.append(dict(epoch=at, train_loss=sum(self._losses) / len(self._losses), train_accuracy=window))
+        self._losses.clear()
+        self._last = (event.epoch, event.epoch_fraction, event.accuracy)
+
+
 class TrainingJob:
     """Runs `vitdemo.train.train` for the app; at most one run at a time.
 
@@ -237,9 +260,9 @@ class TrainingJob:
         worker = threading.Thread(target=work, name='vitdemo-train', daemon=True)
         worker.start()
         history: list[dict] = []
-        steps: list[dict] = []  # a point of the training curves every 5% of an epoch, its batches' mean loss
+        curve = TrainingCurve()
         strip: list[tuple[Image.Image, str]] = []
-        losses, progress, last_yield, filmstrip = [], 0.0, 0.0, None
+        progress, last_yield, filmstrip = 0.0, 0.0, None
 
         def next_event():
             # this thread (one of the server's) waits here through the run, maybe with OpenMP workers of its own
@@ -254,17 +277,13 @@ class TrainingJob:
                     strip.append(picture)
                 filmstrip = event.filmstrip or filmstrip
                 if event.kind == 'step':
-                    losses.append(event.loss)
-                    if not steps or event.epoch - 1 + event.epoch_fraction - steps[-1]['epoch'] >= 0.05:
-                        steps.append(dict(epoch=event.epoch - 1 + event.epoch_fraction,
-                                          train_loss=sum(losses) / len(losses), train_accuracy=event.accuracy))
-                        losses.clear()
+                    curve.add(event)
                 if event.kind == 'epoch':
                     history.append(event.record)
                 elif event.kind == 'done' or time.monotonic() - last_yield < self.update_seconds:
                     continue
                 last_yield = time.monotonic()
-                yield Snapshot(event.progress, self._status(event), list(history), list(steps), list(strip),
+                yield Snapshot(event.progress, self._status(event), list(history), list(curve.points), list(strip),
                                fixed_class, filmstrip=filmstrip, classes=data.classes)
         finally:
             if worker.is_alive():  # the watcher left (browser closed): stop cleanly, keep what was learned
@@ -280,8 +299,8 @@ class TrainingJob:
         status += f': validation accuracy {val:.1%}' if val is not None else ''
         status += f'; saved as trained/{out.stem}' if result.path else \
             '; nothing was saved (it ended before its first step)'
-        yield Snapshot(progress, status, list(history), list(steps), list(strip), fixed_class, checkpoint=result.path,
-                       done=True, filmstrip=filmstrip, classes=data.classes)
+        yield Snapshot(progress, status, list(history), list(curve.points), list(strip), fixed_class,
+                       checkpoint=result.path, done=True, filmstrip=filmstrip, classes=data.classes)
 
     @staticmethod
     def _status(event: TrainEvent) -> str:

@@ -261,12 +261,13 @@ def sanity_view(model: Model, image, method: str = 'attention', target: str | No
 
 def training_curves(history: list[dict], steps: list[dict] = ()) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Long-form frames for the loss and accuracy plots: columns epoch, value, split (train / validation).
-    Training points come from within epochs too (`steps`, fractional epochs), so the curves move while an
-    epoch runs; validation is measured at each epoch's end."""
+    Validation is measured at each epoch's end. Training points come from within epochs where there are some
+    (`steps`, fractional epochs), so that the curves move while an epoch runs; then the epochs' own means, which
+    lag behind the model, are left out of the curve."""
     def frame(metric: str) -> pd.DataFrame:
+        splits = (('val', 'validation'),) if steps else (('train', 'train'), ('val', 'validation'))
         rows = [dict(epoch=epochs_seen(h), value=h[f'{split}_{metric}'], split=name)
-                for h in history for split, name in (('train', 'train'), ('val', 'validation'))
-                if h.get(f'{split}_{metric}') is not None]
+                for h in history for split, name in splits if h.get(f'{split}_{metric}') is not None]
         rows += [dict(epoch=p['epoch'], value=p[f'train_{metric}'], split='train') for p in steps]
         return pd.DataFrame(sorted(rows, key=lambda r: (r['split'], r['epoch'])), columns=['epoch', 'value', 'split'])
     return frame('loss'), frame('accuracy')
