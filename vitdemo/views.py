@@ -279,8 +279,7 @@ def accuracy_title(history: list[dict]) -> str:
     last = next((h for h in reversed(history) if h.get('val_accuracy') is not None), None)
     if last is None:
         return 'Accuracy'
-    seen = history[:history.index(last) + 1]
-    return f'Accuracy (validation {last["val_accuracy"]:.1%} after {epochs_text(seen)})'
+    return f'Accuracy (validation {last["val_accuracy"]:.1%} after {epochs_text([last])})'
 
 
 @functools.lru_cache(maxsize=4)
