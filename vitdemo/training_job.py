@@ -121,7 +121,9 @@ class TrainingCurve:
         at = event.epoch - 1 + event.epoch_fraction
         if self.points and at - self.points[-1]['epoch'] < 0.05:
             return
-        epoch, done, accuracy = self._last if self._last[0] == event.epoch else (event.epoch, 0.0, 0.0)
+        epoch, done, accuracy = self._last
+        if epoch != event.epoch:  # a new epoch: its accuracy so far counts its own batches alone
+            done, accuracy = 0.0, 0.0
         # the epoch's correct answers so far, less those counted at the last point, over the images since
         window = (event.accuracy * event.epoch_fraction - accuracy * done) / (event.epoch_fraction - done)
         self.points.append(dict(epoch=at, train_loss=sum(self._losses) / len(self._losses), train_accuracy=window))
