@@ -3,6 +3,7 @@ import re
 from dataclasses import asdict
 import shutil
 import time
+import urllib.request
 from pathlib import Path
 
 import gradio as gr
@@ -16,6 +17,7 @@ from PIL import Image
 from app import MAX_UPLOAD, create_demo
 from conftest import GRADIO_TEMP_DIR, ROOT
 from vitdemo.app_process import free_port, running_app
+from vitdemo.backends import load_model
 from vitdemo.catalog import TIMM_ARCHS, ModelCache
 from vitdemo.policy import ServerPolicy
 from vitdemo.store import ModelStore
@@ -234,6 +236,21 @@ def test_train_tab_through_the_api_then_predict_with_the_new_model(tmp_path, wei
         # the latest validation accuracy in the title: a line of one point (the first epoch's) is not drawn
         assert re.fullmatch(r'Accuracy \(validation \d+\.\d% after [\d.]+ epochs?\)', accuracy['title'])
         assert picture
+        # the page offers the run's checkpoint to download: a copy this server serves, which loads as it was saved
+        checkpoint = tmp_path / 'weights' / 'trained' / 'tiny_run.safetensors'
+        offer = next(fn.fn for fn in demo.fns.values() if fn.name == 'offer_download')
+        button, note = offer(str(checkpoint))
+        assert re.fullmatch(r'Download trained/tiny_run \(\d+\.\d MB\)', button.label) and button.visible
+        assert 'load_model("tiny_run.safetensors")' in note.value and button.value['orig_name'] == checkpoint.name
+        fetched = tmp_path / 'my_weights' / checkpoint.name  # as the note says: in the weights/ of one's own copy
+        fetched.parent.mkdir()
+        with urllib.request.urlopen(f'http://127.0.0.1:{port}{button.value["url"]}') as response:
+            fetched.write_bytes(response.read())
+        assert fetched.read_bytes() == checkpoint.read_bytes()
+        assert load_model(fetched).classes == [f'c{i}' for i in range(10)]
+        assert 'scratch/tiny_run' in ModelStore(fetched.parent).checkpoint_names()
+        Path(button.value['path']).unlink()  # swept from the cache: the next click's answer puts the copy back
+        assert Path(offer(str(checkpoint))[0].value['path']).read_bytes() == checkpoint.read_bytes()
         # a fresh client, as after a page reload or from another machine: the new model is usable
         labels, *_ = connect(port, tmp_path / 'downloads').predict(
             handle_file(str(ROOT / 'examples' / 'cat.jpg')), 'trained/tiny_run', api_name='/predict')

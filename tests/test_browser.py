@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT
 from test_data import make_folder
 from vitdemo.app_process import running_app
+from vitdemo.backends import load_model
 from vitdemo.train_form import TRAIN_PRESETS
 
 pytestmark = pytest.mark.slow  # a real browser and a real server, about two minutes
@@ -340,6 +341,12 @@ def test_a_trained_model_is_kept_across_a_reload_and_for_other_clients(browser, 
     page.get_by_role('button', name='Stop', exact=True).click()
     expect(page.get_by_text('stopped after').first).to_be_visible()
     expect(page.get_by_text('saved as trained/browser_run').first).to_be_visible()
+    with page.expect_download() as fetched:  # the visitor keeps the model: a file that loads as it was saved
+        page.get_by_role('button', name='Download trained/browser_run (').click()
+    kept = tmp_path / fetched.value.suggested_filename
+    fetched.value.save_as(kept)
+    assert kept.name == 'browser_run.safetensors'
+    assert load_model(kept).classes == [f'class{i}' for i in range(10)]
     shoot(page, SHOTS / '7_stopped.png')
     page.get_by_text('Runs side by side').click()  # the run's validation curve, beside any other of yours
     pick(page, 'Runs', 'trained/browser_run')

@@ -1,6 +1,7 @@
 """Public mode: one server, many strangers. Each test is one item of the public-safety issue, with small
 budgets set through the policy (or the environment) so that it runs in seconds."""
 import contextlib
+import hashlib
 import inspect
 import io
 import json
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,7 +39,7 @@ from vitdemo.methods import Stopped
 from vitdemo.cnn import ResNetConfig
 from vitdemo.model import ViTConfig
 from vitdemo.policy import MB, ServerPolicy, check_training, estimate_training_memory
-from vitdemo.serving import publish_image
+from vitdemo.serving import PublishedFiles, cache_folder, publish_image
 from vitdemo.store import ModelStore
 from vitdemo.train import TrainConfig
 from vitdemo.train_form import TRAIN_PRESETS, TrainForm
@@ -500,7 +502,45 @@ def test_an_output_drawn_again_is_not_rewritten_in_place(tmp_path):
     for reader in readers:
         reader.join()
     assert first.stat().st_ino == stat.st_ino and first.stat().st_size == stat.st_size and not short_reads
-    assert not [p for p in first.parent.iterdir() if p != first]  # no temporary file left beside it
+    assert not [p for p in first.parent.iterdir() if p != first]  # no temporary file left
+    assert not list(cache_folder().glob('.publish.*'))
+
+
+def test_checkpoints_handed_out_are_copies_under_their_names_and_at_most_keep_of_them(tmp_path):
+    downloads = PublishedFiles(keep=2)
+    sources = []
+    for i in range(3):
+        sources.append(tmp_path / f'run{i}.safetensors')
+        sources[-1].write_bytes(os.urandom(3 * 2 ** 20 + i))  # larger than one chunk of the copy
+    first = Path(downloads.publish(sources[0]))
+    assert first.name == 'run0.safetensors' and first.read_bytes() == sources[0].read_bytes()
+    # under the hash of its content: a link nobody guesses, in the folder Gradio serves and sweeps
+    assert first.parent == cache_folder() / hashlib.sha256(sources[0].read_bytes()).hexdigest()
+    assert Path(downloads.publish(sources[0])) == first  # the same file again: the same copy, not a second
+    second, third = (Path(downloads.publish(s)) for s in sources[1:])
+    assert not first.exists() and not first.parent.exists()  # the oldest of three went
+    assert second.read_bytes() == sources[1].read_bytes() and third.read_bytes() == sources[2].read_bytes()
+    sources[2].unlink()  # the store may evict the checkpoint: its copy stays until it is swept
+    assert third.exists() and not list(cache_folder().glob('.publish.*'))
+
+
+def test_a_raw_call_cannot_point_the_download_at_a_file_of_the_servers(port):
+    """The download event reads the run's checkpoint from the session's state, which lives on the server: a
+    client that calls the event by its index with a path of its choosing gets nothing."""
+    url = f'http://127.0.0.1:{port}/'
+    config = json.load(urllib.request.urlopen(url + 'config'))
+    types = {c['id']: c['type'] for c in config['components']}
+    events = [d for d in config['dependencies'] if any(types[o] == 'downloadbutton' for o in d['outputs'])]
+    assert events
+    for event in events:
+        body = dict(data=[__file__] * len(event['inputs']), fn_index=event['id'], session_hash='raw-caller',
+                    event_data=None, trigger_id=None)
+        urllib.request.urlopen(urllib.request.Request(url + 'gradio_api/queue/join', json.dumps(body).encode(),
+                                                      {'Content-Type': 'application/json'}))
+        with urllib.request.urlopen(url + 'gradio_api/queue/data?session_hash=raw-caller', timeout=60) as stream:
+            done = next(json.loads(line[5:]) for line in stream if b'process_completed' in line)
+        assert done['success'] and Path(__file__).name not in json.dumps(done)
+        assert all(update == {'visible': False, '__type__': 'update'} for update in done['output']['data'])
 
 
 def test_two_identical_predictions_share_files_and_rewrite_none(client):

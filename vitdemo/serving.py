@@ -4,6 +4,7 @@ served, a few queued requests per browser session, and a bound on the upload fol
 Each piece is small and tested through a real server (`tests/test_public.py`). Two of them reach into
 Gradio 6's queue and upload route by name; those tests fail if a Gradio release moves them.
 """
+import contextlib
 import hashlib
 import io
 import logging
@@ -11,6 +12,7 @@ import os
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
@@ -38,26 +40,72 @@ def publish_image(image: Image.Image, fmt: str = 'jpeg', quality: int = 90) -> s
     `delete_cache` sweep removes it."""
     buffer = io.BytesIO()
     image.save(buffer, fmt.upper(), **({'quality': quality} if fmt.lower() in ('jpeg', 'jpg', 'webp') else {}))
-    data = buffer.getvalue()
-    folder = cache_folder() / hashlib.sha256(data).hexdigest()
-    path = folder / f'image.{fmt.lower()}'
-    if path.exists():
-        # the sweep ages files by ctime: a copy handed out again starts a new life (setting the times
-        # to what they are renews ctime alone; the file's bytes and mtime stay as a download sees them)
-        st = path.stat()
-        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-        return str(path)
+    return str(_publish(lambda f: f.write(buffer.getvalue()), f'image.{fmt.lower()}'))
+
+
+def _publish(write: Callable, name: str) -> Path:
+    """`cache/<sha256 of the content>/name`: the content `write(file)` writes, written under a temporary name
+    and renamed into place, unless that file is already there."""
+    folder = cache_folder()
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.image.', suffix='.tmp')
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.publish.', suffix='.tmp')
     try:
         with os.fdopen(fd, 'wb') as f:
-            f.write(data)
+            hashing = _Hashing(f)
+            write(hashing)
+        path = folder / hashing.sha.hexdigest() / name
+        if path.exists():
+            # the sweep ages files by ctime: a copy handed out again starts a new life (setting the times
+            # to what they are renews ctime alone; the file's bytes and mtime stay as a download sees them)
+            st = path.stat()
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+            return path
+        path.parent.mkdir(exist_ok=True)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+        return path
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
-    return str(path)
+
+
+class _Hashing:
+    """A file opened for writing that also hashes what is written to it."""
+
+    def __init__(self, file):
+        self.file, self.sha = file, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        return self.file.write(data)
+
+
+class PublishedFiles:
+    """Files handed out for download (a visitor's checkpoint), each copied into Gradio's cache under the hash of
+    its content (a link nobody can guess who has not the file, served as it is, removed by the cache's sweep).
+    At most `keep` copies at once, the oldest removed first: a run a minute from a hostile client would
+    otherwise fill the disk with copies before the sweep comes, and the upload folder's quota with it."""
+
+    def __init__(self, keep: int = 8):
+        self.keep = keep
+        self._copies: OrderedDict[Path, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def publish(self, source: str | Path) -> str:
+        """The path of a copy of `source`, under its own name, that Gradio serves."""
+        def copy(f):
+            with open(source, 'rb') as src:
+                while chunk := src.read(2 ** 20):
+                    f.write(chunk)
+        with self._lock:  # one copy at a time: a lost race must not count a copy twice or evict a fresh one
+            path = _publish(copy, Path(source).name)
+            self._copies[path] = None
+            self._copies.move_to_end(path)
+            while len(self._copies) > self.keep:
+                oldest, _ = self._copies.popitem(last=False)
+                oldest.unlink(missing_ok=True)  # a download under way reads on: the file lives while it is open
+                with contextlib.suppress(OSError):  # another file of the same content may share the folder
+                    oldest.parent.rmdir()
+        return str(path)
 
 
 def limit_queue_per_session(demo, limit: int, groups: dict[str, int] | None = None,

@@ -29,7 +29,7 @@ from ..images import ImageError, load_image
 from ..metadata import CheckpointError, read_metadata
 from ..methods import METHODS, Progress, Stopped, kinds, offered
 from ..policy import ServerPolicy, release_openmp_workers
-from ..serving import publish_image
+from ..serving import PublishedFiles, publish_image
 from ..training_job import TrainingBusy, TrainingFailed, TrainingJob
 
 if TYPE_CHECKING:
@@ -84,6 +84,7 @@ class Server:
     errors: OrderedDict = field(default_factory=OrderedDict)  # refusals not yet shown, per session
     stops: OrderedDict = field(default_factory=OrderedDict)  # per session: set to stop its explanation
     slow_slots: threading.Semaphore | None = None  # public mode: slow explanations at once (from the policy)
+    downloads: PublishedFiles = field(default_factory=PublishedFiles)  # visitors' checkpoints handed out
 
     def __post_init__(self):
         if self.policy.slow_explanations:

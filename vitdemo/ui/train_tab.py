@@ -5,6 +5,7 @@ The form's fields, the presets and the `/train` API's named parameters all come 
 import inspect
 import json
 from dataclasses import asdict, fields, replace
+from pathlib import Path
 
 import gradio as gr
 
@@ -49,6 +50,13 @@ def finetune_cost() -> str:
     return (FINETUNE_COST['float32' if trains_in_float32() else 'bf16'] + ' The minutes bound every run: a probe '
             'stopped early trains its head on the features it has.')
 
+
+NAME_INFO = 'listed as trained/NAME; a name in use gets -2, -3, ...'
+# a public visitor's models belong to the page's session, and the store evicts the oldest when it is full
+NAME_INFO_PUBLIC = ('listed as trained/NAME (a name in use gets -2, -3) while this page stays open (a reload starts '
+                    'afresh) and the server has room: download it to keep it')
+USE_DOWNLOAD = ('A safetensors file: `vitdemo.load_model("{stem}.safetensors")` in Python, or put it in `weights/` of '
+                'your own copy of vitdemo, where the app lists it as `scratch/{stem}`.')
 
 SNAPSHOT_LABEL = ('Where the last layer looks (a ViT: its attention; a CNN: last-stage Grad-CAM) on one validation '
                   'image, after each epoch')
@@ -132,6 +140,15 @@ def train_tab(server: Server, page_load) -> gr.State:
     def refresh_teachers(request: gr.Request):
         return gr.Dropdown(choices=teachers(request)), gr.Dropdown(choices=checkpoints(request))
 
+    def offer_download(checkpoint: str | None):
+        # a copy the page can fetch: a visitor's models last as long as their page and the store's room
+        if not checkpoint or not Path(checkpoint).is_file():
+            return gr.DownloadButton(visible=False), gr.Markdown(visible=False)
+        stem, size = Path(checkpoint).stem, Path(checkpoint).stat().st_size / 2 ** 20
+        return (gr.DownloadButton(f'Download trained/{stem} ({size:,.1f} MB)',
+                                  value=server.downloads.publish(checkpoint), visible=True),
+                gr.Markdown(USE_DOWNLOAD.format(stem=stem), visible=True))
+
     @shows_user_errors(server)
     def show_runs(names: list[str], against: str, request: gr.Request):
         histories = {}
@@ -170,10 +187,12 @@ def train_tab(server: Server, page_load) -> gr.State:
                                                    label='Frozen blocks (partial)')
                     form['layer_decay'] = Number(default.layer_decay, label='Layer decay (full)')
                 gr.Markdown(finetune_cost())
-            name = gr.Textbox('my_vit', label='Save as', info='listed as trained/NAME; a name in use gets -2, -3, ...')
+            name = gr.Textbox('my_vit', label='Save as', info=NAME_INFO_PUBLIC if server.policy.public else NAME_INFO)
             with gr.Row():
                 start = gr.Button('Start', variant='primary')
                 stop = gr.Button('Stop')
+            download = gr.DownloadButton('Download the model', size='md', visible=False)
+            download_note = gr.Markdown(visible=False)
             with gr.Accordion('Model and recipe', open=False):
                 with gr.Column(visible=default.arch == 'vit') as vit_settings:
                     with gr.Row():
@@ -277,6 +296,9 @@ def train_tab(server: Server, page_load) -> gr.State:
                              [status, loss_plot, accuracy_plot, snapshot, film_plot, saved],
                              api_name='train', concurrency_limit=2, concurrency_id='train'), server, status)
     stop.click(stop_training, None, status, api_name='stop_training')
+    # each click renews the copy for the next one: the cache's sweep removes files some minutes old
+    gr.on([saved.change, download.click], offer_download, saved, [download, download_note], api_visibility='private',
+          show_progress='hidden')
     gr.on([page_load, saved.change], refresh_teachers, None, [form['teacher'], runs], api_visibility='private',
           show_progress='hidden')
     keeps_errors(gr.on([runs.change, against.change], show_runs, [runs, against], runs_plot,
