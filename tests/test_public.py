@@ -506,7 +506,9 @@ def test_an_output_drawn_again_is_not_rewritten_in_place(tmp_path):
     assert not list(cache_folder().glob('.publish.*'))
 
 
-def test_checkpoints_handed_out_are_copies_under_their_names_and_at_most_keep_of_them(tmp_path):
+def test_checkpoints_handed_out_are_copies_under_their_names_and_at_most_keep_of_them(tmp_path, monkeypatch):
+    copied = []
+    monkeypatch.setattr(serving, '_publish', lambda *a, real=serving._publish: copied.append(1) or real(*a))
     downloads = PublishedFiles(keep=2)
     sources = []
     for i in range(3):
@@ -516,7 +518,9 @@ def test_checkpoints_handed_out_are_copies_under_their_names_and_at_most_keep_of
     assert first.name == 'run0.safetensors' and first.read_bytes() == sources[0].read_bytes()
     # under the hash of its content: a link nobody guesses, in the folder Gradio serves and sweeps
     assert first.parent == cache_folder() / hashlib.sha256(sources[0].read_bytes()).hexdigest()
-    assert Path(downloads.publish(sources[0])) == first  # the same file again: the same copy, not a second
+    assert Path(downloads.publish(sources[0])) == first and len(copied) == 1  # the same file: not read again
+    first.unlink()  # swept from the cache: the next request copies it again
+    assert Path(downloads.publish(sources[0])) == first and first.exists() and len(copied) == 2
     second, third = (Path(downloads.publish(s)) for s in sources[1:])
     assert not first.exists() and not first.parent.exists()  # the oldest of three went
     assert second.read_bytes() == sources[1].read_bytes() and third.read_bytes() == sources[2].read_bytes()

@@ -55,10 +55,7 @@ def _publish(write: Callable, name: str) -> Path:
             write(hashing)
         path = folder / hashing.sha.hexdigest() / name
         if path.exists():
-            # the sweep ages files by ctime: a copy handed out again starts a new life (setting the times
-            # to what they are renews ctime alone; the file's bytes and mtime stay as a download sees them)
-            st = path.stat()
-            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+            _renew(path)
             return path
         path.parent.mkdir(exist_ok=True)
         os.chmod(tmp, 0o644)
@@ -66,6 +63,13 @@ def _publish(write: Callable, name: str) -> Path:
         return path
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def _renew(path: Path) -> None:
+    """The sweep ages files by ctime: a copy handed out again starts a new life (setting the times to what they
+    are renews ctime alone; the file's bytes and mtime stay as a download sees them)."""
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 class _Hashing:
@@ -87,21 +91,31 @@ class PublishedFiles:
 
     def __init__(self, keep: int = 8):
         self.keep = keep
-        self._copies: OrderedDict[Path, None] = OrderedDict()
+        self._copies: OrderedDict[tuple, Path] = OrderedDict()  # by the source file's identity, oldest first
         self._lock = threading.Lock()
 
     def publish(self, source: str | Path) -> str:
         """The path of a copy of `source`, under its own name, that Gradio serves."""
+        st = os.stat(source)
+        # a checkpoint is never rewritten in place: the same file, unchanged, has its copy already
+        key = (str(Path(source).resolve()), st.st_ino, st.st_mtime_ns, st.st_size)
+
         def copy(f):
             with open(source, 'rb') as src:
                 while chunk := src.read(2 ** 20):
                     f.write(chunk)
         with self._lock:  # one copy at a time: a lost race must not count a copy twice or evict a fresh one
-            path = _publish(copy, Path(source).name)
-            self._copies[path] = None
-            self._copies.move_to_end(path)
+            path = self._copies.get(key)
+            if path is not None and path.exists():
+                _renew(path)
+            else:
+                path = _publish(copy, Path(source).name)
+            self._copies[key] = path
+            self._copies.move_to_end(key)
             while len(self._copies) > self.keep:
-                oldest, _ = self._copies.popitem(last=False)
+                _, oldest = self._copies.popitem(last=False)
+                if oldest in self._copies.values():  # the same content under another source's key
+                    continue
                 oldest.unlink(missing_ok=True)  # a download under way reads on: the file lives while it is open
                 with contextlib.suppress(OSError):  # another file of the same content may share the folder
                     oldest.parent.rmdir()
