@@ -85,7 +85,7 @@ class _Hashing:
 
 class PublishedFiles:
     """Files handed out for download (a visitor's checkpoint), each copied into Gradio's cache under the hash of
-    its content (a link nobody can guess who has not the file, served as it is, removed by the cache's sweep).
+    its content (a link only someone who has the file could work out; served as it is, removed by the sweep).
     At most `keep` copies at once, the oldest removed first: a run a minute from a hostile client would
     otherwise fill the disk with copies before the sweep comes, and the upload folder's quota with it."""
 
