@@ -89,8 +89,8 @@ def test_api_contract_without_a_server(weights_dir):
     assert [p['parameter_name'] for p in params[:2]] == ['image', 'model']
     assert not params[0]['parameter_has_default']
     assert all(p['parameter_has_default'] for p in params[1:])
-    assert sorted(info['named_endpoints']) == ['/compare', '/inspect', '/predict', '/sanity', '/stop_training',
-                                               '/train']
+    assert sorted(info['named_endpoints']) == ['/add_model', '/compare', '/inspect', '/predict', '/sanity',
+                                               '/stop_training', '/train']
     assert [p['parameter_name'] for p in info['named_endpoints']['/compare']['parameters'][:3]] == \
         ['image', 'model_a', 'model_b']
     # the look from the grid's centre patch is optional: an image is all an API client must send
@@ -251,10 +251,18 @@ def test_train_tab_through_the_api_then_predict_with_the_new_model(tmp_path, wei
         assert 'scratch/tiny_run' in ModelStore(fetched.parent).checkpoint_names()
         Path(button.value['path']).unlink()  # swept from the cache: the next click's answer puts the copy back
         assert Path(offer(str(checkpoint))[0].value['path']).read_bytes() == checkpoint.read_bytes()
+        # brought back (on a Space: after a reload), as a browser names a second download of the same file
+        shutil.copy(fetched, tmp_path / 'tiny_run (1).safetensors')
+        note = client.predict(handle_file(str(tmp_path / 'tiny_run (1).safetensors')), api_name='/add_model')
+        assert note == 'Added as `trained/tiny_run_1`: pick it in any model list.'
+        (tmp_path / 'evil.safetensors').write_bytes(b'\x80\x04cos\nsystem\n.')  # a pickle, renamed
+        with pytest.raises(Exception, match='not a readable safetensors file'):
+            client.predict(handle_file(str(tmp_path / 'evil.safetensors')), api_name='/add_model')
         # a fresh client, as after a page reload or from another machine: the new model is usable
-        labels, *_ = connect(port, tmp_path / 'downloads').predict(
-            handle_file(str(ROOT / 'examples' / 'cat.jpg')), 'trained/tiny_run', api_name='/predict')
-        assert {c['label'] for c in labels['confidences']} <= {f'c{i}' for i in range(10)}
+        fresh = connect(port, tmp_path / 'downloads')
+        for name in ('trained/tiny_run', 'trained/tiny_run_1'):
+            labels, *_ = fresh.predict(handle_file(str(ROOT / 'examples' / 'cat.jpg')), name, api_name='/predict')
+            assert {c['label'] for c in labels['confidences']} <= {f'c{i}' for i in range(10)}
     finally:
         demo.close()
 

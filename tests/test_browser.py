@@ -347,6 +347,9 @@ def test_a_trained_model_is_kept_across_a_reload_and_for_other_clients(browser, 
     fetched.value.save_as(kept)
     assert kept.name == 'browser_run.safetensors'
     assert load_model(kept).classes == [f'class{i}' for i in range(10)]
+    page.get_by_text('Bring back a model you downloaded').click()  # and brought back, as after a reload
+    page.locator('.bring-back input[type=file]').set_input_files(str(kept))
+    expect(page.get_by_text('Added as trained/browser_run-2').first).to_be_visible()
     shoot(page, SHOTS / '7_stopped.png')
     page.get_by_text('Runs side by side').click()  # the run's validation curve, beside any other of yours
     pick(page, 'Runs', 'trained/browser_run')
@@ -360,6 +363,7 @@ def test_a_trained_model_is_kept_across_a_reload_and_for_other_clients(browser, 
     shoot(page, SHOTS / '7e_filmstrip_in_inspect.png')
 
     open_tab(page, 'Predict')  # the new model is offered without a restart
+    pick(page, 'Model', 'trained/browser_run-2')
     pick(page, 'Model', 'trained/browser_run')
     page.reload()  # and after a reload
     open_tab(page, 'Predict')

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -43,7 +44,7 @@ from vitdemo.serving import PublishedFiles, cache_folder, publish_image
 from vitdemo.store import ModelStore
 from vitdemo.train import TrainConfig
 from vitdemo.train_form import TRAIN_PRESETS, TrainForm
-from vitdemo.training_job import TrainingFailed, TrainingJob
+from vitdemo.training_job import TrainingFailed, TrainingJob, add_checkpoint
 from vitdemo.weights import load_checkpoint
 
 CAT = str(ROOT / 'examples' / 'cat.jpg')
@@ -220,6 +221,26 @@ def test_in_public_mode_runs_and_models_belong_to_their_session(tmp_path, weight
     next(run)  # still training
     assert job.stop('session-a')
     assert list(run)[-1].status.startswith('stopped')
+
+
+def test_a_checkpoint_brought_back_joins_its_sessions_models_alone_and_never_a_shipped_name(tmp_path, weights_dir):
+    store = public_store(weights_dir, tmp_path)
+    job = TrainingJob('unused', store, ServerPolicy(public=True), update_seconds=0.0)
+    kept = tmp_path / 'kept' / 'my_vit.safetensors'  # a visitor's download, kept on their own machine
+    kept.parent.mkdir()
+    shutil.copy(list(job.run(CONFIG, EPOCH, 'my_vit', owner='session-a', data=colour_data(256)))[-1].checkpoint, kept)
+    path, left_out = add_checkpoint(store, kept, 'session-b', max_params=12_000_000)  # after a reload: a new session
+    assert left_out == [] and path.parent == store.folder('session-b') and path.name == 'my_vit.safetensors'
+    cache = ModelCache(store=store)
+    assert 'trained/my_vit' in cache.names('session-b') and 'trained/my_vit' not in cache.names('session-c')
+    torch.testing.assert_close(cache.get('trained/my_vit', 'session-b').module.head.weight,
+                               load_checkpoint(kept)[0].head.weight)
+    shutil.copy(kept, kept.with_name('vit_cifar10.safetensors'))  # a shipped model's name stays the shipped model's
+    with pytest.raises(ValueError, match='vit_cifar10 is the name of a model the app ships'):
+        add_checkpoint(store, kept.with_name('vit_cifar10.safetensors'), 'session-b')
+    with pytest.raises(ValueError, match='has 0.1 M parameters; this server runs models of at most 0.0 M'):
+        add_checkpoint(store, kept, 'session-b', max_params=1000)
+    assert sorted(p.name for p in store.folder('session-b').iterdir()) == ['my_vit.safetensors']  # nothing half-kept
 
 
 def test_run_locally_one_user_owns_everything(tmp_path, weights_dir):
@@ -528,23 +549,32 @@ def test_checkpoints_handed_out_are_copies_under_their_names_and_at_most_keep_of
     assert third.exists() and not list(cache_folder().glob('.publish.*'))
 
 
-def test_a_raw_call_cannot_point_the_download_at_a_file_of_the_servers(port):
-    """The download event reads the run's checkpoint from the session's state, which lives on the server: a
-    client that calls the event by its index with a path of its choosing gets nothing."""
+def call_by_index(url: str, fn_index: int, data: list, session: str) -> dict:
+    """An event called by its index, as a client that bypasses the page would: its `process_completed` message."""
+    body = dict(data=data, fn_index=fn_index, session_hash=session, event_data=None, trigger_id=None)
+    urllib.request.urlopen(urllib.request.Request(url + 'gradio_api/queue/join', json.dumps(body).encode(),
+                                                  {'Content-Type': 'application/json'}))
+    with urllib.request.urlopen(url + f'gradio_api/queue/data?session_hash={session}', timeout=60) as stream:
+        return next(json.loads(line[5:]) for line in stream if b'process_completed' in line)
+
+
+def test_a_raw_call_can_point_neither_the_download_nor_the_bring_back_at_a_file_of_the_servers(port, weights_dir):
+    """The download event reads the run's checkpoint from the session's state, which lives on the server; the
+    bring-back takes only a file the client uploaded (Gradio refuses any other path)."""
     url = f'http://127.0.0.1:{port}/'
     config = json.load(urllib.request.urlopen(url + 'config'))
     types = {c['id']: c['type'] for c in config['components']}
     events = [d for d in config['dependencies'] if any(types[o] == 'downloadbutton' for o in d['outputs'])]
     assert events
     for event in events:
-        body = dict(data=[__file__] * len(event['inputs']), fn_index=event['id'], session_hash='raw-caller',
-                    event_data=None, trigger_id=None)
-        urllib.request.urlopen(urllib.request.Request(url + 'gradio_api/queue/join', json.dumps(body).encode(),
-                                                      {'Content-Type': 'application/json'}))
-        with urllib.request.urlopen(url + 'gradio_api/queue/data?session_hash=raw-caller', timeout=60) as stream:
-            done = next(json.loads(line[5:]) for line in stream if b'process_completed' in line)
+        done = call_by_index(url, event['id'], [__file__] * len(event['inputs']), 'raw-caller')
         assert done['success'] and Path(__file__).name not in json.dumps(done)
         assert all(update == {'visible': False, '__type__': 'update'} for update in done['output']['data'])
+    bring_back = next(d['id'] for d in config['dependencies'] if d.get('api_name') == 'add_model')
+    shipped = {'path': str(weights_dir / 'vit_cifar10.safetensors'), 'meta': {'_type': 'gradio.FileData'}}
+    before = set(weights_dir.rglob('*.safetensors'))
+    assert not call_by_index(url, bring_back, [shipped], 'raw-caller')['success']
+    assert set(weights_dir.rglob('*.safetensors')) == before  # nothing joined the models
 
 
 def test_two_identical_predictions_share_files_and_rewrite_none(client):

@@ -1,3 +1,4 @@
+import json
 import pickle
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from vitdemo.data import load_dataset
 from vitdemo.evaluate import held_out
 from vitdemo.model import VisionTransformer
 from vitdemo.train import evaluate
-from vitdemo.weights import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
+from vitdemo.weights import CheckpointError, load_checkpoint, read_metadata, rewrite_checkpoint, save_checkpoint
 
 CLASSES = [f'class{i}' for i in range(10)]
 
@@ -72,6 +73,74 @@ def test_foreign_or_ill_fitting_checkpoints_are_refused(tmp_path):
 
     with pytest.raises(CheckpointError, match='no checkpoint file'):
         load_checkpoint(tmp_path / 'absent.safetensors')
+
+
+def handed_over(tmp_path, model=None, metadata: dict | None = None, tensors: dict | None = None) -> Path:
+    """A checkpoint as a visitor might hand one over: vitdemo's own, its metadata or tensors then changed."""
+    path = tmp_path / 'handed.safetensors'
+    model = model or randomize_(VisionTransformer(TINY_CIFAR))
+    save_checkpoint(path, model, CLASSES, [0.5] * 3, [0.25] * 3, metrics={'val_accuracy': 0.7},
+                    history=[{'epoch': 1, 'epochs': 1.0, 'val_accuracy': 0.7}], seed=3, train_config={'lr': 1})
+    from safetensors import safe_open
+    with safe_open(str(path), 'pt') as f:
+        meta = f.metadata()
+    meta.update({k: json.dumps(v) for k, v in (metadata or {}).items()})
+    save_file({**model.state_dict(), **(tensors or {})}, str(path), metadata=meta)
+    return path
+
+
+def test_a_checkpoint_handed_over_is_written_again_with_its_weights_classes_and_curves_only(tmp_path):
+    from vitdemo.filmstrip import Filmstrip
+    model = randomize_(VisionTransformer(TINY_CIFAR))
+    strip = Filmstrip(torch.randint(0, 255, (4, 32, 32, 3), dtype=torch.uint8).numpy(), [0, 1, 2, 3])
+    strip.record(model, [0.5] * 3, [0.25] * 3, epoch=1)
+    source = handed_over(tmp_path, model, {'filmstrip': strip.to_metadata(), 'notes': 'anything at all'})
+    assert rewrite_checkpoint(source, tmp_path / 'kept.safetensors', max_params=10 ** 6) == []
+    loaded, meta = load_checkpoint(tmp_path / 'kept.safetensors')
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert meta['classes'] == CLASSES and meta['metrics'] == {'val_accuracy': 0.7}
+    assert meta['history'] == [{'epoch': 1, 'epochs': 1.0, 'val_accuracy': 0.7}]
+    assert Filmstrip.from_metadata(meta['filmstrip']).maps[0].shape == (4, 2, 4, 4)
+    assert not {'seed', 'train_config', 'notes'} & set(meta)  # nothing else of the file is kept
+
+    odd = handed_over(tmp_path, model, {'history': [{'epoch': 1, 'command': 'rm -rf /'}],
+                                        'filmstrip': {'images': {'shape': [10 ** 6], 'data': ''}}})
+    left_out = rewrite_checkpoint(odd, tmp_path / 'odd.safetensors')
+    assert left_out == ['its training curves (they did not read back)',
+                        'its attention through training (it did not read back)']
+    assert not {'history', 'filmstrip'} & set(read_metadata(tmp_path / 'odd.safetensors'))
+
+
+@pytest.mark.parametrize('change,refusal', [
+    (dict(metadata={'config': {**TINY_CIFAR.to_dict(), 'embed_dim': 65536, 'num_heads': 1}}), 'M parameters'),
+    (dict(metadata={'config': {**TINY_CIFAR.to_dict(), 'img_size': 4096, 'patch_size': 8}}), 'px images'),
+    (dict(metadata={'config': {**TINY_CIFAR.to_dict(), 'img_size': 224, 'patch_size': 4}}), '3,136 patches'),
+    (dict(metadata={'config': {**TINY_CIFAR.to_dict(), 'depth': 'many'}}), 'invalid model config'),
+    (dict(metadata={'config': {**TINY_CIFAR.to_dict(), 'depth': 10 ** 7}}), '10,000,000 blocks'),
+    (dict(metadata={'config': {**TINY_CIFAR.to_dict(), 'img_size': 32.0}}), 'invalid model config'),
+    (dict(metadata={'classes': CLASSES[:9]}), 'does not name its classes'),
+    (dict(metadata={'classes': CLASSES[:9] + ['x' * 65]}), 'does not name its classes'),
+    (dict(metadata={'classes': CLASSES[:9] + [{'a': 1}]}), 'does not name its classes'),
+    (dict(metadata={'std': [0.25, 0.25, 0.0]}), 'no usable normalisation'),
+    (dict(metadata={'mean': [0.5, 'NaN', 0.5]}), 'no usable normalisation'),
+    (dict(tensors={'head.bias': torch.full((10,), float('nan'))}), 'not finite'),
+    (dict(tensors={'head.weight': torch.zeros(7, 64)}), 'does not fit its own config'),
+], ids=['too-many-parameters', 'huge-input', 'too-many-tokens', 'bad-config', 'too-deep', 'float-size',
+        'class-count', 'long-class-name',
+        'class-not-text', 'zero-std', 'nan-mean', 'nan-weights', 'wrong-shape'])
+def test_a_hostile_checkpoint_is_refused_before_any_model_is_built_and_nothing_is_written(tmp_path, monkeypatch,
+                                                                                         change, refusal):
+    source = handed_over(tmp_path, **change)
+    built = []  # the device each model was built on
+    real = VisionTransformer.__init__
+    monkeypatch.setattr(VisionTransformer, '__init__',
+                        lambda self, *a, **k: built.append(torch.empty(0).device.type) or real(self, *a, **k))
+    with pytest.raises(CheckpointError, match=refusal):
+        rewrite_checkpoint(source, tmp_path / 'kept.safetensors', max_params=10 ** 6)
+    assert not (tmp_path / 'kept.safetensors').exists()
+    if any(w in refusal for w in ('parameters', 'px images', 'patches', 'blocks')):  # sized on the meta device at most
+        assert set(built) <= {'meta'}
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -70,6 +71,27 @@ def checkpoint_name(name: str, reserved: set[str] = frozenset()) -> str:
     if name.casefold() in {r.casefold() for r in reserved}:
         raise ValueError(f'{name} is the name of a model the app ships; choose another name')
     return name
+
+
+def reserved_names(store: ModelStore) -> set[str]:
+    """Names a visitor's model may not take: the pretrained models' and the shipped checkpoints'."""
+    return set(TIMM_ARCHS) | {n.split('/')[1] for n in store.checkpoint_names() if n.startswith('scratch/')}
+
+
+def add_checkpoint(store: ModelStore, source: str | Path, owner: str | None,
+                   max_params: int | None = None) -> tuple[Path, list[str]]:
+    """A checkpoint a visitor hands the app (one they downloaded, or trained elsewhere), added to their models as
+    `trained/NAME`, NAME from its file's name: checked and written again by this code, never kept as it came
+    (`vitdemo.weights.rewrite_checkpoint`). Returns its path and what of its metadata was left out."""
+    # a browser names a second download "my_vit (1).safetensors"
+    stem = re.sub(r'[^A-Za-z0-9_-]+', '_', Path(source).stem).strip('_-')[:48] or 'uploaded'
+    name = checkpoint_name(stem, reserved_names(store))
+    out = store.reserve(name, owner, 2 * Path(source).stat().st_size + 2 ** 16)  # float16 tensors come back float32
+    try:
+        return out, late_import('vitdemo.weights').rewrite_checkpoint(source, out, max_params)
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
 
 
 def attention_snapshot(model: Classifier, image: torch.Tensor, mean: list[float], std: list[float],
@@ -173,9 +195,7 @@ class TrainingJob:
     def run(self, model_config: ModelConfig, cfg: TrainConfig, name: str, owner: str | None = None,
             data: ImageData | None = None) -> Iterator[Snapshot]:
         training, weights = late_import('vitdemo.train'), late_import('vitdemo.weights')
-        shipped = [n.split('/')[1] for n in self.store.checkpoint_names() if n.startswith('scratch/')]
-        reserved = set(TIMM_ARCHS) | set(shipped)
-        name = checkpoint_name(name, reserved)
+        name = checkpoint_name(name, reserved_names(self.store))
         teacher = self._teacher(cfg.teacher, owner)
         teacher_config = weights.config_of(read_metadata(teacher)) if teacher else None
         probe = cfg.finetune == 'probe'

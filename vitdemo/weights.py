@@ -5,6 +5,7 @@ worst fail to load. Writes go to a temporary file that is renamed into place, so
 the previous checkpoint intact.
 """
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -106,3 +107,99 @@ def from_timm(timm_vit: torch.nn.Module) -> VisionTransformer:
     except RuntimeError as e:
         raise CheckpointError(f'this timm model is not a plain ViT our code can run: {e}') from None
     return model.eval()
+
+
+# what a checkpoint handed to a server may describe: the largest inputs this app trains (a fine-tune at 224 px) and
+# token counts whose attention stays small (224 px in patches of 7, 64 px in patches of 2)
+MAX_IMG_SIZE = 224
+MAX_TOKENS = 1024
+MAX_DEPTH = 64
+MAX_CLASSES = 10_000
+MAX_CLASS_NAME = 64
+HISTORY_FIELDS = {'epoch', 'epochs', 'step', 'lr', 'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy',
+                  'seconds', 'images_per_sec'}
+
+
+def rewrite_checkpoint(source: str | Path, dest: str | Path, max_params: int | None = None) -> list[str]:
+    """Check a checkpoint someone hands the app and write it again, with this code, to `dest`. The config must
+    lie within bounds before any model is built (its parameters counted on the meta device: no memory); the
+    tensors must fit it and be finite; the class names and normalisation must be sane. Of the rest of the
+    metadata, only the training history and the filmstrip are kept, each only if it reads back as what vitdemo
+    writes; returns what was left out, in words. CheckpointError says why a file is refused."""
+    name = Path(source).name
+    meta = read_metadata(source)
+    config = config_of(meta)
+
+    def refuse(why: str):
+        raise CheckpointError(f'{name} {why}')
+    if not 8 <= config.img_size <= MAX_IMG_SIZE or config.in_chans != 3:
+        refuse(f'takes {config.img_size} px images in {config.in_chans} channels; this app runs models of RGB '
+               f'images of 8 to {MAX_IMG_SIZE} px')
+    if isinstance(config, ViTConfig) and config.grid_size ** 2 > MAX_TOKENS:
+        refuse(f'cuts its image into {config.grid_size ** 2:,} patches; this app runs ViTs of at most {MAX_TOKENS:,}')
+    if isinstance(config, ViTConfig) and not config.depth <= MAX_DEPTH:  # a module per block: Python's memory
+        refuse(f'has {config.depth:,} blocks; this app runs ViTs of at most {MAX_DEPTH}')
+    classes, mean, std = meta.get('classes'), meta.get('mean'), meta.get('std')
+    if not (isinstance(classes, list) and len(classes) == config.num_classes <= MAX_CLASSES and
+            all(isinstance(c, str) and 0 < len(c) <= MAX_CLASS_NAME and c.isprintable() for c in classes)):
+        refuse(f'does not name its classes (at most {MAX_CLASSES:,}, each in 1 to {MAX_CLASS_NAME} printable '
+               'characters)')
+    if not all(isinstance(v, list) and len(v) == 3 and all(_finite(x) for x in v) for v in (mean, std)) or \
+            min(std) <= 0:
+        refuse('has no usable normalisation (three finite means, three positive standard deviations)')
+    try:
+        with torch.device('meta'):
+            params = sum(p.numel() for p in build_model(config).parameters())
+    except (TypeError, ValueError, RuntimeError) as e:  # values of the wrong type the config's checks let by
+        refuse(f'has an invalid model config: {e}')
+    if max_params is not None and params > max_params:
+        refuse(f'has {params / 1e6:.1f} M parameters; this server runs models of at most {max_params / 1e6:.1f} M')
+    model, _ = load_checkpoint(source)
+    if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
+        refuse('has weights that are not finite numbers (NaN or infinity)')
+    extras, left_out = {}, []
+    accuracy = (meta.get('metrics') or {}).get('val_accuracy') if isinstance(meta.get('metrics'), dict) else None
+    if _finite(accuracy) and 0 <= accuracy <= 1:
+        extras['metrics'] = {'val_accuracy': accuracy}
+    if meta.get('history') is not None:
+        if _valid_history(meta['history']):
+            extras['history'] = meta['history']
+        else:
+            left_out.append('its training curves (they did not read back)')
+    if meta.get('filmstrip') is not None:
+        if isinstance(config, ViTConfig) and _valid_filmstrip(meta['filmstrip'], config):
+            extras['filmstrip'] = meta['filmstrip']
+        else:
+            left_out.append('its attention through training (it did not read back)')
+    save_checkpoint(dest, model, classes, [float(v) for v in mean], [float(v) for v in std], **extras)
+    return left_out
+
+
+def _finite(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _valid_history(history) -> bool:
+    return isinstance(history, list) and len(history) <= 10_000 and all(
+        isinstance(row, dict) and set(row) <= HISTORY_FIELDS and 'epoch' in row and all(map(_finite, row.values()))
+        for row in history)
+
+
+def _valid_filmstrip(packed, config: ViTConfig) -> bool:
+    """A filmstrip (`vitdemo.filmstrip`) of this model: a few RGB images (at the data's size, which a fine-tune
+    scales up), and for each epoch a map per image, layer and patch, and a class per image."""
+    from .filmstrip import Filmstrip
+    try:
+        strip = Filmstrip.from_metadata(packed)
+    except (KeyError, TypeError, ValueError, AttributeError):  # missing fields, wrong types, shapes that do not fit
+        return False
+    n = len(strip.labels)
+    maps_fit = all(m.shape == (n, config.depth, config.grid_size, config.grid_size) for m in strip.maps)
+    images_fit = strip.images.ndim == 4 and strip.images.shape[0] == n and strip.images.shape[3] == 3 and \
+        all(8 <= side <= MAX_IMG_SIZE for side in strip.images.shape[1:3])
+    return (0 < n <= 16 and images_fit and maps_fit and
+            len(strip.maps) == len(strip.epochs) == len(strip.predicted) and
+            all(isinstance(e, int) for e in strip.epochs) and
+            all(isinstance(c, int) and 0 <= c < config.num_classes for c in strip.labels) and
+            all(len(p) == n and all(isinstance(c, int) and 0 <= c < config.num_classes for c in p)
+                for p in strip.predicted))

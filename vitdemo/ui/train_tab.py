@@ -14,7 +14,7 @@ from ..archive import ZipLimits, read_image_zip
 from ..filmstrip import filmstrip_figure
 from ..train_form import (FINETUNE_ARCHS, FINETUNE_MODES, SMALL_PRESET, TRAIN_PRESETS, TrainForm, default_preset,
                           trains_in_float32)
-from ..training_job import Snapshot
+from ..training_job import Snapshot, add_checkpoint
 from ..views import accuracy_title, progress_html, runs_frame, training_curves
 from ..metadata import read_metadata
 from .common import Number, Server, Slider, keeps_errors, shows_user_errors
@@ -150,6 +150,16 @@ def train_tab(server: Server, page_load) -> gr.State:
                 gr.Markdown(USE_DOWNLOAD.format(stem=stem), visible=True))
 
     @shows_user_errors(server)
+    def add_model(checkpoint_file: str | None, request: gr.Request):
+        if not checkpoint_file:
+            return gr.skip(), gr.skip()
+        path, left_out = add_checkpoint(server.cache.store, checkpoint_file, server.owner(request),
+                                        server.policy.max_params)
+        server.cache.forget(path)
+        note = f'Added as `trained/{path.stem}`: pick it in any model list.'
+        return note + (f' Left out: {"; ".join(left_out)}.' if left_out else ''), str(path)
+
+    @shows_user_errors(server)
     def show_runs(names: list[str], against: str, request: gr.Request):
         histories = {}
         for name in names or []:
@@ -193,6 +203,13 @@ def train_tab(server: Server, page_load) -> gr.State:
                 stop = gr.Button('Stop')
             download = gr.DownloadButton('Download the model', size='md', visible=False)
             download_note = gr.Markdown(visible=False)
+            with gr.Accordion('Bring back a model you downloaded', open=False):
+                model_file = gr.File(file_types=['.safetensors'], type='filepath', elem_classes=['bring-back'],
+                                     label='A .safetensors file of vitdemo')
+                model_note = gr.Markdown('This tab\'s download, or a model trained with `python -m vitdemo.train`. It '
+                                         'joins your models as `trained/NAME`, checked and written again: its '
+                                         'weights, classes, training curves and attention through training, nothing '
+                                         'else of the file.')
             with gr.Accordion('Model and recipe', open=False):
                 with gr.Column(visible=default.arch == 'vit') as vit_settings:
                     with gr.Row():
@@ -296,6 +313,8 @@ def train_tab(server: Server, page_load) -> gr.State:
                              [status, loss_plot, accuracy_plot, snapshot, film_plot, saved],
                              api_name='train', concurrency_limit=2, concurrency_id='train'), server, status)
     stop.click(stop_training, None, status, api_name='stop_training')
+    keeps_errors(model_file.upload(add_model, model_file, [model_note, saved], api_name='add_model'), server,
+                 model_note)
     # each click renews the copy for the next one: the cache's sweep removes files some minutes old
     gr.on([saved.change, download.click], offer_download, saved, [download, download_note], api_visibility='private',
           show_progress='hidden')
