@@ -104,6 +104,13 @@ def test_a_checkpoint_handed_over_is_written_again_with_its_weights_classes_and_
     assert Filmstrip.from_metadata(meta['filmstrip']).maps[0].shape == (4, 2, 4, 4)
     assert not {'seed', 'train_config', 'notes'} & set(meta)  # nothing else of the file is kept
 
+    shipped_cnn = ROOT / 'weights' / 'convnet_cifar10.safetensors'  # a CNN, stored in float16: it stays so
+    assert rewrite_checkpoint(shipped_cnn, tmp_path / 'cnn.safetensors') == []
+    assert (tmp_path / 'cnn.safetensors').stat().st_size <= shipped_cnn.stat().st_size
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_checkpoint(tmp_path / 'cnn.safetensors')[0](x), load_checkpoint(shipped_cnn)[0](x))
+
     odd = handed_over(tmp_path, model, {'history': [{'epoch': 1, 'command': 'rm -rf /'}],
                                         'filmstrip': {'images': {'shape': [10 ** 6], 'data': ''}}})
     left_out = rewrite_checkpoint(odd, tmp_path / 'odd.safetensors')

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .cnn import CifarConvNet, CifarResNet, ConvNetConfig, ResNetConfig
@@ -171,7 +171,10 @@ def rewrite_checkpoint(source: str | Path, dest: str | Path, max_params: int | N
             extras['filmstrip'] = meta['filmstrip']
         else:
             left_out.append('its attention through training (it did not read back)')
-    save_checkpoint(dest, model, classes, [float(v) for v in mean], [float(v) for v in std], **extras)
+    with safe_open(str(source), 'pt') as f:  # a file stored in float16 (half the size) stays so
+        half = {f.get_slice(k).get_dtype() for k in f.keys()} & {'F16', 'F32'} == {'F16'}
+    save_checkpoint(dest, model, classes, [float(v) for v in mean], [float(v) for v in std],
+                    torch.float16 if half else torch.float32, **extras)
     return left_out
 
 
