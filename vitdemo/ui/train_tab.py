@@ -203,13 +203,6 @@ def train_tab(server: Server, page_load) -> gr.State:
                 stop = gr.Button('Stop')
             download = gr.DownloadButton('Download the model', size='md', visible=False)
             download_note = gr.Markdown(visible=False)
-            with gr.Accordion('Bring back a model you downloaded', open=False):
-                model_file = gr.File(file_types=['.safetensors'], type='filepath', elem_classes=['bring-back'],
-                                     label='A .safetensors file of vitdemo')
-                model_note = gr.Markdown('This tab\'s download, or a model trained with `python -m vitdemo.train`. It '
-                                         'joins your models as `trained/NAME`, checked and written again: its '
-                                         'weights, classes, training curves and attention through training, nothing '
-                                         'else of the file.')
             with gr.Accordion('Model and recipe', open=False):
                 with gr.Column(visible=default.arch == 'vit') as vit_settings:
                     with gr.Row():
@@ -258,6 +251,13 @@ def train_tab(server: Server, page_load) -> gr.State:
                                                    "and its mirror, before the first step",
                                                    info='measured faster at ten minutes than an answer for '
                                                         'every crop (more epochs in the budget)')
+            with gr.Accordion('Bring back a model you downloaded', open=False):
+                model_file = gr.File(file_types=['.safetensors'], type='filepath', elem_classes=['bring-back'],
+                                     label='A .safetensors file of vitdemo')
+                model_note = gr.Markdown('This tab\'s download, or a model trained with `python -m vitdemo.train`. It '
+                                         'joins your models as `trained/NAME`, checked and written again: its '
+                                         'weights, classes, training curves and attention through training, nothing '
+                                         'else of the file.')
         with gr.Column(scale=2):
             # the plots stay hidden until they have something to show: empty frames tell a stranger nothing
             status = gr.HTML('<p>Press Start. After the first epoch, the loss and accuracy curves appear here, '
