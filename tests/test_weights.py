@@ -125,28 +125,35 @@ def test_a_checkpoint_handed_over_is_written_again_with_its_weights_classes_and_
     (dict(metadata={'config': {**TINY_CIFAR.to_dict(), 'img_size': 224, 'patch_size': 4}}), '3,136 patches'),
     (dict(metadata={'config': {**TINY_CIFAR.to_dict(), 'depth': 'many'}}), 'invalid model config'),
     (dict(metadata={'config': {**TINY_CIFAR.to_dict(), 'depth': 10 ** 7}}), '10,000,000 blocks'),
-    (dict(metadata={'config': {**TINY_CIFAR.to_dict(), 'img_size': 32.0}}), 'invalid model config'),
+    (dict(metadata={'config': {**TINY_CIFAR.to_dict(), 'img_size': 32.0}}), 'values of the wrong type'),
+    (dict(metadata={'config': {**TINY_CIFAR.to_dict(), 'num_heads': 4.0}}), 'values of the wrong type'),
+    (dict(metadata={'config': {**TINY_CIFAR.to_dict(), 'qkv_bias': 1}}), 'values of the wrong type'),
     (dict(metadata={'classes': CLASSES[:9]}), 'does not name its classes'),
-    (dict(metadata={'classes': CLASSES[:9] + ['x' * 65]}), 'does not name its classes'),
+    (dict(metadata={'classes': CLASSES[:9] + ['x' * 49]}), 'does not name its classes'),
+    (dict(metadata={'classes': CLASSES[:9] + ['a\nb']}), 'does not name its classes'),
     (dict(metadata={'classes': CLASSES[:9] + [{'a': 1}]}), 'does not name its classes'),
     (dict(metadata={'std': [0.25, 0.25, 0.0]}), 'no usable normalisation'),
     (dict(metadata={'mean': [0.5, 'NaN', 0.5]}), 'no usable normalisation'),
     (dict(tensors={'head.bias': torch.full((10,), float('nan'))}), 'not finite'),
-    (dict(tensors={'head.weight': torch.zeros(7, 64)}), 'does not fit its own config'),
+    (dict(tensors={'head.weight': torch.zeros(7, 64)}), 'does not fit its own config: head.weight'),
+    # a config far larger than the file: never built for real (there is no cap on parameters here)
+    (dict(metadata={'config': {**TINY_CIFAR.to_dict(), 'embed_dim': 65536, 'num_heads': 1}}, max_params=None),
+     'does not fit its own config'),
 ], ids=['too-many-parameters', 'huge-input', 'too-many-tokens', 'bad-config', 'too-deep', 'float-size',
-        'class-count', 'long-class-name',
-        'class-not-text', 'zero-std', 'nan-mean', 'nan-weights', 'wrong-shape'])
+        'float-heads', 'number-for-a-flag', 'class-count', 'long-class-name', 'control-character',
+        'class-not-text', 'zero-std', 'nan-mean', 'nan-weights', 'wrong-shape', 'config-past-the-file'])
 def test_a_hostile_checkpoint_is_refused_before_any_model_is_built_and_nothing_is_written(tmp_path, monkeypatch,
                                                                                          change, refusal):
+    max_params = change.pop('max_params', 10 ** 6)
     source = handed_over(tmp_path, **change)
     built = []  # the device each model was built on
     real = VisionTransformer.__init__
     monkeypatch.setattr(VisionTransformer, '__init__',
                         lambda self, *a, **k: built.append(torch.empty(0).device.type) or real(self, *a, **k))
     with pytest.raises(CheckpointError, match=refusal):
-        rewrite_checkpoint(source, tmp_path / 'kept.safetensors', max_params=10 ** 6)
+        rewrite_checkpoint(source, tmp_path / 'kept.safetensors', max_params=max_params)
     assert not (tmp_path / 'kept.safetensors').exists()
-    if any(w in refusal for w in ('parameters', 'px images', 'patches', 'blocks')):  # sized on the meta device at most
+    if any(w in refusal for w in ('parameters', 'px images', 'patches', 'blocks', 'fit')):  # on the meta device at most
         assert set(built) <= {'meta'}
 
 

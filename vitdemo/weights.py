@@ -8,12 +8,14 @@ import json
 import math
 import os
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .archive import CLASS_NAME
 from .cnn import CifarConvNet, CifarResNet, ConvNetConfig, ResNetConfig
 from .metadata import FORMAT, VERSION, CheckpointError, read_metadata
 from .model import ViTConfig, VisionTransformer
@@ -79,17 +81,21 @@ def load_checkpoint(path: str | Path) -> tuple[Classifier, dict]:
         model = model_cls(config_cls(**meta['config']))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f'{Path(path).name} has an invalid model config: {e}') from None
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = [f'{k}: file {tuple(tensors[k].shape)}, config {tuple(v.shape)}'
-             for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+    check_fit(Path(path).name, {k: tuple(v.shape) for k, v in tensors.items()},
+              {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    model.load_state_dict(tensors)
+    return model.eval(), meta
+
+
+def check_fit(name: str, stored: dict[str, tuple], expected: dict[str, tuple]) -> None:
+    """Refuse a file whose tensors (name: shape) are not the ones its config's model has."""
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    wrong = [f'{k}: file {stored[k]}, config {v}' for k, v in expected.items() if k in stored and stored[k] != v]
     if missing or unexpected or wrong:
         problems = ([f'missing {", ".join(missing[:5])}'] if missing else []) + \
                    ([f'unexpected {", ".join(unexpected[:5])}'] if unexpected else []) + wrong[:5]
-        raise CheckpointError(f'{Path(path).name} does not fit its own config: ' + '; '.join(problems))
-    model.load_state_dict(tensors)
-    return model.eval(), meta
+        raise CheckpointError(f'{name} does not fit its own config: ' + '; '.join(problems))
 
 
 def from_timm(timm_vit: torch.nn.Module) -> VisionTransformer:
@@ -115,23 +121,25 @@ MAX_IMG_SIZE = 224
 MAX_TOKENS = 1024
 MAX_DEPTH = 64
 MAX_CLASSES = 10_000
-MAX_CLASS_NAME = 64
 HISTORY_FIELDS = {'epoch', 'epochs', 'step', 'lr', 'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy',
                   'seconds', 'images_per_sec'}
 
 
 def rewrite_checkpoint(source: str | Path, dest: str | Path, max_params: int | None = None) -> list[str]:
     """Check a checkpoint someone hands the app and write it again, with this code, to `dest`. The config must
-    lie within bounds before any model is built (its parameters counted on the meta device: no memory); the
-    tensors must fit it and be finite; the class names and normalisation must be sane. Of the rest of the
-    metadata, only the training history and the filmstrip are kept, each only if it reads back as what vitdemo
-    writes; returns what was left out, in words. CheckpointError says why a file is refused."""
+    lie within bounds, and the file's tensors fit it, before any model is built (its parameters counted and its
+    shapes compared on the meta device: no memory); the weights must be finite, the class names and the
+    normalisation sane. Of the rest of the metadata, only the training history and the filmstrip are kept,
+    each only if it reads back as what vitdemo writes; returns what was left out, in words. CheckpointError
+    says why a file is refused."""
     name = Path(source).name
     meta = read_metadata(source)
     config = config_of(meta)
 
     def refuse(why: str):
         raise CheckpointError(f'{name} {why}')
+    if not _typed_as_declared(config):  # JSON lets a 3.0 or a "3" stand for a 3, which fails only when it runs
+        refuse('has a model config with values of the wrong type')
     if not 8 <= config.img_size <= MAX_IMG_SIZE or config.in_chans != 3:
         refuse(f'takes {config.img_size} px images in {config.in_chans} channels; this app runs models of RGB '
                f'images of 8 to {MAX_IMG_SIZE} px')
@@ -141,19 +149,26 @@ def rewrite_checkpoint(source: str | Path, dest: str | Path, max_params: int | N
         refuse(f'has {config.depth:,} blocks; this app runs ViTs of at most {MAX_DEPTH}')
     classes, mean, std = meta.get('classes'), meta.get('mean'), meta.get('std')
     if not (isinstance(classes, list) and len(classes) == config.num_classes <= MAX_CLASSES and
-            all(isinstance(c, str) and 0 < len(c) <= MAX_CLASS_NAME and c.isprintable() for c in classes)):
-        refuse(f'does not name its classes (at most {MAX_CLASSES:,}, each in 1 to {MAX_CLASS_NAME} printable '
-               'characters)')
+            all(isinstance(c, str) and CLASS_NAME.fullmatch(c) for c in classes)):
+        refuse(f'does not name its classes (at most {MAX_CLASSES:,}, each in at most 48 printable characters, as a '
+               'folder of a training zip)')
     if not all(isinstance(v, list) and len(v) == 3 and all(_finite(x) for x in v) for v in (mean, std)) or \
             min(std) <= 0:
         refuse('has no usable normalisation (three finite means, three positive standard deviations)')
     try:
         with torch.device('meta'):
-            params = sum(p.numel() for p in build_model(config).parameters())
+            sized = build_model(config)
     except (TypeError, ValueError, RuntimeError) as e:  # values of the wrong type the config's checks let by
         refuse(f'has an invalid model config: {e}')
+    params = sum(p.numel() for p in sized.parameters())
     if max_params is not None and params > max_params:
         refuse(f'has {params / 1e6:.1f} M parameters; this server runs models of at most {max_params / 1e6:.1f} M')
+    # the model is built for real only once the file holds every one of its tensors: its memory is then bounded
+    # by the file's size, whatever the config claims
+    with safe_open(str(source), 'pt') as f:
+        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    check_fit(name, stored, {k: tuple(v.shape) for k, v in sized.state_dict().items()})
     model, _ = load_checkpoint(source)
     if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
         refuse('has weights that are not finite numbers (NaN or infinity)')
@@ -171,11 +186,23 @@ def rewrite_checkpoint(source: str | Path, dest: str | Path, max_params: int | N
             extras['filmstrip'] = meta['filmstrip']
         else:
             left_out.append('its attention through training (it did not read back)')
-    with safe_open(str(source), 'pt') as f:  # a file stored in float16 (half the size) stays so
-        half = {f.get_slice(k).get_dtype() for k in f.keys()} & {'F16', 'F32'} == {'F16'}
+    half = dtypes & {'F16', 'F32'} == {'F16'}  # a file stored in float16 (half the size) stays so
     save_checkpoint(dest, model, classes, [float(v) for v in mean], [float(v) for v in std],
                     torch.float16 if half else torch.float32, **extras)
     return left_out
+
+
+def _typed_as_declared(config: ModelConfig) -> bool:
+    """Each field of a config holds a value of its default's type (a tuple checks its own items)."""
+    for f in fields(config):
+        value, default = getattr(config, f.name), f.default
+        if isinstance(default, bool) and not isinstance(value, bool) or \
+                isinstance(default, int) and not isinstance(default, bool) and \
+                (not isinstance(value, int) or isinstance(value, bool)) or \
+                isinstance(default, float) and not _finite(value) or \
+                isinstance(default, str) and not isinstance(value, str):
+            return False
+    return True
 
 
 def _finite(x) -> bool:
