@@ -228,7 +228,8 @@ def test_a_checkpoint_brought_back_joins_its_sessions_models_alone_and_never_a_s
     job = TrainingJob('unused', store, ServerPolicy(public=True), update_seconds=0.0)
     kept = tmp_path / 'kept' / 'my_vit.safetensors'  # a visitor's download, kept on their own machine
     kept.parent.mkdir()
-    shutil.copy(list(job.run(CONFIG, EPOCH, 'my_vit', owner='session-a', data=colour_data(256)))[-1].checkpoint, kept)
+    a_model = list(job.run(CONFIG, EPOCH, 'my_vit', owner='session-a', data=colour_data(256)))[-1].checkpoint
+    shutil.copy(a_model, kept)
     path, left_out = add_checkpoint(store, kept, 'session-b', max_params=12_000_000)  # after a reload: a new session
     assert left_out == [] and path.parent == store.folder('session-b') and path.name == 'my_vit.safetensors'
     cache = ModelCache(store=store)
@@ -241,6 +242,15 @@ def test_a_checkpoint_brought_back_joins_its_sessions_models_alone_and_never_a_s
     with pytest.raises(ValueError, match='has 0.1 M parameters; this server runs models of at most 0.0 M'):
         add_checkpoint(store, kept, 'session-b', max_params=1000)
     assert sorted(p.name for p in store.folder('session-b').iterdir()) == ['my_vit.safetensors']  # nothing half-kept
+    # a full store: a flood of checkpoints brought back (milliseconds each) removes no one else's model
+    store.max_files = 2
+    for _ in range(3):
+        time.sleep(0.02)  # distinct modification times: "oldest" is well defined
+        add_checkpoint(store, kept, 'session-b')
+    assert a_model.exists() and store.usage()[0] == 2  # each made room by removing B's own older one
+    with pytest.raises(ValueError, match='holds as many visitors\' models as it keeps'):
+        add_checkpoint(store, kept, 'session-flood')
+    assert a_model.exists()
 
 
 def test_run_locally_one_user_owns_everything(tmp_path, weights_dir):

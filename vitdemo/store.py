@@ -10,7 +10,8 @@ Two namespaces that never share a folder:
 
 A new run never replaces a file: a name in use gets the next free `NAME-2`, `NAME-3`, ... (compared without
 case, as on macOS and Windows disks). Where caps are set, the oldest visitors' checkpoints are evicted to
-make room; the shipped ones, in the other folder, never are.
+make room for a training run, and only the visitor's own for a checkpoint brought back; the shipped ones, in
+the other folder, never are.
 """
 import hashlib
 import os
@@ -81,17 +82,19 @@ class ModelStore:
         files = self._trained_files()
         return len(files), sum(f.stat().st_size for f in files)
 
-    def reserve(self, name: str, owner: str | None, nbytes: int) -> Path:
-        """The path a new run of `nbytes` will write: `name` or the next free variant of it, after making
-        room under the caps (oldest trained checkpoints first). Refuses what cannot fit."""
+    def reserve(self, name: str, owner: str | None, nbytes: int, others_make_room: bool = True) -> Path:
+        """The path a new checkpoint of `nbytes` will take: `name` or the next free variant of it, after making
+        room under the caps, oldest trained checkpoints first: anyone's for a training run (minutes of work a
+        flood cannot repeat quickly), or with `others_make_room=False` only the owner's own, so that a cheap
+        addition (a checkpoint brought back) never removes another visitor's model. Refuses what cannot fit."""
         folder = self.folder(owner)
         if folder is None:
-            raise ValueError('training needs a browser session; reload the page')
+            raise ValueError('a model of your own needs a browser session; reload the page')
         if self.max_bytes is not None and nbytes > self.max_bytes:
             raise StoreFull(f'this model\'s checkpoint ({nbytes / 2 ** 20:,.1f} MB) is larger than this server '
                             f'keeps ({self.max_bytes / 2 ** 20:,.1f} MB in all); make the model smaller')
         self.runs_dir.mkdir(parents=True, exist_ok=True)
-        self._make_room(nbytes)
+        self._make_room(nbytes, None if others_make_room else folder)
         free = shutil.disk_usage(self.runs_dir).free
         if free < nbytes + 100 * 2 ** 20:
             raise StoreFull(f'the disk has {free / 2 ** 20:,.0f} MB free, too little for this model\'s '
@@ -104,14 +107,22 @@ class ModelStore:
             candidate = f'{name}-{n}'
         return folder / f'{candidate}{SUFFIX}'
 
-    def _make_room(self, nbytes: int) -> None:
-        files = sorted(self._trained_files(), key=lambda f: f.stat().st_mtime)
-        total = sum(f.stat().st_size for f in files)
-        while files and ((self.max_files is not None and len(files) + 1 > self.max_files) or
-                         (self.max_bytes is not None and total + nbytes > self.max_bytes)):
-            oldest = files.pop(0)
-            total -= oldest.stat().st_size
+    def _make_room(self, nbytes: int, only_in: Path | None = None) -> None:
+        files = self._trained_files()
+        count, total = len(files), sum(f.stat().st_size for f in files)
+
+        def over() -> bool:
+            return (self.max_files is not None and count + 1 > self.max_files) or \
+                (self.max_bytes is not None and total + nbytes > self.max_bytes)
+        evictable = sorted((f for f in files if only_in is None or f.parent == only_in),
+                           key=lambda f: f.stat().st_mtime)
+        while evictable and over():
+            oldest = evictable.pop(0)
+            count, total = count - 1, total - oldest.stat().st_size
             oldest.unlink(missing_ok=True)
+        if over():
+            raise StoreFull('this server holds as many visitors\' models as it keeps; try again in a while, or run '
+                            'vitdemo on your own machine')
 
     def _trained_files(self) -> list[Path]:
         return [p for p in self.runs_dir.rglob(f'*{SUFFIX}') if p.is_file()] if self.runs_dir.is_dir() else []
