@@ -1,6 +1,6 @@
 """Replay the public-safety issue's abuse against `python app.py` in public mode, on loopback.
 
-    python bench/abuse_test.py                 # all four phases, about four minutes on 2 cores
+    python bench/abuse_test.py                 # all five phases, about five minutes on 2 cores
     python bench/abuse_test.py --skip-failed-run
 
 It starts the app itself (VITDEMO_PUBLIC=1, a small store cap, a training folder of generated images,
@@ -11,12 +11,15 @@ everything in a temporary folder) and reports, phase by phase:
    server's address space is capped with prlimit); then a small run must still finish;
 2. 8 clients x 40 predictions while a training run goes on: answered, failed, latency;
 3. one client flooding the queue with Inspect calls while another's predictions still answer;
-4. 20 training runs from 20 sessions: the number of stored checkpoints after each, against the cap.
+4. 20 training runs from 20 sessions: the number of stored checkpoints after each, against the cap;
+5. 30 sessions each bringing back a checkpoint into that full store: what is added, and what remains of
+   the models stored before.
 """
 import argparse
 import os
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -150,6 +153,23 @@ def many_runs(url: str, runs_dir: Path, count: int = 20) -> None:
     print(f'4. {count} runs from {count} sessions: checkpoints stored after each {stored} (cap {STORE_CAP})')
 
 
+def bring_back_flood(url: str, runs_dir: Path, temp: Path, count: int = 30) -> None:
+    stored = sorted(runs_dir.rglob('*.safetensors'))
+    mine = temp / 'mine.safetensors'  # one of the stored models, downloaded, as a flood's ammunition
+    shutil.copy(stored[-1], mine)
+    added, refused = 0, []
+    for _ in range(count):
+        try:
+            Client(url, verbose=False, download_files=False).predict(handle_file(str(mine)), api_name='/add_model')
+            added += 1
+        except Exception as e:
+            refused.append(str(e))
+    why = {r[:90] for r in refused}
+    print(f'5. {count} checkpoints brought back from {count} sessions into the full store: {added} added, '
+          f'{len(refused)} refused ({"; ".join(why)}); of the {len(stored)} models stored before, '
+          f'{sum(p.exists() for p in stored)} remain')
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--skip-failed-run', action='store_true', help='phase 1 needs Linux prlimit')
@@ -170,6 +190,7 @@ def main() -> None:
             time.sleep(2)
             flood(url)
             many_runs(url, temp / 'runs')
+            bring_back_flood(url, temp / 'runs', temp)
             print(f'server resident memory at the end: {resident_mb(server.pid):.0f} MB; '
                   f'{sum("Traceback" in line for line in open(temp / "app.log"))} tracebacks in its log')
         finally:
