@@ -242,8 +242,13 @@ def test_a_checkpoint_brought_back_joins_its_sessions_models_alone_and_never_a_s
     with pytest.raises(ValueError, match='has 0.1 M parameters; this server runs models of at most 0.0 M'):
         add_checkpoint(store, kept, 'session-b', max_params=1000)
     assert sorted(p.name for p in store.folder('session-b').iterdir()) == ['my_vit.safetensors']  # nothing half-kept
-    # a full store: a flood of checkpoints brought back (milliseconds each) removes no one else's model
+    # a full store: a file refused costs its visitor nothing, and a flood of checkpoints brought back
+    # (milliseconds each) removes no one else's model
     store.max_files = 2
+    (tmp_path / 'kept' / 'broken.safetensors').write_bytes(kept.read_bytes()[:1000])
+    with pytest.raises(ValueError, match='not a readable safetensors file'):
+        add_checkpoint(store, tmp_path / 'kept' / 'broken.safetensors', 'session-b')
+    assert path.exists() and not list(store.runs_dir.glob('.*'))
     for _ in range(3):
         time.sleep(0.02)  # distinct modification times: "oldest" is well defined
         add_checkpoint(store, kept, 'session-b')

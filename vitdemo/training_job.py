@@ -12,8 +12,10 @@ The page creates its `TrainingJob` before torch is imported: a run imports the t
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import re
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -86,13 +88,17 @@ def add_checkpoint(store: ModelStore, source: str | Path, owner: str | None,
     # a browser names a second download "my_vit (1).safetensors"
     stem = re.sub(r'[^A-Za-z0-9_-]+', '_', Path(source).stem).strip('_-')[:48] or 'uploaded'
     name = checkpoint_name(stem, reserved_names(store))
-    # room made among the owner's own models alone: an addition costs a flood milliseconds, a run minutes
-    out = store.reserve(name, owner, Path(source).stat().st_size + 2 ** 16, others_make_room=False)
+    store.runs_dir.mkdir(parents=True, exist_ok=True)
+    checked = store.runs_dir / f'.{secrets.token_hex(8)}.tmp'  # what a kill leaves, `clean_partials` removes
     try:
-        return out, late_import('vitdemo.weights').rewrite_checkpoint(source, out, max_params)
-    except BaseException:
-        out.unlink(missing_ok=True)
-        raise
+        left_out = late_import('vitdemo.weights').rewrite_checkpoint(source, checked, max_params)
+        # room is made once the file is known good (a refused one costs the visitor nothing), and among the
+        # owner's own models alone: an addition costs a flood milliseconds, a training run minutes
+        out = store.reserve(name, owner, checked.stat().st_size, others_make_room=False)
+        os.replace(checked, out)
+    finally:
+        checked.unlink(missing_ok=True)
+    return out, left_out
 
 
 def attention_snapshot(model: Classifier, image: torch.Tensor, mean: list[float], std: list[float],
