@@ -80,7 +80,9 @@ def handed_over(tmp_path, model=None, metadata: dict | None = None, tensors: dic
     path = tmp_path / 'handed.safetensors'
     model = model or randomize_(VisionTransformer(TINY_CIFAR))
     save_checkpoint(path, model, CLASSES, [0.5] * 3, [0.25] * 3, metrics={'val_accuracy': 0.7},
-                    history=[{'epoch': 1, 'epochs': 1.0, 'val_accuracy': 0.7}], seed=3, train_config={'lr': 1})
+                    history=[{'epoch': 1, 'epochs': 1.0, 'seconds': 9.5, 'val_accuracy': 0.7},
+                             {'epoch': 2, 'seconds': 19.0, 'val_loss': None, 'val_accuracy': None}],
+                    seed=3, train_config={'lr': 1})
     from safetensors import safe_open
     with safe_open(str(path), 'pt') as f:
         meta = f.metadata()
@@ -100,7 +102,8 @@ def test_a_checkpoint_handed_over_is_written_again_with_its_weights_classes_and_
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
     assert meta['classes'] == CLASSES and meta['metrics'] == {'val_accuracy': 0.7}
-    assert meta['history'] == [{'epoch': 1, 'epochs': 1.0, 'val_accuracy': 0.7}]
+    assert meta['history'] == [{'epoch': 1, 'epochs': 1.0, 'seconds': 9.5, 'val_accuracy': 0.7},
+                               {'epoch': 2, 'seconds': 19.0, 'val_loss': None, 'val_accuracy': None}]
     assert Filmstrip.from_metadata(meta['filmstrip']).maps[0].shape == (4, 2, 4, 4)
     assert not {'seed', 'train_config', 'notes'} & set(meta)  # nothing else of the file is kept
 
@@ -111,7 +114,7 @@ def test_a_checkpoint_handed_over_is_written_again_with_its_weights_classes_and_
     with torch.no_grad():
         assert torch.equal(load_checkpoint(tmp_path / 'cnn.safetensors')[0](x), load_checkpoint(shipped_cnn)[0](x))
 
-    odd = handed_over(tmp_path, model, {'history': [{'epoch': 1, 'command': 'rm -rf /'}],
+    odd = handed_over(tmp_path, model, {'history': [{'epoch': 1, 'seconds': 1.0, 'command': 'rm -rf /'}],
                                         'filmstrip': {'images': {'shape': [10 ** 6], 'data': ''}}})
     left_out = rewrite_checkpoint(odd, tmp_path / 'odd.safetensors')
     assert left_out == ['its training curves (they did not read back)',

@@ -210,8 +210,10 @@ def _finite(x) -> bool:
 
 
 def _valid_history(history) -> bool:
+    """Rows as `vitdemo.train` writes them: numbers, with the validation figures None for a run without any."""
     return isinstance(history, list) and len(history) <= 10_000 and all(
-        isinstance(row, dict) and set(row) <= HISTORY_FIELDS and 'epoch' in row and all(map(_finite, row.values()))
+        isinstance(row, dict) and {'epoch', 'seconds'} <= set(row) <= HISTORY_FIELDS and
+        all(_finite(v) or (v is None and k.startswith('val_')) for k, v in row.items())
         for row in history)
 
 
