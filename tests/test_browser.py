@@ -437,6 +437,25 @@ def test_a_finetune_on_an_uploaded_zip_and_a_hostile_zip_refused(page, tmp_path)
     expect(page.locator('[role=tabpanel]:visible').first.get_by_text('dog').first).to_be_visible()
 
 
+def test_in_public_mode_leaving_the_page_during_a_run_is_asked_first(browser, tmp_path):
+    make_folder(tmp_path / 'data', classes=[f'class{i}' for i in range(10)], per_class=20, size=32)
+    env = dict(VITDEMO_PUBLIC='1', VITDEMO_DATA=str(tmp_path / 'data'), VITDEMO_RUNS=str(tmp_path / 'runs'),
+               VITDEMO_CACHE=str(tmp_path / 'cache'), GRADIO_TEMP_DIR=str(tmp_path / 'gradio'))
+    with open(tmp_path / 'app.log', 'w') as log, running_app(ROOT, env, log) as (url, _):
+        page = browser.new_page(viewport={'width': 1440, 'height': 1000})
+        page.set_default_timeout(90_000)
+        page.goto(url)
+        open_tab(page, 'Train')
+        page.get_by_role('button', name='Model and recipe').click()
+        page.get_by_label('Minutes').fill('0.2')
+        page.get_by_role('button', name='Start', exact=True).click()
+        expect(page.get_by_text('ETA').first).to_be_visible()
+        assert page.evaluate('typeof window.onbeforeunload') == 'function'  # the run's model is this page's
+        expect(page.get_by_role('button', name='Download trained/my_vit (')).to_be_visible()
+        page.wait_for_function('window.onbeforeunload === null')  # saved and offered: nothing to lose by leaving
+        page.close()
+
+
 @pytest.mark.parametrize('width,height', [(1440, 1000), (390, 844)])
 def test_every_tab_at_desktop_and_phone_width(browser, app_url, width, height):
     page = browser.new_page(viewport={'width': width, 'height': height})

@@ -58,6 +58,8 @@ NAME_INFO_PUBLIC = ('listed as trained/NAME (a name in use gets -2, -3) while th
 USE_DOWNLOAD = ('A safetensors file: `vitdemo.load_model("{stem}.safetensors")` in Python, or put it in `weights/` of '
                 'your own copy of vitdemo, where the app lists it as `scratch/{stem}`.')
 
+LEAVING = 'A run is in progress: leave the page and its model stays with this page, out of your reach.'
+
 SNAPSHOT_LABEL = ('Where the last layer looks (a ViT: its attention; a CNN: last-stage Grad-CAM) on one validation '
                   'image, after each epoch')
 
@@ -309,9 +311,19 @@ def train_tab(server: Server, page_load) -> gr.State:
     gr.on([form['start_from'].change, form['finetune'].change], suggest_batch,
           [preset, form['start_from'], form['finetune']], form['batch_size'], api_visibility='private',
           show_progress='hidden')
-    keeps_errors(start.click(start_training, [name, images] + inputs,
-                             [status, loss_plot, accuracy_plot, snapshot, film_plot, saved],
-                             api_name='train', concurrency_limit=2, concurrency_id='train'), server, status)
+    public = server.policy.public  # (locally, one user owns every model: a new page lists it)
+    if public:
+        # while a run goes on, the browser asks before the page is left: the run would finish, but its model
+        # belongs to this page's session, which a reload ends, and the new page could not see it. Wired before
+        # the run: Gradio's page ran a browser-only event wired after it on the same click once the run ended
+        ask = f'(e) => {{ e.preventDefault(); return {LEAVING!r}; }}'
+        start.click(None, js=f'() => {{ window.onbeforeunload = {ask}; }}')
+    run = start.click(start_training, [name, images] + inputs,
+                      [status, loss_plot, accuracy_plot, snapshot, film_plot, saved],
+                      api_name='train', concurrency_limit=2, concurrency_id='train')
+    keeps_errors(run, server, status)
+    if public:
+        run.then(None, js='() => { window.onbeforeunload = null; }')
     stop.click(stop_training, None, status, api_name='stop_training')
     keeps_errors(model_file.upload(add_model, model_file, [model_note, saved], api_name='add_model'), server,
                  model_note)
