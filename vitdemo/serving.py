@@ -40,7 +40,12 @@ def publish_image(image: Image.Image, fmt: str = 'jpeg', quality: int = 90) -> s
     `delete_cache` sweep removes it."""
     buffer = io.BytesIO()
     image.save(buffer, fmt.upper(), **({'quality': quality} if fmt.lower() in ('jpeg', 'jpg', 'webp') else {}))
-    return str(_publish(lambda f: f.write(buffer.getvalue()), f'image.{fmt.lower()}'))
+    data = buffer.getvalue()
+    path = cache_folder() / hashlib.sha256(data).hexdigest() / f'image.{fmt.lower()}'
+    if path.exists():  # drawn before (every request of a gallery draws its input again): nothing to write
+        _renew(path)
+        return str(path)
+    return str(_publish(lambda f: f.write(data), path.name))
 
 
 def _publish(write: Callable, name: str) -> Path:
