@@ -60,31 +60,36 @@ def save_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict
     return path
 
 
-def config_of(meta: dict) -> ModelConfig:
+def config_of(meta: dict, name: str = 'a checkpoint') -> ModelConfig:
     """The model config a checkpoint's metadata describes (see `read_metadata`)."""
     try:
         config_cls, _ = ARCHITECTURES[meta['arch']]
         return config_cls(**meta['config'])
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f'a checkpoint has an invalid model config: {e}') from None
+        raise CheckpointError(f'{name} has an invalid model config: {e}') from None
 
 
 def load_checkpoint(path: str | Path) -> tuple[Classifier, dict]:
     """Rebuild the model a checkpoint describes and load its weights; refuse one that does not fit."""
+    name = Path(path).name
     meta = read_metadata(path)
+    tensors = read_tensors(path)
+    config = config_of(meta, name)
     try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f'{Path(path).name} has unreadable tensors ({e})') from None
-    try:
-        config_cls, model_cls = ARCHITECTURES[meta['arch']]
-        model = model_cls(config_cls(**meta['config']))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f'{Path(path).name} has an invalid model config: {e}') from None
-    check_fit(Path(path).name, {k: tuple(v.shape) for k, v in tensors.items()},
+        model = build_model(config)
+    except (TypeError, ValueError) as e:  # values the config's own checks let by (a float for a count)
+        raise CheckpointError(f'{name} has an invalid model config: {e}') from None
+    check_fit(name, {k: tuple(v.shape) for k, v in tensors.items()},
               {k: tuple(v.shape) for k, v in model.state_dict().items()})
     model.load_state_dict(tensors)
     return model.eval(), meta
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f'{Path(path).name} has unreadable tensors ({e})') from None
 
 
 def check_fit(name: str, stored: dict[str, tuple], expected: dict[str, tuple]) -> None:
@@ -134,7 +139,7 @@ def rewrite_checkpoint(source: str | Path, dest: str | Path, max_params: int | N
     says why a file is refused."""
     name = Path(source).name
     meta = read_metadata(source)
-    config = config_of(meta)
+    config = config_of(meta, name)
 
     def refuse(why: str):
         raise CheckpointError(f'{name} {why}')
@@ -169,7 +174,8 @@ def rewrite_checkpoint(source: str | Path, dest: str | Path, max_params: int | N
         stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
     check_fit(name, stored, {k: tuple(v.shape) for k, v in sized.state_dict().items()})
-    model, _ = load_checkpoint(source)
+    model = build_model(config)  # as on the meta device, now that the file is known to fill it
+    model.load_state_dict(read_tensors(source))
     if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
         refuse('has weights that are not finite numbers (NaN or infinity)')
     extras, left_out = {}, []
